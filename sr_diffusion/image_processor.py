@@ -8,9 +8,10 @@ pipeline can upscale them on their own and put them back; nothing is resized or 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import PIL.Image

@@ -113,7 +113,8 @@ def test_bad_files(tmp_path):
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    for path, match in [(empty, "empty"), (text, "not an image"), (truncated, "truncated"), (tmp_path / "x.png", "no such")]:
+    cases = [(empty, "empty"), (text, "not an image"), (truncated, "truncated"), (tmp_path / "x.png", "no such")]
+    for path, match in cases:
         with pytest.raises(ImageLoadError, match=match):
             load_image(path)
 

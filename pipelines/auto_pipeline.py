@@ -1,0 +1,51 @@
+"""``AutoSRPipeline``: load any saved sr_diffusion pipeline folder without knowing its class.
+
+``diffusers.DiffusionPipeline.from_pretrained(dir)`` only resolves ``_class_name`` among diffusers'
+own pipelines. This reads ``model_index.json`` and dispatches to our class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .regression import RegressionSRPipeline
+
+__all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
+
+#: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (RegressionSRPipeline,)}
+
+
+class AutoSRPipeline:
+    """Factory: ``AutoSRPipeline.from_pretrained(dir)`` returns the right sr_diffusion pipeline."""
+
+    def __init__(self, *args, **kwargs):
+        raise OSError("AutoSRPipeline is a factory: use AutoSRPipeline.from_pretrained(directory)")
+
+    @classmethod
+    def pipeline_class(cls, pretrained_model_name_or_path: str | os.PathLike):
+        """The pipeline class a saved folder was written by."""
+        folder = Path(pretrained_model_name_or_path)
+        index = folder / "model_index.json"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a directory (expected a saved pipeline folder)")
+        if not index.is_file():
+            raise FileNotFoundError(f"{folder}: no model_index.json; this is not a saved pipeline folder")
+        try:
+            class_name = json.loads(index.read_text())["_class_name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index}: corrupt model_index.json ({err})") from err
+        if class_name not in PIPELINE_CLASSES:
+            raise ValueError(
+                f"{folder}: pipeline class {class_name!r} is not an sr_diffusion pipeline; "
+                f"known: {', '.join(sorted(PIPELINE_CLASSES))}"
+            )
+        return PIPELINE_CLASSES[class_name]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a pipeline folder saved with ``save_pretrained``; keyword arguments go to its class."""
+        pipeline_class = cls.pipeline_class(pretrained_model_name_or_path)
+        return pipeline_class.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -1,0 +1,3 @@
+from .pipeline_regression import RegressionSRPipeline
+
+__all__ = ["RegressionSRPipeline"]

@@ -1,0 +1,243 @@
+"""The ``sr-diffusion`` command line: ``upscale``, ``convert``, ``eval`` and ``demo``.
+
+Every error is one line on stderr and a nonzero exit. In a folder, a bad file is reported and the
+others are still processed (exit status 1 at the end). Outputs are written atomically and never
+overwrite an input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class CLIError(Exception):
+    """An error reported as one line and exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """Expand files and folders into (file, path relative to the output folder) pairs, sorted."""
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise CLIError(f"{path}: folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            found.extend((p, p.relative_to(path)) for p in files)
+        elif path.is_file():
+            found.append((path, Path(path.name)))
+        else:
+            raise CLIError(f"{path}: no such file or folder")
+    return found
+
+
+def load_pipeline(model: str | None, device: str | None, dtype: str):
+    import torch
+
+    from sr_diffusion.defaults import default_pipeline_dir
+    from sr_diffusion.pipelines import AutoSRPipeline
+
+    folder = Path(model) if model else default_pipeline_dir()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        pipe = AutoSRPipeline.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load model from {folder}: {err}") from err
+    pipe = pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# upscale
+
+
+def cmd_upscale(args) -> int:
+    from tqdm.auto import tqdm
+
+    from sr_diffusion.image_processor import ImageLoadError, load_image, save_image
+
+    inputs = collect_inputs(args.inputs)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: output exists and is not a folder")
+    input_paths = {p.resolve() for p, _ in inputs}
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+
+    failures = 0
+    for path, rel in tqdm(inputs, desc="upscale", unit="img", disable=args.quiet):
+        target = out_dir / rel.with_name(f"{rel.stem}{args.suffix}.{args.ext}")
+        if target.resolve() in input_paths:
+            print(f"error: {path}: output {target} would overwrite an input; skipped", file=sys.stderr)
+            failures += 1
+            continue
+        if args.skip_existing and target.exists():
+            continue
+        try:
+            image = load_image(path)
+            result = pipe(
+                image,
+                outscale=args.scale,
+                tile_size=args.tile,
+                tile_overlap=args.tile_overlap,
+                self_ensemble=args.self_ensemble,
+            ).images[0]
+            save_image(result, target)
+        except (ImageLoadError, ValueError, RuntimeError, OSError) as err:
+            print(f"error: {path}: {_one_line(err)}", file=sys.stderr)
+            failures += 1
+    if failures:
+        print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert
+
+
+def cmd_convert(args) -> int:
+    from sr_diffusion.checkpoints import CheckpointError, load_regression_model
+    from sr_diffusion.pipelines import RegressionSRPipeline
+    from sr_diffusion.utils import atomic_directory
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise CLIError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
+    try:
+        model = load_regression_model(args.checkpoint, arch=args.arch, scale=args.scale)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise CLIError(_one_line(err)) from err
+    with atomic_directory(out_dir) as tmp:
+        RegressionSRPipeline(model=model).save_pretrained(tmp)
+    print(f"wrote {type(model).__name__} x{model.upscale} pipeline to {out_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval
+
+
+def cmd_eval(args) -> int:
+    from sr_diffusion.evaluation import evaluate_folders, evaluate_model, write_report
+
+    if args.sr and args.model:
+        raise CLIError("give either --sr (score existing outputs) or --model (degrade, upscale, score), not both")
+    if args.sr:
+        report = evaluate_folders(args.sr, args.hr, scale=args.scale, crop_border=args.crop_border)
+    else:
+        pipe = load_pipeline(args.model, args.device, args.dtype)
+        report = evaluate_model(
+            pipe,
+            args.hr,
+            scale=args.scale,
+            degradation=args.degradation,
+            crop_border=args.crop_border,
+            tile_size=args.tile,
+            seed=args.seed,
+        )
+    write_report(report, args.output, echo=print)
+    return 1 if report.failures else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args) -> int:
+    from sr_diffusion.defaults import sample_image_path
+    from sr_diffusion.image_processor import load_image, save_image
+    from sr_diffusion.visualize import comparison_grid
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    lr = load_image(sample_image_path())
+    sr = pipe(lr, tile_size=args.tile).images[0]
+    out_dir = Path(args.output)
+    save_image(sr, out_dir / "sample_sr.png")
+    grid = comparison_grid(lr, sr)
+    save_image(grid, out_dir / "sample_comparison.png")
+    print(f"upscaled {lr.width}x{lr.height} -> {sr.width}x{sr.height}")
+    print(f"wrote {out_dir / 'sample_sr.png'} and {out_dir / 'sample_comparison.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sr-diffusion", description="Image super-resolution, the diffusers way.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_runtime(p):
+        p.add_argument("--model", help="a saved pipeline folder (default: the model shipped in the package)")
+        p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+        p.add_argument("--tile", type=int, default=None, help="tile size in input pixels (default: no tiling)")
+
+    p = sub.add_parser("upscale", help="upscale image files or folders")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_runtime(p)
+    p.add_argument("--scale", type=float, default=None, help="output scale (default: the model's own)")
+    p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble (slower, slightly better)")
+    p.add_argument("--ext", default="png", choices=["png", "webp", "jpg", "tif"])
+    p.add_argument("--suffix", default="", help="appended to each output file name's stem")
+    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("convert", help="convert an original checkpoint into a pipeline folder")
+    p.add_argument("checkpoint", help="original .pth / .safetensors file")
+    p.add_argument("output", help="output pipeline folder")
+    p.add_argument("--arch", choices=["edsr", "rrdbnet", "swinir", "srvgg"], help="default: auto-detect")
+    p.add_argument("--scale", type=int, help="expected scale; an error if the checkpoint's differs")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="score SR outputs against HR images, or a model on HR images")
+    p.add_argument("--hr", required=True, help="folder of HR (ground-truth) images")
+    p.add_argument("--sr", help="folder of SR outputs with the same file stems as --hr")
+    add_runtime(p)
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--degradation", default="bicubic", choices=["bicubic", "realesrgan", "bsrgan"])
+    p.add_argument("--crop-border", type=int, default=None, help="default: the scale")
+    p.add_argument("--seed", type=int, default=0, help="seed for random degradations")
+    p.add_argument("-o", "--output", help="folder for metrics.json and metrics.csv")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="upscale the bundled sample photo and write a side-by-side comparison")
+    p.add_argument("-o", "--output", default="outputs/demo", help="output folder")
+    add_runtime(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Paths of the model and sample photo shipped inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["DEFAULT_REGRESSION_DIR", "default_pipeline_dir", "sample_image_path"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: The embedded regression x4 pipeline folder (trained by ``configs/regression_default_x4.yaml``).
+DEFAULT_REGRESSION_DIR = _PACKAGE_DIR / "weights" / "regression_x4"
+
+
+def default_pipeline_dir() -> Path:
+    """The saved pipeline folder ``sr-diffusion upscale`` uses when no ``--model`` is given."""
+    if not (DEFAULT_REGRESSION_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded default model is missing from {DEFAULT_REGRESSION_DIR}; reinstall the package "
+            "or pass --model DIR"
+        )
+    return DEFAULT_REGRESSION_DIR
+
+
+def sample_image_path() -> Path:
+    """scikit-image's CC0 'coffee' photo (Rachel Michetti), MATLAB-bicubic downscaled x4 to 150x100.
+
+    It is one of the photos held out of the default model's training set.
+    """
+    return _PACKAGE_DIR / "data" / "sample_lr.png"

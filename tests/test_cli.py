@@ -1,0 +1,114 @@
+"""The ``sr-diffusion`` command line, run in-process through ``main(argv)``."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from sr_diffusion.cli import main
+from sr_diffusion.models import RRDBNet, SRVGGNetCompact
+from sr_diffusion.pipelines import RegressionSRPipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    RegressionSRPipeline(model=SRVGGNetCompact(num_feat=8, num_conv=2, upscale=4)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def inputs(tmp_path, photo):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    PIL.Image.fromarray(photo[:20, :24]).save(folder / "a.png")
+    PIL.Image.fromarray(photo[:9, :11]).convert("L").save(folder / "sub" / "b.jpg")
+    PIL.Image.fromarray(np.dstack([photo[:8, :8], np.full((8, 8), 200, np.uint8)]), "RGBA").save(folder / "c.png")
+    return folder
+
+
+def test_upscale_folder(model_dir, inputs, tmp_path):
+    out = tmp_path / "out"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 0
+    assert PIL.Image.open(out / "a.png").size == (96, 80)
+    assert PIL.Image.open(out / "sub" / "b.png").size == (44, 36)
+    assert PIL.Image.open(out / "c.png").mode == "RGBA"
+
+
+def test_upscale_scale_tile_and_skip_existing(model_dir, inputs, tmp_path):
+    out = tmp_path / "out"
+    args = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]
+    assert main(args + ["--scale", "2", "--tile", "8", "--tile-overlap", "4"]) == 0
+    assert PIL.Image.open(out / "a.png").size == (48, 40)
+    mtime = (out / "a.png").stat().st_mtime_ns
+    assert main(args + ["--skip-existing"]) == 0
+    assert (out / "a.png").stat().st_mtime_ns == mtime
+
+
+def test_bad_file_in_folder_is_reported_and_rest_processed(model_dir, inputs, tmp_path, capsys):
+    (inputs / "empty.png").touch()
+    (inputs / "text.png").write_text("hello")
+    out = tmp_path / "out"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "empty.png" in err and "text.png" in err and "2 of 5 image(s) failed" in err
+    assert (out / "a.png").is_file() and (out / "c.png").is_file()
+    assert not (out / "empty.png").exists() and not (out / "text.png").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
+
+
+def test_never_overwrites_inputs(model_dir, inputs, capsys):
+    before = (inputs / "a.png").read_bytes()
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(inputs), "--model", str(model_dir), "-q"]) == 1
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert (inputs / "a.png").read_bytes() == before
+
+
+def test_one_line_errors(tmp_path, model_dir, capsys):
+    assert main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
+    assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(model_dir)]) == 2
+    assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+
+
+def test_convert_original_checkpoint_then_upscale(tmp_path, inputs):
+    torch.manual_seed(0)
+    model = RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4)
+    torch.save({"params_ema": model.state_dict()}, tmp_path / "net.pth")
+    out = tmp_path / "converted"
+    assert main(["convert", str(tmp_path / "net.pth"), str(out)]) == 0
+    assert (out / "model_index.json").is_file()
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "up"), "--model", str(out), "-q"]) == 0
+    assert PIL.Image.open(tmp_path / "up" / "a.png").size == (96, 80)
+
+
+def test_convert_errors(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save({"params": RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4).state_dict()}, tmp_path / "n.pth")
+    assert main(["convert", str(tmp_path / "n.pth"), str(tmp_path / "o1"), "--scale", "2"]) == 2
+    assert main(["convert", str(tmp_path / "n.pth"), str(tmp_path / "o2"), "--arch", "edsr"]) == 2
+    (tmp_path / "zero.pth").touch()
+    assert main(["convert", str(tmp_path / "zero.pth"), str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_eval_model_and_folders(model_dir, tmp_path, photo):
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    PIL.Image.fromarray(photo[:64, :64]).save(hr / "p1.png")
+    PIL.Image.fromarray(photo[32:90, 40:101]).save(hr / "p2.png")  # not a multiple of 4: mod-cropped
+    out = tmp_path / "report"
+    assert main(["eval", "--hr", str(hr), "--model", str(model_dir), "-o", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["count"] == 2 and {"psnr_y", "ssim_y", "bicubic_psnr_y", "lr_consistency"} <= set(report["mean"])
+    assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("MEAN")
+    # identical SR and HR folders: infinite PSNR, SSIM 1
+    assert main(["eval", "--hr", str(hr), "--sr", str(hr), "-o", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["mean"]["psnr"] == "inf" and report["mean"]["ssim"] == pytest.approx(1.0)
