@@ -1,0 +1,61 @@
+"""Training plumbing shared by every method's script (imported by scripts and tests only).
+
+``config`` (YAML + dotted overrides → dataclasses), ``data`` (deterministic datasets and sampler),
+``losses``, ``optim``, ``ema``, ``checkpointing`` (atomic, pruned checkpoints), ``validation``
+(PSNR/SSIM vs bicubic), ``trainer`` (the accelerate loop with exact resume) and ``regression`` (the
+regression-SR task). A method's script is::
+
+    config = parse_args(description="...")
+    Trainer(config, MyTask()).train()
+"""
+
+from .checkpointing import CheckpointManager
+from .config import (
+    ConfigError,
+    DataConfig,
+    DegradationConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_args,
+    save_config,
+)
+from .data import SRTrainDataset, StepBatchSampler, build_train_dataset, build_validation_set
+from .ema import create_ema
+from .losses import CharbonnierLoss, build_loss
+from .regression import RegressionTask, build_regression_model
+from .trainer import Trainer, TrainingTask, TrainResult
+
+__all__ = [
+    "CheckpointManager",
+    "ConfigError",
+    "DataConfig",
+    "DegradationConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_args",
+    "save_config",
+    "SRTrainDataset",
+    "StepBatchSampler",
+    "build_train_dataset",
+    "build_validation_set",
+    "create_ema",
+    "CharbonnierLoss",
+    "build_loss",
+    "RegressionTask",
+    "build_regression_model",
+    "Trainer",
+    "TrainingTask",
+    "TrainResult",
+]

@@ -1,0 +1,477 @@
+"""Training configuration: YAML → nested dataclasses, with dotted command-line overrides.
+
+A run is described by one YAML file whose top-level keys are the sections below; any value can be
+overridden on the command line with ``section.key=value`` (the value is parsed as YAML, so
+``optim.betas=[0.9,0.99]``, ``train.checkpoints_total_limit=null`` and ``train.loss=l1`` all work)::
+
+    python training/train_regression.py --config configs/regression_tiny.yaml train.max_steps=10 model.num_feat=16
+
+Unknown keys, wrong types and invalid values fail early with a message naming the dotted key. Two
+sections are open-ended: ``model`` (``arch`` plus that architecture's constructor arguments) and
+``data.degradation`` (``type`` plus that degradation's config fields); their extra keys are checked by
+the code that builds the model or the degradation, still before training starts.
+
+A method that needs more settings subclasses :class:`ExperimentConfig` and adds a section dataclass;
+:func:`load_config` and :func:`parse_args` work on any such dataclass tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DegradationConfig",
+    "DataConfig",
+    "ValidationConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+    "parse_args",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """``model``: the architecture name and its constructor arguments (every key but ``arch``).
+
+    For regression training ``arch`` is a key of ``sr_diffusion.models.REGRESSION_MODELS``
+    (``edsr``, ``rrdbnet``, ``swinir``, ``srvgg``); the scale argument (``upscale`` or ``scale``) is
+    filled from the top-level ``scale`` when absent.
+    """
+
+    _extra_field = "kwargs"
+
+    arch: str = "srvgg"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DegradationConfig:
+    """``data.degradation``: how LR training inputs are made from HR crops (not used with ``paired``).
+
+    ``type``: ``bicubic`` (MATLAB ``imresize``, in the data workers), ``realesrgan`` or ``bsrgan``
+    (kernels sampled per sample in the workers, the batched degradation applied on the training
+    device). Every other key is a field of ``RealESRGANDegradationConfig`` / ``BSRGANDegradationConfig``.
+    """
+
+    _extra_field = "kwargs"
+
+    type: Literal["bicubic", "realesrgan", "bsrgan"] = "bicubic"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """``data``: training images, crops, augmentation and loading.
+
+    ``source``:
+      * ``skimage_sklearn``: the public-domain / CC photos bundled with scikit-image and scikit-learn
+        (see :mod:`sr_diffusion.training.data`), minus the held-out validation photos;
+      * ``folder``: every image under ``hr_dirs`` (recursive; png/jpg/jpeg/webp/bmp/tif/tiff), LR made
+        by ``degradation``;
+      * ``paired``: ``hr_dirs[i]`` and ``lr_dirs[i]`` hold the same names (LR name =
+        ``lr_filename_tmpl.format(hr_stem)`` with any image extension), crops aligned by ``scale``.
+    """
+
+    source: Literal["skimage_sklearn", "folder", "paired"] = "skimage_sklearn"
+    hr_dirs: list[str] = field(default_factory=list)
+    lr_dirs: list[str] = field(default_factory=list)
+    lr_filename_tmpl: str = "{}"
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    gt_size: int = 128
+    use_hflip: bool = True
+    use_rot: bool = True
+    batch_size: int = 16
+    num_workers: int = 4
+
+
+@dataclass
+class ValidationConfig:
+    """``validation``: held-out images scored every ``train.validation_steps``.
+
+    ``source``: ``skimage_sklearn`` (the held-out photos), ``folder`` (HR images under ``hr_dirs``, LR by
+    MATLAB bicubic), ``paired`` (``hr_dirs`` + ``lr_dirs``) or ``none``. ``crop_size`` center-crops each HR
+    image (a multiple of ``scale``) to keep validation cheap; ``max_images`` keeps the first N (sorted).
+    """
+
+    source: Literal["skimage_sklearn", "folder", "paired", "none"] = "skimage_sklearn"
+    hr_dirs: list[str] = field(default_factory=list)
+    lr_dirs: list[str] = field(default_factory=list)
+    lr_filename_tmpl: str = "{}"
+    crop_size: int | None = None
+    max_images: int | None = None
+    num_log_images: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """``optim``: optimizer and learning-rate schedule (steps are optimizer steps).
+
+    ``scheduler``: ``constant``; ``cosine`` (from ``lr`` to ``min_lr`` over ``train.max_steps``);
+    ``multistep`` (``lr`` times ``gamma`` at each of ``milestones``). All with a linear warmup from 0
+    over ``warmup_steps``.
+    """
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    scheduler: Literal["constant", "cosine", "multistep"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """``train``: the loop, precision, EMA, checkpointing, logging.
+
+    ``ema_decay``: ``null`` or ``0`` disables the EMA (the exported pipeline then holds the raw weights).
+    ``checkpointing_steps`` / ``validation_steps``: ``0`` disables. ``resume_from_checkpoint``: ``latest``
+    or a checkpoint directory. ``logging_dir`` is relative to ``output_dir``.
+    """
+
+    output_dir: str = "outputs/regression"
+    logging_dir: str = "logs"
+    seed: int = 0
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    loss: Literal["l1", "mse", "charbonnier"] = "l1"
+    charbonnier_eps: float = 1e-3
+    ema_decay: float | None = 0.999
+    ema_update_after_step: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    validation_steps: int = 500
+    log_steps: int = 10
+    resume_from_checkpoint: str | None = None
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    tracker_project_name: str = "sr_diffusion"
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole run. ``scale`` is the one super-resolution factor used by the model, the LR
+    synthesis and validation (BasicSR convention)."""
+
+    scale: int = 4
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises :class:`ConfigError`."""
+        _check(self.scale >= 1, "scale", f"must be >= 1, got {self.scale}")
+        d, v, o, t = self.data, self.validation, self.optim, self.train
+        _check(
+            d.gt_size >= self.scale and d.gt_size % self.scale == 0,
+            "data.gt_size",
+            f"must be a positive multiple of scale={self.scale}, got {d.gt_size}",
+        )
+        _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+        _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+        if d.source in ("folder", "paired"):
+            _check(bool(d.hr_dirs), "data.hr_dirs", f"is required when data.source={d.source!r}")
+        if d.source == "paired":
+            _check(
+                len(d.lr_dirs) == len(d.hr_dirs),
+                "data.lr_dirs",
+                f"must list one LR folder per HR folder ({len(d.hr_dirs)}), got {len(d.lr_dirs)}",
+            )
+            _check(
+                d.degradation.type == "bicubic" and not d.degradation.kwargs,
+                "data.degradation",
+                "must be left unset with data.source='paired' (the LR images are given)",
+            )
+        if d.degradation.type == "bicubic":
+            _check(
+                not d.degradation.kwargs,
+                "data.degradation",
+                f"type 'bicubic' takes no options, got {sorted(d.degradation.kwargs)}",
+            )
+        if v.source in ("folder", "paired"):
+            _check(bool(v.hr_dirs), "validation.hr_dirs", f"is required when validation.source={v.source!r}")
+        if v.source == "paired":
+            _check(len(v.lr_dirs) == len(v.hr_dirs), "validation.lr_dirs", "must list one LR folder per HR folder")
+        if v.crop_size is not None:
+            _check(
+                v.crop_size >= self.scale and v.crop_size % self.scale == 0,
+                "validation.crop_size",
+                f"must be a positive multiple of scale={self.scale}, got {v.crop_size}",
+            )
+        _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1), got {list(o.betas)}")
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(list(o.milestones) == sorted(o.milestones), "optim.milestones", "must be increasing")
+        _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+        _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _check(
+            t.ema_decay is None or 0 <= t.ema_decay < 1,
+            "train.ema_decay",
+            f"must be in [0, 1) or null, got {t.ema_decay}",
+        )
+        _check(t.charbonnier_eps > 0, "train.charbonnier_eps", "must be > 0")
+        for key in ("checkpointing_steps", "validation_steps", "ema_update_after_step"):
+            _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
+        _check(t.log_steps >= 1, "train.log_steps", "must be >= 1")
+        _check(
+            t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1,
+            "train.checkpoints_total_limit",
+            "must be >= 1 or null",
+        )
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (YAML lists → tuples, ints → floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return config_from_dict(value, tp, prefix=f"{key}.")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config annotation {tp!r}")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def config_from_dict(data: dict, cls=None, prefix: str = ""):
+    """Build dataclass ``cls`` (default :class:`ExperimentConfig`) from a nested dict, checking every key."""
+    cls = ExperimentConfig if cls is None else cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    extra_name = getattr(cls, "_extra_field", None)
+    known = [name for name in fields if name != extra_name]
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}: keys must be strings")
+        if name in known:
+            kwargs[name] = _convert(value, hints[name], key)
+        elif extra_name is not None:
+            extra[name] = value
+        else:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            section = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(known)}")
+    if extra_name is not None:
+        kwargs[extra_name] = extra
+    return cls(**kwargs)
+
+
+def config_to_dict(config) -> dict:
+    """The nested plain-dict (YAML-ready) form of a config dataclass; open sections are flattened back."""
+    out: dict[str, Any] = {}
+    extra_name = getattr(type(config), "_extra_field", None)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == extra_name:
+            out.update(value)
+            continue
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: Sequence[str | tuple[str, Any]]) -> dict:
+    """Apply overrides to a nested dict, in order; returns a copy.
+
+    Each override is ``"a.b.c=value"`` (the value parsed as YAML, or kept as a string when it is not valid
+    YAML) or a ``("a.b.c", value)`` pair (taken as is).
+    """
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if isinstance(item, tuple):
+            path, value = item
+        else:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            path, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw  # not YAML (e.g. "{}x4"): the plain string
+        parts = path.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: bad key {path!r}")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str | tuple[str, Any]] = (), cls=None):
+    """Read a YAML config (or start from the defaults when ``path`` is None), apply overrides, validate."""
+    cls = ExperimentConfig if cls is None else cls
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    config = config_from_dict(apply_overrides(data, overrides), cls)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from sr_diffusion.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        tmp.chmod(0o644)
+
+
+def parse_args(argv: Sequence[str] | None = None, cls=None, description: str | None = None):
+    """Command line of every training script: ``--config FILE [--resume_from_checkpoint X]
+    [--output_dir DIR] [section.key=value ...]``. Returns the validated config."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides: section.key=value, e.g. train.max_steps=10 model.num_feat=16 optim.betas=[0.9,0.99]",
+    )
+    parser.add_argument("--config", type=str, default=None, help="YAML config file (default: built-in defaults)")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest' or a checkpoint directory (same as train.resume_from_checkpoint=...)",
+    )
+    parser.add_argument("--output_dir", type=str, default=None, help="same as train.output_dir=...")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    overrides: list = list(args.overrides)
+    if args.output_dir is not None:
+        overrides.append(("train.output_dir", args.output_dir))
+    if args.resume_from_checkpoint is not None:
+        overrides.append(("train.resume_from_checkpoint", args.resume_from_checkpoint))
+    try:
+        return load_config(args.config, overrides, cls)
+    except ConfigError as err:
+        parser.error(str(err))

@@ -1,0 +1,343 @@
+"""The training loop every method shares: accelerate, EMA, atomic checkpoints, exact resume, validation.
+
+A method plugs in a :class:`TrainingTask` (build the trainable model, compute the loss of a batch,
+predict for validation, wrap the final model in its pipeline); :class:`Trainer` does the rest, after
+diffusers' ``examples/controlnet/train_controlnet.py``: an ``Accelerator`` with a
+``ProjectConfiguration``, save/load-state hooks that write diffusers-format ``model/`` and ``ema/``
+subfolders into each checkpoint, ``--resume_from_checkpoint latest``, ``checkpoints_total_limit``,
+tensorboard scalars and validation image grids.
+
+Exact resume. A run killed at any instant and resumed with ``resume_from_checkpoint=latest`` ends with the
+same weights, bit for bit (same device, same config), as one that was never interrupted, because
+  * the checkpoint holds the model, optimizer, LR scheduler, EMA, the python/numpy/torch(/CUDA) RNG
+    states and accelerate's micro-step counter, written atomically (:mod:`.checkpointing`);
+  * the data position is a function of the optimizer step: training samples are addressed by their
+    position in the run's sample stream (:class:`~sr_diffusion.training.data.StepBatchSampler`), and each
+    sample's image, crop, flips and degradation kernels come from generators seeded by
+    ``(seed, position)``; the batched on-device degradation and the task's own draws (e.g. diffusion
+    noise) use generators seeded by ``(seed, micro-batch, process)``;
+  * nothing between two optimizer steps draws from the global RNGs outside the model itself (the data
+    loader gets its own generator; validation runs on a copy of the model under ``torch.no_grad``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpointing import CheckpointManager
+from .config import ExperimentConfig, config_to_dict, save_config
+from .data import BatchDegrader, build_train_dataloader, build_train_dataset, build_validation_set, make_generator
+from .ema import copy_with_ema_weights, create_ema, load_ema, save_ema
+from .optim import build_lr_scheduler, build_optimizer
+from .validation import validate
+
+__all__ = ["TrainingTask", "Trainer", "TrainResult", "flatten_config"]
+
+logger = logging.getLogger(__name__)
+
+_TASK = 4  # purpose tag of the task's per-micro-batch generator (see data.derive_seed)
+_VALIDATION = 5
+
+
+class TrainingTask(ABC):
+    """What a method adds to the shared loop. The trainable model must be a diffusers ``ModelMixin``
+    (it is checkpointed with ``save_pretrained`` / ``from_pretrained``)."""
+
+    def check_config(self, config: ExperimentConfig) -> None:
+        """Raise early (``ConfigError``/``ValueError``) on settings this task cannot use (default: none)."""
+        return None
+
+    @abstractmethod
+    def build_model(self, config: ExperimentConfig) -> torch.nn.Module:
+        """The trainable model, freshly initialised (the global RNG is seeded with ``train.seed``)."""
+
+    @abstractmethod
+    def compute_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Scalar loss of a micro-batch ``{"lr": (B,3,h,w), "hr": (B,3,H,W)}`` on the device, in [0, 1].
+        ``generator`` (on the device) is the only source of randomness the task may use."""
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, lr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """SR (1, 3, H, W) in [0, 1] for an LR image (1, 3, h, w), with the eval-mode ``model``."""
+
+    @abstractmethod
+    def build_pipeline(self, model: torch.nn.Module):
+        """The ``DiffusionPipeline`` to export at the end, around ``model`` (EMA weights, on CPU)."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns (on every process)."""
+
+    output_dir: Path
+    global_step: int
+    resumed_from: Path | None = None
+    pipeline_dir: Path | None = None
+    losses: list[float] = field(default_factory=list)  # per optimizer step run by this call
+    metrics: dict[str, float] = field(default_factory=dict)  # last validation
+
+
+def flatten_config(config: ExperimentConfig) -> dict[str, Any]:
+    """``{"section.key": value}`` with values tensorboard's hparams accept (lists and None as strings)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+            return
+        key = prefix[:-1]
+        flat[key] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", config_to_dict(config))
+    return flat
+
+
+class Trainer:
+    """Runs one training job described by an :class:`ExperimentConfig` for a :class:`TrainingTask`.
+
+    Example::
+
+        config = parse_args(description="...")
+        Trainer(config, RegressionTask()).train()
+    """
+
+    def __init__(self, config: ExperimentConfig, task: TrainingTask):
+        config.validate()
+        task.check_config(config)
+        self.config, self.task = config, task
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        t = self.config.train
+        output_dir = Path(t.output_dir)
+        project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / t.logging_dir))
+        return Accelerator(
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            mixed_precision=t.mixed_precision,
+            log_with=None if t.report_to == "none" else t.report_to,
+            project_config=project_config,
+        )
+
+    def _register_hooks(self, accelerator, ema) -> None:
+        """Checkpoints hold diffusers model folders: ``model/`` (trained weights) and ``ema/``."""
+
+        def save_model_hook(models, weights, output_dir):
+            if accelerator.is_main_process:
+                for model in models:
+                    accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "model")
+                weights.clear()  # saved above; accelerate must not write model.safetensors too
+                if ema is not None:
+                    save_ema(ema, Path(output_dir) / "ema")
+
+        def load_model_hook(models, input_dir):
+            while models:
+                model = accelerator.unwrap_model(models.pop())
+                loaded = type(model).from_pretrained(Path(input_dir) / "model")
+                model.register_to_config(**loaded.config)
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+            if ema is not None:
+                load_ema(ema, Path(input_dir) / "ema", device=accelerator.device)
+
+        accelerator.register_save_state_pre_hook(save_model_hook)
+        accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # ------------------------------------------------------------------------------------------ train
+
+    def train(self) -> TrainResult:
+        from accelerate.utils import send_to_device, set_seed
+        from tqdm.auto import tqdm
+
+        config, task = self.config, self.task
+        t = config.train
+        output_dir = Path(t.output_dir)
+        accelerator = self._make_accelerator()
+        ga = t.gradient_accumulation_steps
+        rank, world = accelerator.process_index, accelerator.num_processes
+
+        # 1. Model, EMA, optimizer, schedule (seeded: a resumed run rebuilds the same initial state)
+        set_seed(t.seed)
+        model = task.build_model(config)
+        model.train()
+        ema = create_ema(model, t.ema_decay, t.ema_update_after_step)
+        if ema is not None:
+            ema.to(accelerator.device)
+        optimizer = build_optimizer(model.parameters(), config.optim)
+        lr_scheduler = build_lr_scheduler(optimizer, config.optim, t.max_steps, num_processes=world)
+        self._register_hooks(accelerator, ema)
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+        # 2. Resume
+        checkpoints = CheckpointManager(output_dir, t.checkpoints_total_limit)
+        resume_dir = checkpoints.resolve(t.resume_from_checkpoint)
+        global_step = 0
+        if resume_dir is not None:
+            accelerator.print(f"Resuming from {resume_dir}")
+            accelerator.load_state(str(resume_dir))
+            global_step = checkpoints.read_step(resume_dir)
+        elif t.resume_from_checkpoint is not None:
+            accelerator.print(f"No checkpoint in {output_dir}; starting a new run")
+
+        # 3. Data, positioned at the first micro-batch of step `global_step`
+        dataset = build_train_dataset(config)
+        degrader = BatchDegrader(dataset.degradation, t.seed)
+        start_batch = global_step * ga
+        num_batches = max(0, t.max_steps - global_step) * ga
+        dataloader = build_train_dataloader(
+            dataset,
+            config.data.batch_size,
+            start_batch,
+            num_batches,
+            num_workers=config.data.num_workers,
+            process_index=rank,
+            num_processes=world,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        validation_images = build_validation_set(config) if accelerator.is_main_process else []
+
+        # 4. Trackers and the resolved config
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, output_dir / "config.yaml")
+        if t.report_to != "none":
+            accelerator.init_trackers(t.tracker_project_name, config=flatten_config(config))
+
+        result = TrainResult(output_dir=output_dir, global_step=global_step, resumed_from=resume_dir)
+        total_batch = config.data.batch_size * world * ga
+        accelerator.print(
+            f"Training {type(accelerator.unwrap_model(model)).__name__}: {len(dataset)} images, "
+            f"{t.max_steps} steps of {total_batch} samples, starting at step {global_step}"
+        )
+
+        # 5. Loop
+        progress = tqdm(
+            total=t.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        )
+        micro_batch = start_batch
+        step_loss = torch.zeros((), device=accelerator.device)
+        window: list[float] = []
+        for batch in dataloader:
+            batch = degrader(send_to_device(batch, accelerator.device), micro_batch, rank)
+            with accelerator.accumulate(model):
+                generator = make_generator(t.seed, _TASK, micro_batch, rank, device=accelerator.device)
+                loss = task.compute_loss(model, batch, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach().float() / ga
+            micro_batch += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            loss_value = float(step_loss)
+            step_loss.zero_()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {global_step}")
+            result.losses.append(loss_value)
+            window.append(loss_value)
+            progress.update(1)
+            if global_step % t.log_steps == 0 or global_step == t.max_steps:
+                logs = {"train/loss": sum(window) / len(window), "train/lr": lr_scheduler.get_last_lr()[0]}
+                if ema is not None:
+                    logs["train/ema_decay"] = ema.cur_decay_value
+                progress.set_postfix(loss=f"{logs['train/loss']:.4g}")
+                accelerator.log(logs, step=global_step)
+                window.clear()
+
+            if t.checkpointing_steps and global_step % t.checkpointing_steps == 0:
+                path = checkpoints.save(accelerator, global_step)
+                accelerator.print(f"Saved {path}")
+            if t.validation_steps and global_step % t.validation_steps == 0:
+                result.metrics = self._validate(accelerator, model, ema, validation_images, global_step)
+        progress.close()
+
+        # 6. Final state: a last checkpoint and validation if the schedule missed the last step,
+        #    then the pipeline with the EMA weights
+        if global_step > result.global_step or resume_dir is None:
+            if t.checkpointing_steps and global_step % t.checkpointing_steps:
+                checkpoints.save(accelerator, global_step)
+            if t.validation_steps and global_step % t.validation_steps:
+                result.metrics = self._validate(accelerator, model, ema, validation_images, global_step)
+        result.global_step = global_step
+        result.pipeline_dir = self._export(accelerator, model, ema, output_dir / "pipeline")
+        accelerator.end_training()
+        return result
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _validate(self, accelerator, model, ema, images, step: int) -> dict[str, float]:
+        """Score the EMA weights (a copy of the model) on the validation images; main process only."""
+        metrics: dict[str, float] = {}
+        if accelerator.is_main_process and images:
+            # Building the copy initialises weights from the global RNG: fork it, so that the training
+            # stream is the same whether or not a validation ran (a resumed run skips the one at its start).
+            with _fork_global_rng(accelerator.device):
+                eval_model = copy_with_ema_weights(accelerator.unwrap_model(model), ema)
+            generator = make_generator(self.config.train.seed, _VALIDATION, step, device=accelerator.device)
+
+            def predict(lr: torch.Tensor) -> torch.Tensor:
+                with accelerator.autocast():  # the model in the training precision, the metrics in float32
+                    return self.task.predict(eval_model, lr, generator).float()
+
+            with torch.no_grad():
+                metrics, grids = validate(
+                    predict,
+                    images,
+                    self.config.scale,
+                    device=accelerator.device,
+                    num_log_images=self.config.validation.num_log_images,
+                )
+            del eval_model
+            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    for name, grid in grids:
+                        tracker.writer.add_image(f"validation/{name}", grid, step, dataformats="HWC")
+            accelerator.print(
+                f"step {step}: PSNR {metrics['psnr']:.2f} dB (bicubic {metrics['psnr_bicubic']:.2f}), "
+                f"SSIM {metrics['ssim']:.4f} (bicubic {metrics['ssim_bicubic']:.4f})"
+            )
+        accelerator.wait_for_everyone()
+        return metrics
+
+    def _export(self, accelerator, model, ema, directory: Path) -> Path:
+        """Save ``task.build_pipeline(<EMA weights>)`` to ``directory`` atomically (main process)."""
+        from sr_diffusion.utils import atomic_directory
+
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with _fork_global_rng(accelerator.device):
+                final_model = copy_with_ema_weights(accelerator.unwrap_model(model), ema).to("cpu")
+            pipeline = self.task.build_pipeline(final_model)
+            with atomic_directory(directory) as tmp:
+                tmp.chmod(0o755)  # a temporary directory is private; the pipeline folder is meant to be shared
+                pipeline.save_pretrained(tmp)
+            accelerator.print(f"Saved pipeline to {directory}")
+        accelerator.wait_for_everyone()
+        return directory
+
+
+def _fork_global_rng(device: torch.device):
+    """``torch.random.fork_rng`` for the CPU generator and, on CUDA, the device's."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
