@@ -6,6 +6,7 @@ own pipelines. This reads ``model_index.json`` and dispatches to our class.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,22 @@ __all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
 
 #: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (RegressionSRPipeline,)}
+
+
+def _import_own_component_modules(model_index: dict) -> None:
+    """Import the modules of components that live in this package, so diffusers can resolve them.
+
+    diffusers (>= 0.42) resolves a component recorded under a module path outside its own libraries
+    only from ``sys.modules``: it will not import a module because a saved folder names it. Modules of
+    this package are ours to import; any other name is left to diffusers (and its error message).
+    """
+    for value in model_index.values():
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
+            if value[0] == "sr_diffusion" or value[0].startswith("sr_diffusion."):
+                try:
+                    importlib.import_module(value[0])
+                except ImportError as err:
+                    raise ValueError(f"model_index.json names {value[0]!r}, which this version lacks") from err
 
 
 class AutoSRPipeline:
@@ -34,7 +51,8 @@ class AutoSRPipeline:
         if not index.is_file():
             raise FileNotFoundError(f"{folder}: no model_index.json; this is not a saved pipeline folder")
         try:
-            class_name = json.loads(index.read_text())["_class_name"]
+            model_index = json.loads(index.read_text())
+            class_name = model_index["_class_name"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index}: corrupt model_index.json ({err})") from err
         if class_name not in PIPELINE_CLASSES:
@@ -42,6 +60,7 @@ class AutoSRPipeline:
                 f"{folder}: pipeline class {class_name!r} is not an sr_diffusion pipeline; "
                 f"known: {', '.join(sorted(PIPELINE_CLASSES))}"
             )
+        _import_own_component_modules(model_index)
         return PIPELINE_CLASSES[class_name]
 
     @classmethod

@@ -166,3 +166,19 @@ def test_bf16_close_to_fp32(photo_tensor):
     out = pipe.to(torch.bfloat16)(x, output_type="pt").images
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.05
+
+
+def test_saved_folder_loads_in_a_fresh_process(tmp_path):
+    """diffusers resolves our component classes only from sys.modules; both loaders must import them."""
+    import subprocess
+    import sys
+
+    make_pipe("edsr").save_pretrained(tmp_path)
+    for loader in ("AutoSRPipeline", "RegressionSRPipeline"):
+        code = (
+            f"from sr_diffusion.pipelines import {loader}; "
+            f"print(type({loader}.from_pretrained({str(tmp_path)!r}).model).__name__)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == "EDSR"

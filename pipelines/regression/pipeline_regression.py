@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
+import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_size, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid, tiled_apply

@@ -446,7 +446,6 @@ def save_config(config, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        tmp.chmod(0o644)
 
 
 def parse_args(argv: Sequence[str] | None = None, cls=None, description: str | None = None):

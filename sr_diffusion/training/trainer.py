@@ -330,7 +330,6 @@ class Trainer:
                 final_model = copy_with_ema_weights(accelerator.unwrap_model(model), ema).to("cpu")
             pipeline = self.task.build_pipeline(final_model)
             with atomic_directory(directory) as tmp:
-                tmp.chmod(0o755)  # a temporary directory is private; the pipeline folder is meant to be shared
                 pipeline.save_pretrained(tmp)
             accelerator.print(f"Saved pipeline to {directory}")
         accelerator.wait_for_everyone()
