@@ -51,12 +51,18 @@ def test_upscale_scale_tile_and_skip_existing(model_dir, inputs, tmp_path):
 def test_bad_file_in_folder_is_reported_and_rest_processed(model_dir, inputs, tmp_path, capsys):
     (inputs / "empty.png").touch()
     (inputs / "text.png").write_text("hello")
+    whole = (inputs / "a.png").read_bytes()
+    (inputs / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    PIL.Image.new("L", (16385, 1)).save(inputs / "wide.png")  # a side over 16k pixels, no --tile
     out = tmp_path / "out"
     assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 1
     err = capsys.readouterr().err
-    assert "empty.png" in err and "text.png" in err and "2 of 5 image(s) failed" in err
+    assert "4 of 7 image(s) failed" in err
+    for name, reason in [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated"), ("wide", "tiling")]:
+        (line,) = [line for line in err.splitlines() if f"{name}.png" in line]
+        assert reason in line and line.startswith("error: ")
+        assert not (out / f"{name}.png").exists()
     assert (out / "a.png").is_file() and (out / "c.png").is_file()
-    assert not (out / "empty.png").exists() and not (out / "text.png").exists()
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
 
 
@@ -112,3 +118,13 @@ def test_eval_model_and_folders(model_dir, tmp_path, photo):
     assert main(["eval", "--hr", str(hr), "--sr", str(hr), "-o", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["mean"]["psnr"] == "inf" and report["mean"]["ssim"] == pytest.approx(1.0)
+
+
+def test_demo_writes_result_and_comparison(model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--model", str(model_dir)]) == 0
+    sr = PIL.Image.open(out / "sample_sr.png")
+    grid = PIL.Image.open(out / "sample_comparison.png")
+    assert sr.size == (600, 400)
+    assert grid.width == 3 * 600 + 2 * 4 and grid.height > 400
+    assert "150x100 -> 600x400" in capsys.readouterr().out
