@@ -46,27 +46,12 @@ class ResidualDenseBlock(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return self._forward_inference(x)
         x1 = F.leaky_relu(self.conv1(x), 0.2, inplace=True)
         x2 = F.leaky_relu(self.conv2(torch.cat((x, x1), 1)), 0.2, inplace=True)
         x3 = F.leaky_relu(self.conv3(torch.cat((x, x1, x2), 1)), 0.2, inplace=True)
         x4 = F.leaky_relu(self.conv4(torch.cat((x, x1, x2, x3), 1)), 0.2, inplace=True)
         x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
         return x5 * 0.2 + x
-
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Same result without the growing ``torch.cat`` copies: one (N, F+4G, H, W) buffer holds
-        [x, x1, x2, x3, x4]; conv k reads the channel prefix (a contiguous view when N = 1) and its
-        output is written into the next G channels. Used only without autograd (it writes in place)."""
-        n, f, h, w = x.shape
-        g = self.conv1.out_channels
-        buffer = x.new_empty(n, f + 4 * g, h, w)
-        buffer[:, :f] = x
-        for i, conv in enumerate((self.conv1, self.conv2, self.conv3, self.conv4)):
-            c = f + i * g
-            buffer[:, c : c + g] = F.leaky_relu(conv(buffer[:, :c]), 0.2, inplace=True)
-        return torch.add(x, self.conv5(buffer), alpha=0.2)
 
 
 class RRDB(nn.Module):
