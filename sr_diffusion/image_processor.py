@@ -63,7 +63,11 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
 
 
 def _pil_to_arrays(img: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Convert any PIL mode to (rgb float32 HxWx3 in [0,1], alpha float32 HxW in [0,1] or None)."""
+    """Convert any PIL mode to (rgb float32 HxWx3 in [0,1], alpha float32 HxW in [0,1] or None).
+
+    16-bit grayscale ("I;16", "I") keeps its full precision. Pillow itself decodes 16-bit RGB PNGs to
+    8-bit "RGB", so those arrive here at 8-bit precision.
+    """
     mode = img.mode
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
