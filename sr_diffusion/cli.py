@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CLIError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, OSError) as err:
+        # Anything the user can fix (a path, an argument, a file) is one line, never a traceback.
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -77,8 +77,10 @@ def test_one_line_errors(tmp_path, model_dir, capsys):
     assert main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
     assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(model_dir)]) == 2
     assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
+    assert main(["eval", "--hr", str(tmp_path / "missing"), "--sr", str(tmp_path)]) == 2
+    assert main(["eval", "--hr", str(tmp_path), "--sr", str(tmp_path), "--model", str(model_dir)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
 
 
 def test_convert_original_checkpoint_then_upscale(tmp_path, inputs):
