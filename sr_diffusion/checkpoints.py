@@ -57,10 +57,12 @@ from .models.edsr import DIV2K_RGB_MEAN
 
 __all__ = [
     "CheckpointError",
+    "check_keys_and_shapes",
     "convert_state_dict",
     "detect_architecture",
     "load_regression_model",
     "load_state_dict",
+    "preview",
     "unwrap_state_dict",
 ]
 
@@ -186,7 +188,7 @@ def _unwrap(obj: Any, key: str | None, source: str) -> dict[str, torch.Tensor]:
         if key is not None:
             if key not in obj:
                 raise CheckpointError(
-                    f"{source} has no {key!r} entry; its top-level keys are {_preview(obj)}"
+                    f"{source} has no {key!r} entry; its top-level keys are {preview(obj)}"
                 )
             obj, key = obj[key], None
             continue
@@ -199,7 +201,7 @@ def _unwrap(obj: Any, key: str | None, source: str) -> dict[str, torch.Tensor]:
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(
-            f"{source} is not a state dict: entries {_preview(not_tensors)} are not tensors"
+            f"{source} is not a state dict: entries {preview(not_tensors)} are not tensors"
         )
     state_dict = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in state_dict):
@@ -207,10 +209,38 @@ def _unwrap(obj: Any, key: str | None, source: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _preview(keys, n: int = 6) -> str:
+def preview(keys, n: int = 6) -> str:
+    """The first ``n`` keys, quoted, and how many there are in all: for error messages."""
     keys = list(keys)
     more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
     return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+def check_keys_and_shapes(
+    expected: Mapping[str, Any], found: Mapping[str, torch.Tensor], source: str, target: str
+) -> None:
+    """Strict state-dict check: raise a :class:`CheckpointError` naming every missing key, unexpected
+    key and shape mismatch. ``expected`` maps names to tensors or shapes."""
+
+    def shape(v) -> tuple:
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [
+        f"{k}: {tuple(found[k].shape)} vs {shape(v)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != shape(v)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {preview(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches (checkpoint vs model) {'; '.join(mismatched[:6])}")
+        raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +272,7 @@ def _detect_layout(state_dict: Mapping[str, torch.Tensor], source: str = "the ch
         return "srvgg"
     raise CheckpointError(
         f"{source} has a parameter layout that is not recognised as EDSR, RRDBNet (ESRGAN/Real-ESRGAN), "
-        f"SwinIR or SRVGGNetCompact; its first keys are {_preview(keys)}"
+        f"SwinIR or SRVGGNetCompact; its first keys are {preview(keys)}"
     )
 
 
@@ -561,24 +591,7 @@ def _check_keys(
     with torch.device("meta"):
         model = model_cls(**config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: {tuple(state_dict[k].shape)} vs {expected[k]}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_preview(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches (checkpoint vs model) {'; '.join(mismatched[:6])}")
-        raise CheckpointError(
-            f"{source} does not fit {model_cls.__name__}({_short(config)}): " + "; ".join(parts)
-        )
+    check_keys_and_shapes(expected, state_dict, source, f"{model_cls.__name__}({_short(config)})")
 
 
 def _short(config: Mapping[str, Any]) -> str:

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import CheckpointError, load_state_dict, unwrap_state_dict
+from ..checkpoints import CheckpointError, check_keys_and_shapes, load_state_dict, preview, unwrap_state_dict
 from ..models.resshift_unet import (
     ResShiftUNet,
     SwinTransformerBlock,
@@ -99,34 +99,6 @@ def read_flat_state_dict(
                 state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
                 stripped = True
     return state_dict, source
-
-
-def preview(keys, n: int = 8) -> str:
-    keys = list(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(repr(k) for k in keys[:n]) + more
-
-
-def check_keys_and_shapes(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str, target: str
-) -> None:
-    """Raise a :class:`CheckpointError` naming every missing / unexpected key and shape mismatch."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [
-        f"{k}: {tuple(found[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and tuple(found[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {preview(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches (checkpoint vs model) {'; '.join(mismatched[:6])}")
-        raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))
 
 
 def indices(state_dict: Mapping[str, Any], pattern: str) -> list[int]:

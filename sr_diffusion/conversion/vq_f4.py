@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from diffusers import VQModel
 
-from ..checkpoints import CheckpointError
-from .resshift import check_keys_and_shapes, indices, preview, read_flat_state_dict
+from ..checkpoints import CheckpointError, check_keys_and_shapes, preview
+from .resshift import indices, read_flat_state_dict
 
 __all__ = ["convert_vq_f4", "infer_vq_f4_config", "ldm_vq_to_diffusers"]
 
