@@ -1,0 +1,3 @@
+from .pipeline_resshift import ResShiftPipeline
+
+__all__ = ["ResShiftPipeline"]

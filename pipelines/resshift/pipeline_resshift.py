@@ -1,0 +1,490 @@
+"""ResShift: diffusion super-resolution by residual shifting, in a few steps.
+
+Paper: Z. Yue, J. Wang, C. C. Loy, "ResShift: Efficient Diffusion Model for Image Super-resolution by Residual
+Shifting", NeurIPS 2023 (arXiv:2307.12348), and "Efficient Diffusion Model for Image Restoration by Residual
+Shifting", TPAMI 2024 (arXiv:2403.07319). Notation of :mod:`sr_diffusion.schedulers.scheduling_resshift`:
+
+- ``y_0``: the LR image, bicubic-upsampled ×``upscale`` to the HR size, in [-1, 1] (pixel space) or its
+  autoencoder latent (latent space, the released models: VQ-f4);
+- ``x_T = y_0 + kappa sqrt(eta_T) noise`` (R4); each step predicts ``x_0`` from ``x_t`` and draws
+  ``x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)`` (R3); the last step returns the posterior mean, ``x0_pred``;
+- shapes: the LR image ``(N, 3, h, w)``, the HR image ``(N, 3, s·h, s·w)`` with ``s = upscale``, the chain
+  ``(N, C, s·h/f, s·w/f)`` with ``f`` the autoencoder's downsampling factor (``f = 1``, ``C = 3`` in pixel space).
+
+How the denoiser sees the LR image (the reference ``sampler.py`` and ``models/gaussian_diffusion.py``, facts only):
+
+- a :class:`~sr_diffusion.models.ResShiftUNet` gets ``scale_model_input(x_t)`` and, as ``lq``, the LR image in
+  [-1, 1] at ``lq_scale`` × the chain's size (``lq_size / image_size``): the LR image itself for the released
+  ×4 latent models (a 64×64 LR next to the 64×64 latent of the 256×256 HR image), its bicubic upsampling
+  otherwise (in pixel space, ``lq = y_0``);
+- a diffusers ``UNet2DModel`` with ``in_channels = 2·C`` gets the channel concatenation
+  ``[scale_model_input(x_t), y_0]`` (``y_0`` unscaled: the upsampled LR image, or its latent), the SR3-style
+  conditioning. Its ``out_channels`` must be ``C``.
+
+Sizes: the LR image is padded on the bottom/right (reflect) so that the HR size is a multiple of
+``f · input_multiple`` of the UNet (the reference pads the LR image to 64 for the released models), and the
+output is cropped back, never resized: ``upscale`` × the input size, for any input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel, VQModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
+import sr_diffusion.schedulers  # noqa: F401
+from sr_diffusion.color_fix import COLOR_FIX_METHODS
+from sr_diffusion.color_fix import color_fix as apply_color_fix
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_size, pad_to_multiple
+from sr_diffusion.resize import resize
+from sr_diffusion.schedulers import ResShiftScheduler
+from sr_diffusion.tiling import tile_grid, tiled_apply
+
+from ..pipeline_output import SRPipelineOutput
+
+__all__ = ["ResShiftPipeline", "resshift_lq", "resshift_model_output", "upsample_lr"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditioning helpers, shared with training (sr_diffusion.training.resshift) so both feed the denoiser alike
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def upsample_lr(lr: torch.Tensor, upscale: int) -> torch.Tensor:
+    """``y_0`` in pixel space: bicubic upsampling (torch's, as the reference ``F.interpolate``) of the LR image.
+
+    Args:
+        lr: ``(N, 3, h, w)`` in [-1, 1]. upscale: ``s``.
+
+    Returns:
+        ``(N, 3, s·h, s·w)``, not clamped.
+    """
+    h, w = lr.shape[-2:]
+    return resize(lr, size=(h * upscale, w * upscale), mode="bicubic")
+
+
+def resshift_lq(unet: ModelMixin, lr: torch.Tensor, sample_size: tuple[int, int]) -> torch.Tensor | None:
+    """The ``lq`` input of a ResShift-style denoiser: the LR image at ``lq_scale`` × the chain's size.
+
+    The LR image itself when it already has that size (the released latent ×4 models), else its bicubic resize
+    (pixel space: the upsampled LR image, i.e. ``y_0``). None for models without LR conditioning (``cond_lq=False``)
+    and for ``UNet2DModel`` (conditioned by concatenation instead).
+
+    Args:
+        unet: the denoiser. lr: ``(N, 3, h, w)`` in [-1, 1]. sample_size: ``(H_s, W_s)`` of ``x_t``.
+    """
+    if isinstance(unet, UNet2DModel) or not getattr(unet.config, "cond_lq", True):
+        return None
+    r = int(getattr(unet, "lq_scale", 1))
+    size = (sample_size[0] * r, sample_size[1] * r)
+    if tuple(lr.shape[-2:]) == size:
+        return lr
+    shrink = size[0] < lr.shape[-2] or size[1] < lr.shape[-1]
+    return resize(lr, size=size, mode="bicubic", antialias=shrink)
+
+
+def resshift_model_output(
+    unet: ModelMixin,
+    scaled_sample: torch.Tensor,
+    timestep: torch.Tensor | int,
+    lr_latents: torch.Tensor,
+    lq: torch.Tensor | None,
+) -> torch.Tensor:
+    """One denoiser evaluation ``f_theta(x_t, y_0, t)``.
+
+    Args:
+        unet: a ``ResShiftUNet`` (or any model with its call ``unet(sample, timestep, lq=..., return_dict=False)``),
+            or a ``UNet2DModel`` with ``in_channels = 2·C`` (either possibly inside a ``DistributedDataParallel``).
+        scaled_sample: ``scheduler.scale_model_input(x_t, t)``, ``(N, C, H_s, W_s)``.
+        timestep: the integer timestep ``t`` (0-based), a scalar or ``(N,)``.
+        lr_latents: ``y_0``, ``(N, C, H_s, W_s)``: concatenated for a ``UNet2DModel``, unused otherwise.
+        lq: from :func:`resshift_lq` (None for a ``UNet2DModel``).
+
+    Returns:
+        The model output ``(N, C, H_s, W_s)`` in the chain's dtype (what ``scheduler.prediction_type`` says).
+    """
+    inner = getattr(unet, "module", unet)  # a DistributedDataParallel-wrapped model in training
+    dtype = inner.dtype
+    timesteps = torch.as_tensor(timestep, device=scaled_sample.device)
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(scaled_sample.shape[0])
+    if isinstance(inner, UNet2DModel):
+        model_input = torch.cat([scaled_sample, lr_latents], dim=1).to(dtype)
+        out = unet(model_input, timesteps, return_dict=False)[0]
+    else:
+        lq = None if lq is None else lq.to(dtype)
+        out = unet(scaled_sample.to(dtype), timesteps, lq=lq, return_dict=False)[0]
+    return out.to(scaled_sample.dtype)
+
+
+class ResShiftPipeline(DiffusionPipeline):
+    r"""Super-resolution with ResShift (Yue et al., NeurIPS 2023 / TPAMI 2024).
+
+    Args:
+        unet: the denoiser: a :class:`~sr_diffusion.models.ResShiftUNet` (LR image through its ``lq`` input), or a
+            diffusers ``UNet2DModel`` whose ``in_channels`` is twice the chain's channels (LR image as ``y_0``
+            concatenated to the scaled ``x_t``; see the module docstring). Any other ``ModelMixin`` is called like
+            a ``ResShiftUNet`` and must have ``in_channels`` / ``out_channels`` in its config.
+        scheduler: a :class:`~sr_diffusion.schedulers.ResShiftScheduler` (any other scheduler is refused: the
+            chain ends at ``y_0``, not at pure noise).
+        vae: optional ``VQModel`` (the released ResShift models: VQ-f4) or ``AutoencoderKL``; None runs the chain in
+            pixel space. Latents are ``(E(x) - shift_factor) · scaling_factor · scheduler.latent_scale_factor``
+            (every factor 1 for the released models); ``E`` is the VQ encoder before quantisation, or the KL
+            posterior's mode; decoding undoes the scaling, and a ``VQModel`` quantises, as the reference.
+        upscale: the SR factor ``s`` (registered in the config; 4 for the released models).
+    """
+
+    model_cpu_offload_seq = "vae->unet"  # encode y_0, then the loop; decoding moves the VAE back to the device
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents", "lr_latents"]
+
+    def __init__(
+        self,
+        unet: ModelMixin,
+        scheduler: ResShiftScheduler,
+        vae: VQModel | AutoencoderKL | None = None,
+        upscale: int = 4,
+    ):
+        super().__init__()
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        self.register_to_config(upscale=upscale)
+        self.image_processor = SRImageProcessor()
+        self.check_components()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def upscale(self) -> int:
+        """The SR factor ``s``."""
+        return int(self.config.upscale)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``f``: the autoencoder's downsampling factor (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """``C``: channels of the chain (3 in pixel space)."""
+        return 3 if self.vae is None else int(self.vae.config.latent_channels)
+
+    @property
+    def unet_input_multiple(self) -> int:
+        """The UNet needs ``x_t``'s H and W to be multiples of this."""
+        if isinstance(self.unet, UNet2DModel):
+            return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return int(getattr(self.unet, "input_multiple", 1))
+
+    @property
+    def lr_multiple(self) -> int:
+        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · input_multiple``."""
+        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
+        return hr_multiple // math.gcd(hr_multiple, self.upscale)
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of ``x_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (after padding)."""
+        m = self.lr_multiple
+        height, width = height + (-height) % m, width + (-width) % m
+        f, s = self.vae_scale_factor, self.upscale
+        return (batch_size, self.latent_channels, height * s // f, width * s // f)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Autoencoder
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _latent_scale(self) -> tuple[float, float]:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        return float(shift), scale * float(self.scheduler.config.latent_scale_factor)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [-1, 1] → chain space ``(N, C, H/f, W/f)`` (the identity in pixel space)."""
+        if self.vae is None:
+            return images
+        x = images.to(self.vae.dtype)
+        if isinstance(self.vae, AutoencoderKL):
+            z = self.vae.encode(x).latent_dist.mode()
+        else:
+            z = self.vae.encode(x).latents
+        shift, scale = self._latent_scale()
+        return ((z.float() - shift) * scale).to(images.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Chain space ``(N, C, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1] (the identity in pixel space)."""
+        if self.vae is None:
+            return latents
+        shift, scale = self._latent_scale()
+        z = (latents.float() / scale + shift).to(self.vae.dtype)
+        return self.vae.decode(z).sample.to(latents.dtype)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` for components that cannot work together."""
+        if not isinstance(self.scheduler, ResShiftScheduler):
+            kind = type(self.scheduler).__name__
+            hint = (
+                " (a diffusers scheduler ends at pure noise, ResShift's chain at y_0)"
+                if isinstance(self.scheduler, SchedulerMixin)
+                else ""
+            )
+            raise ValueError(f"ResShiftPipeline needs a ResShiftScheduler, got {kind}{hint}")
+        if self.vae is not None:
+            if not isinstance(self.vae, (VQModel, AutoencoderKL)):
+                raise ValueError(f"vae must be a VQModel, an AutoencoderKL or None, got {type(self.vae).__name__}")
+            if self.vae.config.in_channels != 3 or self.vae.config.out_channels != 3:
+                raise ValueError(
+                    f"vae must map RGB images (in/out_channels 3), got {self.vae.config.in_channels}/"
+                    f"{self.vae.config.out_channels}"
+                )
+        if not isinstance(self.unet, ModelMixin):
+            raise ValueError(f"unet must be a diffusers ModelMixin, got {type(self.unet).__name__}")
+        c = self.latent_channels
+        space = "latent" if self.vae is not None else "pixel"
+        in_channels = getattr(self.unet.config, "in_channels", None)
+        out_channels = getattr(self.unet.config, "out_channels", None)
+        expected_in = 2 * c if isinstance(self.unet, UNet2DModel) else c
+        if in_channels != expected_in:
+            how = f"2 x {c}: x_t concatenated with y_0" if isinstance(self.unet, UNet2DModel) else f"{c}: x_t"
+            raise ValueError(
+                f"{type(self.unet).__name__} has in_channels={in_channels}, but the {space}-space chain needs {how}"
+            )
+        if out_channels != c:
+            raise ValueError(
+                f"{type(self.unet).__name__} has out_channels={out_channels}, but the {space}-space chain has {c} "
+                "channels"
+            )
+        if getattr(self.unet.config, "cond_mask", False):
+            raise ValueError("this unet takes an inpainting mask (cond_mask=True); ResShiftPipeline does SR only")
+
+    def check_inputs(
+        self,
+        rgb: torch.Tensor,
+        num_inference_steps: int | None,
+        color_fix: str,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        self.check_components()
+        n, _, h, w = rgb.shape
+        if h < 1 or w < 1:
+            raise ValueError(f"image has an empty side: {h}x{w}")
+        num_train = self.scheduler.config.num_train_timesteps
+        if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
+                f"got {num_inference_steps!r}"
+            )
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
+        if tile_size is not None:
+            m = self.lr_multiple
+            if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
+                raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
+            if not 0 <= tile_overlap < tile_size:
+                raise ValueError(f"tile_overlap must be in [0, tile_size), got {tile_overlap}")
+            if latents is not None:
+                raise ValueError("latents (x_T) cannot be combined with tile_size: each tile draws its own x_T")
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {n} images; pass one per image")
+        if latents is not None:
+            expected = self.latent_shape(n, h, w)
+            if tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"latents (x_T) must have shape {expected} for {n} LR image(s) of {h}x{w} (padded to a multiple "
+                    f"of {self.lr_multiple}, x{self.upscale}, /{self.vae_scale_factor}), got {tuple(latents.shape)}"
+                )
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got "
+                f"{list(callback_on_step_end_tensor_inputs)}"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def prepare_latents(
+        self,
+        lr_latents: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x_T``: the given ``latents``, or ``y_0 + kappa sqrt(eta_T) noise`` with noise from ``generator`` (R4)."""
+        if latents is not None:
+            return latents.to(device=lr_latents.device, dtype=lr_latents.dtype)
+        return self.scheduler.prior_sample(lr_latents, generator=generator)
+
+    def _sample(
+        self,
+        lr: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        progress_bar,
+    ) -> torch.Tensor:
+        """Run the chain for one (padded) LR image or tile: ``(N, 3, h, w)`` in [-1, 1] → ``(N, 3, s·h, s·w)``."""
+        # 4. Conditioning: y_0 (upsampled LR image, encoded in latent space) and the denoiser's lq
+        lr_latents = self.encode_images(upsample_lr(lr, self.upscale))
+        lq = resshift_lq(self.unet, lr, tuple(lr_latents.shape[-2:]))
+
+        # 5. x_T
+        latents = self.prepare_latents(lr_latents, generator, latents)
+
+        # 6. Denoising loop: x_t -> x_{t-1} with the predicted x_0
+        for i, t in enumerate(self.scheduler.timesteps):
+            if self.interrupt:
+                continue
+            scaled = self.scheduler.scale_model_input(latents, t)
+            model_output = resshift_model_output(self.unet, scaled, t, lr_latents, lq)
+            latents = self.scheduler.step(model_output, t, latents, lr_samples=lr_latents, generator=generator)[0]
+
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "lr_latents": lr_latents}
+                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+                lr_latents = callback_outputs.pop("lr_latents", lr_latents)
+            progress_bar.update()
+
+        # 7. Decode
+        return self.decode_latents(latents)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        num_inference_steps: int | None = None,
+        color_fix: str = "none",
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Upscale ``image`` by ``upscale``.
+
+        Args:
+            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
+                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            num_inference_steps: ``S``, ``1 <= S <= T``; default (None) the scheduler's ``T`` trained steps, as the
+                reference. Fewer steps keep a subset of the trained timesteps (``ResShiftScheduler.set_timesteps``).
+            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
+                (:func:`sr_diffusion.color_fix.color_fix`).
+            tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
+                :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
+                with noise drawn, in order, from ``generator``.
+            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
+                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            latents: ``x_T`` to start from, of shape :meth:`latent_shape` (e.g. ``y_0`` plus your own noise); not with
+                ``tile_size``.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every step (of every tile) as
+                ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
+                (``"latents"``: ``x_{t-1}``, ``"lr_latents"``: ``y_0``) replace the pipeline's.
+            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+
+        Returns:
+            ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+
+        # 1. Check inputs
+        pre = self.image_processor.preprocess(image)
+        self.check_inputs(
+            pre.rgb,
+            num_inference_steps,
+            color_fix,
+            tile_size,
+            tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        device = self._execution_device
+        rgb = pre.rgb.to(device)
+        n, _, h, w = rgb.shape
+        s = self.upscale
+
+        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet and the VAE need
+        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
+
+        # 3. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+
+        # 4.-7. Sample (whole image, or tile by tile)
+        num_tiles = 1
+        if tile_size is not None:
+            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
+            num_tiles = len(ys) * len(xs)
+        with self.progress_bar(total=num_tiles * self._num_timesteps) as progress_bar:
+
+            def sample(lr_tile: torch.Tensor, x_T: torch.Tensor | None = None) -> torch.Tensor:
+                return self._sample(
+                    lr_tile,
+                    generator,
+                    x_T,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    progress_bar,
+                )
+
+            if tile_size is None:
+                hr = sample(lr, latents)
+            else:
+                hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
+
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image
+        sr = (crop_to_size(hr.float(), (h * s, w * s)) + 1.0) / 2.0
+        sr = apply_color_fix(sr, rgb, color_fix)
+
+        # 9. Alpha (bicubic, separately) and postprocess
+        alpha = None
+        if pre.alpha is not None:
+            alpha = resize(pre.alpha.to(device), size=(h * s, w * s), mode="bicubic").clamp(0, 1)
+        images = self.image_processor.postprocess(sr, alpha, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return SRPipelineOutput(images=images)
