@@ -21,3 +21,12 @@ def photo() -> np.ndarray:
 def photo_tensor(photo) -> torch.Tensor:
     """The same photo as a (1, 3, 96, 128) float tensor in [0, 1]."""
     return torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (and do not stall when the other core is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,7 @@ from sr_diffusion.checkpoints import CheckpointError
 from sr_diffusion.conversion import convert_resshift_unet, convert_vq_f4, infer_resshift_unet_config
 from sr_diffusion.models.resshift_unet import ResShiftUNet, resshift_window_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than several (and immune to a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,14 +17,7 @@ from sr_diffusion.pipelines import AutoSRPipeline, ResShiftPipeline
 from sr_diffusion.resize import imresize, resize
 from sr_diffusion.schedulers import ResShiftScheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -421,13 +421,6 @@ def test_checkpoint_crash_mid_save_keeps_previous_and_latest_ignores_partial(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_run_learns_and_exports_a_pipeline(tmp_path, fresh_accelerate_state, one_thread):

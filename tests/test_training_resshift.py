@@ -30,13 +30,7 @@ def tiny_config(tmp_path, *overrides: str) -> ResShiftExperimentConfig:
     return load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", *overrides], cls=ResShiftExperimentConfig)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from collections.abc import Sequence
@@ -474,3 +475,16 @@ def parse_args(argv: Sequence[str] | None = None, cls=None, description: str | N
         return load_config(args.config, overrides, cls)
     except ConfigError as err:
         parser.error(str(err))
+
+
+def check_model_kwargs(cls: type, kwargs: dict[str, Any], arch: str) -> list[str]:
+    """The keyword arguments ``cls.__init__`` takes; a :class:`ConfigError` naming any ``model.*`` key it does not."""
+    params = inspect.signature(cls.__init__).parameters
+    valid = [name for name in params if name != "self" and params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join('model.' + k for k in unknown)} for arch {arch!r}; "
+            f"valid keys: arch, {', '.join(valid)}"
+        )
+    return valid

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, check_model_kwargs
 from .losses import build_loss
 from .trainer import TrainingTask
 
@@ -29,15 +27,8 @@ def _model_kwargs(config: ExperimentConfig) -> tuple[type, dict]:
     if arch not in classes:
         raise ConfigError(f"model.arch: unknown regression architecture {arch!r}; choose from {', '.join(classes)}")
     cls = classes[arch]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [name for name in params if name != "self" and params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     kwargs = dict(config.model.kwargs)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join('model.' + k for k in unknown)} for arch {arch!r}; "
-            f"valid keys: arch, {', '.join(valid)}"
-        )
+    valid = check_model_kwargs(cls, kwargs, arch)
     scale_arg = next((name for name in _SCALE_ARGS if name in valid), None)
     if scale_arg is None:
         raise ConfigError(f"model.arch: {arch!r} has no scale argument ({' or '.join(_SCALE_ARGS)})")

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from .config import ConfigError, ExperimentConfig, TrainConfig
+from .config import ConfigError, ExperimentConfig, TrainConfig, check_model_kwargs
 from .losses import build_loss
 from .trainer import TrainingTask
 
@@ -124,15 +124,8 @@ def _arch_class(arch: str) -> type:
 def _model_kwargs(config: ExperimentConfig) -> tuple[type, dict[str, Any]]:
     """The denoiser class and its constructor arguments, with the pixel-space channels filled in and checked."""
     cls = _arch_class(config.model.arch)
-    params = inspect.signature(cls.__init__).parameters
-    valid = [name for name in params if name != "self" and params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     kwargs = dict(config.model.kwargs)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join('model.' + k for k in unknown)} for arch {config.model.arch!r}; "
-            f"valid keys: arch, {', '.join(valid)}"
-        )
+    check_model_kwargs(cls, kwargs, config.model.arch)
     # pixel space: x_t has 3 channels; a UNet2DModel also gets y_0 concatenated
     fixed = {"in_channels": 3, "out_channels": 3}
     if config.model.arch == "unet2d":
@@ -143,7 +136,8 @@ def _model_kwargs(config: ExperimentConfig) -> tuple[type, dict[str, Any]]:
             kwargs.setdefault("down_block_types", ["DownBlock2D"] * levels)
             kwargs.setdefault("up_block_types", ["UpBlock2D"] * levels)
     else:
-        kwargs.setdefault("lq_size", kwargs.get("image_size", params["image_size"].default))
+        default_size = inspect.signature(cls.__init__).parameters["image_size"].default
+        kwargs.setdefault("lq_size", kwargs.get("image_size", default_size))
         if kwargs.get("cond_mask"):
             raise ConfigError("model.cond_mask: ResShift SR training takes no inpainting mask")
     for key, value in fixed.items():
