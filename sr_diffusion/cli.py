@@ -43,10 +43,12 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 def load_pipeline(model: str | None, device: str | None, dtype: str):
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from sr_diffusion.defaults import default_pipeline_dir
     from sr_diffusion.pipelines import AutoSRPipeline
 
+    diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar; ours shows the work
     folder = Path(model) if model else default_pipeline_dir()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
