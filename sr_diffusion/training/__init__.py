@@ -29,6 +29,7 @@ from .data import SRTrainDataset, StepBatchSampler, build_train_dataset, build_v
 from .ema import create_ema
 from .losses import CharbonnierLoss, build_loss
 from .regression import RegressionTask, build_regression_model
+from .resshift import ResShiftExperimentConfig, ResShiftTask
 from .trainer import Trainer, TrainingTask, TrainResult
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "build_loss",
     "RegressionTask",
     "build_regression_model",
+    "ResShiftExperimentConfig",
+    "ResShiftTask",
     "Trainer",
     "TrainingTask",
     "TrainResult",
