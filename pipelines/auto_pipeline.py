@@ -11,13 +11,14 @@ import json
 import os
 from pathlib import Path
 
+from .ldm_sr import LDMSRPipeline
 from .regression import RegressionSRPipeline
 from .resshift import ResShiftPipeline
 
 __all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
 
 #: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
-PIPELINE_CLASSES = {cls.__name__: cls for cls in (RegressionSRPipeline, ResShiftPipeline)}
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (LDMSRPipeline, RegressionSRPipeline, ResShiftPipeline)}
 
 
 def _import_own_component_modules(model_index: dict) -> None:

@@ -1,0 +1,3 @@
+from .pipeline_ldm_sr import LDMSRPipeline
+
+__all__ = ["LDMSRPipeline"]

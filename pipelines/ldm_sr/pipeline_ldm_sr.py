@@ -1,0 +1,384 @@
+"""LDM-SR: ×4 super-resolution with a latent diffusion model conditioned on the LR image by concatenation.
+
+Paper: R. Rombach, A. Blattmann, D. Lorenz, P. Esser, B. Ommer, "High-Resolution Image Synthesis with Latent
+Diffusion Models", CVPR 2022 (arXiv:2112.10752), Sec. 4.4 (super-resolution: "concatenating the low-resolution
+conditioning y directly to the inputs of the UNet"); the released model is
+``CompVis/ldm-super-resolution-4x-openimages`` (a VQ-f4 autoencoder, so the latent of the HR image has the LR
+image's size). The same flow as diffusers' ``LDMSuperResolutionPipeline``, with the same components ``vqvae``,
+``unet``, ``scheduler`` (a folder saved by either loads with ``LDMSRPipeline.from_pretrained``):
+
+- ``z_T ~ N(0, I) · init_noise_sigma``, ``(N, C, h, w)`` at the LR size ``h × w`` (``C`` the latent channels);
+- each step: ``eps = unet(cat([scale_model_input(z_t), y], dim=1), t)`` with ``y`` the LR image in [-1, 1]
+  (``(N, 3, h, w)``; ``unet.in_channels = C + 3``), then ``z_{t-1} = scheduler.step(eps, t, z_t, eta=...)``;
+- ``x = clamp(D(z_0), -1, 1)``, ``(N, 3, f·h, f·w)`` with ``f = 2^(len(vqvae.block_out_channels) - 1)`` the
+  autoencoder's downsampling factor, which is the SR factor (4 for the released model); ``D`` quantises first.
+
+Where it differs from diffusers' pipeline:
+
+- sizes: diffusers resizes a PIL input (Lanczos) down to a multiple of 32; here the LR image is padded on the
+  bottom/right (reflect) to the multiple the UNet needs, ``2^(len(unet.block_out_channels) - 1)``, and the output is
+  cropped back, never resized: exactly ``f`` × the input size, for any size;
+- ``scale_model_input`` is applied to ``z_t`` alone, not to the concatenation with ``y``: the LR image is a
+  condition, not a noisy sample. For DDIM / DDPM / PNDM / DPM-Solver (scaling is the identity) both agree to float
+  rounding; for Euler / LMS diffusers' pipeline also divides ``y`` by ``sqrt(sigma^2 + 1)``;
+- the generator (or a list of one per image) also drives the scheduler's step noise (DDIM with ``eta > 0``, DDPM,
+  ancestral samplers); diffusers' pipeline draws that noise from the global RNG.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel, VQModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
+
+from sr_diffusion.color_fix import COLOR_FIX_METHODS
+from sr_diffusion.color_fix import color_fix as apply_color_fix
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_size, pad_to_multiple
+from sr_diffusion.resize import resize
+from sr_diffusion.tiling import tile_grid, tiled_apply
+
+from ..pipeline_output import SRPipelineOutput
+
+__all__ = ["LDMSRPipeline"]
+
+
+class LDMSRPipeline(DiffusionPipeline):
+    r"""Super-resolution with a latent diffusion model (Rombach et al., CVPR 2022, Sec. 4.4).
+
+    Args:
+        vqvae: the ``VQModel`` autoencoder (VQ-f4 in the released model); only its decoder is used. Its downsampling
+            factor ``f`` is the SR factor.
+        unet: a diffusers ``UNet2DModel`` (or any ``ModelMixin`` called as ``unet(sample, t).sample`` with
+            ``in_channels`` / ``out_channels`` in its config) with ``in_channels = C + 3`` (the noisy latent
+            concatenated with the LR image) and ``out_channels = C``, ``C = vqvae.config.latent_channels``.
+        scheduler: a diffusers scheduler whose chain ends at clean latents: DDIM, DDPM, PNDM, LMS, Euler, Euler
+            ancestral, DPM-Solver, ...
+    """
+
+    model_cpu_offload_seq = "unet->vqvae"  # the loop, then decoding (diffusers' LDM text-to-image: bert->unet->vqvae)
+    _callback_tensor_inputs = ["latents", "lr_image"]
+
+    def __init__(self, vqvae: VQModel, unet: ModelMixin, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
+        self.image_processor = SRImageProcessor()
+        self.check_components()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``f``: the autoencoder's downsampling factor."""
+        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    @property
+    def upscale(self) -> int:
+        """The SR factor: ``f`` (the latent has the LR image's size)."""
+        return self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        """``C``: channels of the latent chain."""
+        return int(self.vqvae.config.latent_channels)
+
+    @property
+    def lr_multiple(self) -> int:
+        """The LR image (the latent's size) is padded to a multiple of this: the UNet's total downsampling."""
+        if isinstance(self.unet, UNet2DModel):
+            return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return int(getattr(self.unet, "input_multiple", 1))
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of ``z_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before padding)."""
+        m = self.lr_multiple
+        return (batch_size, self.latent_channels, height + (-height) % m, width + (-width) % m)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` for components that cannot work together."""
+        if not isinstance(self.vqvae, VQModel):
+            raise ValueError(f"vqvae must be a diffusers VQModel, got {type(self.vqvae).__name__}")
+        if self.vqvae.config.out_channels != 3:
+            raise ValueError(f"vqvae must decode RGB images (out_channels 3), got {self.vqvae.config.out_channels}")
+        if not isinstance(self.unet, ModelMixin):
+            raise ValueError(f"unet must be a diffusers ModelMixin, got {type(self.unet).__name__}")
+        c = self.latent_channels
+        in_channels = getattr(self.unet.config, "in_channels", None)
+        out_channels = getattr(self.unet.config, "out_channels", None)
+        if in_channels != c + 3:
+            raise ValueError(
+                f"unet has in_channels={in_channels}, but LDM-SR needs vqvae latent channels + 3 = {c} + 3 = {c + 3} "
+                "(the noisy latent concatenated with the RGB LR image)"
+            )
+        if out_channels != c:
+            raise ValueError(f"unet has out_channels={out_channels}, but the vqvae latent has {c} channels")
+        if not isinstance(self.scheduler, SchedulerMixin):
+            raise ValueError(f"scheduler must be a diffusers SchedulerMixin, got {type(self.scheduler).__name__}")
+        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} ends its chain at the LR image (ResShift); LDM-SR needs a scheduler "
+                "that ends at clean latents (DDIM, DDPM, Euler, ...)"
+            )
+
+    def check_inputs(
+        self,
+        rgb: torch.Tensor,
+        num_inference_steps: int,
+        eta: float,
+        color_fix: str,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        self.check_components()
+        n, _, h, w = rgb.shape
+        if h < 1 or w < 1:
+            raise ValueError(f"image has an empty side: {h}x{w}")
+        num_train = self.scheduler.config.num_train_timesteps
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
+                f"got {num_inference_steps!r}"
+            )
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
+        if tile_size is not None:
+            m = self.lr_multiple
+            if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
+                raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
+            if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+                raise ValueError(f"tile_overlap must be an int in [0, tile_size), got {tile_overlap}")
+            if latents is not None:
+                raise ValueError("latents (z_T) cannot be combined with tile_size: each tile draws its own z_T")
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {n} images; pass one per image")
+        if latents is not None:
+            expected = self.latent_shape(n, h, w)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"latents (z_T) must have shape {expected} for {n} LR image(s) of {h}x{w} (padded to a multiple "
+                    f"of {self.lr_multiple}), got {got}"
+                )
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got "
+                f"{list(callback_on_step_end_tensor_inputs)}"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def prepare_latents(
+        self,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``z_T``: the given ``latents`` or ``randn(shape)`` (diffusers' ``randn_tensor``: one draw per generator
+        of a list), times the scheduler's ``init_noise_sigma`` (call ``set_timesteps`` first)."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them."""
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in parameters:
+            extra["eta"] = eta
+        if "generator" in parameters:
+            extra["generator"] = generator
+        return extra
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(N, C, h, w)`` → ``(N, 3, f·h, f·w)`` in [-1, 1]: quantise and decode with the VQ model, clamp."""
+        image = self.vqvae.decode(latents.to(self.vqvae.dtype)).sample
+        return image.clamp(-1.0, 1.0)
+
+    def _sample(
+        self,
+        lr_image: torch.Tensor,
+        num_inference_steps: int,
+        extra_step_kwargs: dict[str, Any],
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        progress_bar,
+    ) -> torch.Tensor:
+        """Run the chain for one (padded) LR image or tile: ``(N, 3, h, w)`` in [-1, 1] → ``(N, 3, f·h, f·w)``."""
+        device, dtype = lr_image.device, self.unet.dtype
+        lr_image = lr_image.to(dtype)
+
+        # 4. Timesteps (again for every tile: multistep / PNDM / Euler schedulers keep state)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+
+        # 5. z_T
+        n, _, h, w = lr_image.shape
+        latents = self.prepare_latents((n, self.latent_channels, h, w), dtype, device, generator, latents)
+
+        # 6. Denoising loop: eps = unet([z_t, y], t), z_t -> z_{t-1}
+        for i, t in enumerate(self.scheduler.timesteps):
+            if self.interrupt:
+                continue
+            model_input = torch.cat([self.scheduler.scale_model_input(latents, t), lr_image], dim=1)
+            noise_pred = self.unet(model_input, t).sample
+            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "lr_image": lr_image}
+                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+                lr_image = callback_outputs.pop("lr_image", lr_image)
+            progress_bar.update()
+
+        # 7. Decode
+        return self.decode_latents(latents)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        num_inference_steps: int = 100,
+        eta: float = 0.0,
+        color_fix: str = "none",
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Upscale ``image`` by :attr:`upscale` (the VQ model's factor ``f``, 4 for the released model).
+
+        Args:
+            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
+                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` (100 as diffusers).
+            eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
+            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
+                (:func:`sr_diffusion.color_fix.color_fix`).
+            tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
+                :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels (in the output). Each tile runs
+                its own chain with noise drawn, in order, from ``generator``.
+            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
+                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            latents: ``z_T`` before scaling by ``init_noise_sigma``, of shape :meth:`latent_shape`; not with
+                ``tile_size``.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every step (of every tile) as
+                ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
+                (``"latents"``: ``z_{t-1}``, ``"lr_image"``: the LR condition in [-1, 1]) replace the pipeline's.
+            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+
+        Returns:
+            ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+
+        # 1. Check inputs
+        pre = self.image_processor.preprocess(image)
+        self.check_inputs(
+            pre.rgb,
+            num_inference_steps,
+            eta,
+            color_fix,
+            tile_size,
+            tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        self._num_timesteps = num_inference_steps
+        device = self._execution_device
+        rgb = pre.rgb.to(device)
+        n, _, h, w = rgb.shape
+        s = self.upscale
+
+        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
+        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
+
+        # 3. Scheduler step arguments
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 4.-7. Sample (whole image, or tile by tile)
+        num_tiles = 1
+        if tile_size is not None:
+            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
+            num_tiles = len(ys) * len(xs)
+        with self.progress_bar(total=num_tiles * num_inference_steps) as progress_bar:
+
+            def sample(lr_tile: torch.Tensor, z_T: torch.Tensor | None = None) -> torch.Tensor:
+                return self._sample(
+                    lr_tile,
+                    num_inference_steps,
+                    extra_step_kwargs,
+                    generator,
+                    z_T,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    progress_bar,
+                )
+
+            if tile_size is None:
+                hr = sample(lr, latents)
+            else:
+                hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
+
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image
+        sr = crop_to_size(hr.float(), (h * s, w * s)) / 2.0 + 0.5
+        sr = apply_color_fix(sr, rgb, color_fix)
+
+        # 9. Alpha (bicubic, separately) and postprocess
+        alpha = None
+        if pre.alpha is not None:
+            alpha = resize(pre.alpha.to(device), size=(h * s, w * s), mode="bicubic").clamp(0, 1)
+        images = self.image_processor.postprocess(sr, alpha, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return SRPipelineOutput(images=images)
