@@ -593,3 +593,26 @@ def test_vq_conversion_errors():
         convert_vq_f4(kl)
     # Lightning checkpoints carry the training loss (LPIPS, discriminator): dropped
     convert_vq_f4({"state_dict": {**sd, "loss.discriminator.main.0.weight": torch.zeros(1)}})
+
+
+def test_released_files_assemble_into_a_working_pipeline(tmp_path):
+    """The README's recipe: released denoiser + VQ-f4 files -> ResShiftPipeline -> save -> AutoSRPipeline."""
+    from sr_diffusion.pipelines import AutoSRPipeline, ResShiftPipeline
+    from sr_diffusion.schedulers import ResShiftScheduler
+
+    torch.save({"state_dict": original_unet_state_dict(TINY)}, tmp_path / "resshift.pth")
+    torch.save({"state_dict": ldm_vq_state_dict(ch_mult=(1, 2, 2))}, tmp_path / "vq_f4.pth")
+    unet, _ = convert_resshift_unet(tmp_path / "resshift.pth")
+    pipe = ResShiftPipeline(unet=unet, scheduler=ResShiftScheduler.from_preset("v3"),
+                            vae=convert_vq_f4(tmp_path / "vq_f4.pth"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.upscale == 4 and pipe.vae_scale_factor == 4
+    lr = torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(0))
+    out = pipe(lr, color_fix="wavelet", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert out.shape == (1, 3, 48, 80) and torch.isfinite(out).all()
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = AutoSRPipeline.from_pretrained(tmp_path / "pipe")
+    again.set_progress_bar_config(disable=True)
+    assert isinstance(again, ResShiftPipeline)
+    out2 = again(lr, color_fix="wavelet", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(out2, out, atol=1e-4, rtol=0)
