@@ -112,6 +112,41 @@ def cmd_upscale(args) -> int:
 # convert
 
 
+def _detect_family(checkpoint: str) -> str:
+    """``"resshift"`` for a ResShift denoiser, else the regression architecture the file holds."""
+    from sr_diffusion.checkpoints import CheckpointError, detect_architecture
+    from sr_diffusion.conversion.resshift import infer_resshift_unet_config, read_flat_state_dict
+
+    state_dict, source = read_flat_state_dict(checkpoint)
+    try:
+        return detect_architecture(state_dict)[0]
+    except CheckpointError as regression_error:
+        try:
+            infer_resshift_unet_config(state_dict, source=source)
+        except CheckpointError:
+            raise regression_error from None
+        return "resshift"
+
+
+def _resshift_pipeline(args):
+    from sr_diffusion.conversion import convert_resshift_unet, convert_vq_f4
+    from sr_diffusion.pipelines import ResShiftPipeline
+    from sr_diffusion.schedulers import RESSHIFT_PRESET_ALIASES, RESSHIFT_PRESETS, ResShiftScheduler
+
+    presets = sorted(RESSHIFT_PRESET_ALIASES) + sorted(RESSHIFT_PRESETS)
+    if args.preset is None:
+        raise CLIError(
+            f"a ResShift checkpoint does not record its noise schedule: pass --preset ({', '.join(presets)})"
+        )
+    unet, _ = convert_resshift_unet(args.checkpoint)
+    vae = convert_vq_f4(args.vae) if args.vae else None
+    try:
+        scheduler = ResShiftScheduler.from_preset(args.preset)
+    except (KeyError, ValueError) as err:
+        raise CLIError(f"unknown --preset {args.preset!r}; choose from {', '.join(presets)}") from err
+    return ResShiftPipeline(unet=unet, scheduler=scheduler, vae=vae, upscale=args.scale or 4)
+
+
 def cmd_convert(args) -> int:
     from sr_diffusion.checkpoints import CheckpointError, load_regression_model
     from sr_diffusion.pipelines import RegressionSRPipeline
@@ -121,12 +156,18 @@ def cmd_convert(args) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise CLIError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
     try:
-        model = load_regression_model(args.checkpoint, arch=args.arch, scale=args.scale)
+        family = args.arch or _detect_family(args.checkpoint)
+        if family == "resshift":
+            pipe = _resshift_pipeline(args)
+        elif args.preset or args.vae:
+            raise CLIError(f"--preset and --vae are for ResShift checkpoints; {args.checkpoint} holds {family}")
+        else:
+            pipe = RegressionSRPipeline(model=load_regression_model(args.checkpoint, arch=family, scale=args.scale))
     except (CheckpointError, FileNotFoundError) as err:
         raise CLIError(_one_line(err)) from err
     with atomic_directory(out_dir) as tmp:
-        RegressionSRPipeline(model=model).save_pretrained(tmp)
-    print(f"wrote {type(model).__name__} x{model.upscale} pipeline to {out_dir}")
+        pipe.save_pretrained(tmp)
+    print(f"wrote {type(pipe).__name__} x{pipe.upscale} to {out_dir}")
     return 0
 
 
@@ -206,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an original checkpoint into a pipeline folder")
     p.add_argument("checkpoint", help="original .pth / .safetensors file")
     p.add_argument("output", help="output pipeline folder")
-    p.add_argument("--arch", choices=["edsr", "rrdbnet", "swinir", "srvgg"], help="default: auto-detect")
+    p.add_argument("--arch", choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift"], help="default: auto-detect")
     p.add_argument("--scale", type=int, help="expected scale; an error if the checkpoint's differs")
+    p.add_argument("--preset", help="ResShift: the noise schedule the file was trained with (v1, v2, v3, bicsr, ...)")
+    p.add_argument("--vae", help="ResShift: the autoencoder file of latent models (autoencoder_vq_f4.pth)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 

@@ -130,3 +130,30 @@ def test_demo_writes_result_and_comparison(model_dir, tmp_path, capsys):
     assert sr.size == (600, 400)
     assert grid.width == 3 * 600 + 2 * 4 and grid.height > 400
     assert "150x100 -> 600x400" in capsys.readouterr().out
+
+
+def test_convert_resshift_checkpoint_with_preset_and_vae(tmp_path, capsys):
+    """Released ResShift denoiser (original layout) + VQ-f4 autoencoder -> a ResShiftPipeline folder."""
+    from test_conversion_resshift import TINY, ldm_vq_state_dict, original_unet_state_dict
+
+    from sr_diffusion.pipelines import AutoSRPipeline, ResShiftPipeline
+
+    torch.save({"state_dict": original_unet_state_dict(TINY)}, tmp_path / "resshift.pth")
+    torch.save(ldm_vq_state_dict(ch_mult=(1, 2, 2)), tmp_path / "vq_f4.pth")
+    base = ["convert", str(tmp_path / "resshift.pth")]
+    assert main([*base, str(tmp_path / "no_preset")]) == 2
+    assert main([*base, str(tmp_path / "bad_preset"), "--preset", "v9"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset" in err and "unknown --preset 'v9'" in err
+    assert main([*base, str(tmp_path / "out"), "--preset", "v3", "--vae", str(tmp_path / "vq_f4.pth")]) == 0
+    pipe = AutoSRPipeline.from_pretrained(tmp_path / "out")
+    assert isinstance(pipe, ResShiftPipeline) and pipe.vae is not None
+    assert pipe.scheduler.config.num_train_timesteps == 4
+    assert not (tmp_path / "no_preset").exists() and not (tmp_path / "bad_preset").exists()
+
+
+def test_convert_rejects_resshift_options_for_a_regression_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save({"params": RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4).state_dict()}, tmp_path / "n.pth")
+    assert main(["convert", str(tmp_path / "n.pth"), str(tmp_path / "o"), "--preset", "v3"]) == 2
+    assert "for ResShift checkpoints" in capsys.readouterr().err
