@@ -142,6 +142,11 @@ def test_parse_args_shortcuts_and_usage_errors(tmp_path, capsys):
     )
     assert config.train.output_dir == str(tmp_path / "x:y")  # taken verbatim, not parsed as YAML
     assert config.train.resume_from_checkpoint == "latest" and config.train.seed == 3
+    config = parse_args(["--config", str(TINY), "--checkpoints_total_limit", "2", "--checkpointing_steps", "7",
+                         "--max_train_steps", "30", "--seed", "5", "--mixed_precision", "bf16"])
+    t = config.train
+    assert (t.checkpoints_total_limit, t.checkpointing_steps, t.max_steps, t.seed) == (2, 7, 30, 5)
+    assert t.mixed_precision == "bf16"
     with pytest.raises(SystemExit):
         parse_args(["--config", str(TINY), "train.nope=1"])
     assert "unknown config key 'train.nope'" in capsys.readouterr().err

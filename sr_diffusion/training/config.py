@@ -449,28 +449,36 @@ def save_config(config, path: str | Path) -> None:
         tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+#: diffusers-style flags of every training script, each a shortcut for one dotted override.
+#: Values are taken verbatim (typed by argparse), not parsed as YAML.
+FLAG_SHORTCUTS = {
+    "resume_from_checkpoint": ("train.resume_from_checkpoint", str),  # 'latest' or a checkpoint directory
+    "output_dir": ("train.output_dir", str),
+    "checkpoints_total_limit": ("train.checkpoints_total_limit", int),
+    "checkpointing_steps": ("train.checkpointing_steps", int),
+    "max_train_steps": ("train.max_steps", int),
+    "mixed_precision": ("train.mixed_precision", str),
+    "seed": ("train.seed", int),
+}
+
+
 def parse_args(argv: Sequence[str] | None = None, cls=None, description: str | None = None):
-    """Command line of every training script: ``--config FILE [--resume_from_checkpoint X]
-    [--output_dir DIR] [section.key=value ...]``. Returns the validated config."""
+    """Command line of every training script: ``--config FILE [section.key=value ...]`` plus the
+    diffusers-style flags of :data:`FLAG_SHORTCUTS` (``--resume_from_checkpoint latest``,
+    ``--checkpoints_total_limit 3``, ...). Returns the validated config."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog="Overrides: section.key=value, e.g. train.max_steps=10 model.num_feat=16 optim.betas=[0.9,0.99]",
     )
     parser.add_argument("--config", type=str, default=None, help="YAML config file (default: built-in defaults)")
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="'latest' or a checkpoint directory (same as train.resume_from_checkpoint=...)",
-    )
-    parser.add_argument("--output_dir", type=str, default=None, help="same as train.output_dir=...")
+    for flag, (key, kind) in FLAG_SHORTCUTS.items():
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"same as {key}=...")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     overrides: list = list(args.overrides)
-    if args.output_dir is not None:
-        overrides.append(("train.output_dir", args.output_dir))
-    if args.resume_from_checkpoint is not None:
-        overrides.append(("train.resume_from_checkpoint", args.resume_from_checkpoint))
+    for flag, (key, _) in FLAG_SHORTCUTS.items():
+        if getattr(args, flag) is not None:
+            overrides.append((key, getattr(args, flag)))
     try:
         return load_config(args.config, overrides, cls)
     except ConfigError as err:
