@@ -5,6 +5,7 @@ from .ldm_sr import LDMSRPipeline
 from .pipeline_output import SRPipelineOutput
 from .regression import RegressionSRPipeline
 from .resshift import ResShiftPipeline
+from .sr3 import SR3Pipeline
 
 __all__ = [
     "AutoSRPipeline",
@@ -12,5 +13,6 @@ __all__ = [
     "PIPELINE_CLASSES",
     "RegressionSRPipeline",
     "ResShiftPipeline",
+    "SR3Pipeline",
     "SRPipelineOutput",
 ]

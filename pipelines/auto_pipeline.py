@@ -14,11 +14,12 @@ from pathlib import Path
 from .ldm_sr import LDMSRPipeline
 from .regression import RegressionSRPipeline
 from .resshift import ResShiftPipeline
+from .sr3 import SR3Pipeline
 
 __all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
 
 #: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
-PIPELINE_CLASSES = {cls.__name__: cls for cls in (LDMSRPipeline, RegressionSRPipeline, ResShiftPipeline)}
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (LDMSRPipeline, RegressionSRPipeline, ResShiftPipeline, SR3Pipeline)}
 
 
 def _import_own_component_modules(model_index: dict) -> None:

@@ -30,6 +30,7 @@ from .ema import create_ema
 from .losses import CharbonnierLoss, build_loss
 from .regression import RegressionTask, build_regression_model
 from .resshift import ResShiftExperimentConfig, ResShiftTask
+from .sr3 import SR3ExperimentConfig, SR3Task
 from .trainer import Trainer, TrainingTask, TrainResult
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "build_regression_model",
     "ResShiftExperimentConfig",
     "ResShiftTask",
+    "SR3ExperimentConfig",
+    "SR3Task",
     "Trainer",
     "TrainingTask",
     "TrainResult",

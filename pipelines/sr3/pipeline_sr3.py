@@ -1,0 +1,489 @@
+"""SR3: image super-resolution by iterative refinement, a pixel-space DDPM conditioned on the upsampled LR image.
+
+Paper: C. Saharia, J. Ho, W. Chan, T. Salimans, D. J. Fleet, M. Norouzi, "Image Super-Resolution via Iterative
+Refinement", TPAMI 2022 (arXiv:2104.07636), Sec. 2 (Eq. 4-6: the objective with a continuous noise level; Eq. 8-10:
+the sampler), and the widely used re-implementation (``Janspiry/Image-Super-Resolution-via-Iterative-Refinement``,
+``model/sr3_modules/diffusion.py``; facts only). Notation:
+
+- ``x``: the LR image ``(N, 3, h, w)`` bicubic-upsampled ×``upscale`` to ``(N, 3, s·h, s·w)``, in [-1, 1];
+- ``y_t = gamma y_0 + sqrt(1 - gamma^2) eps`` with ``gamma = sqrt(alpha_bar)`` the *noise level* (Eq. 4; the
+  paper's ``sqrt(gamma)``), the chain running at the HR size in pixel space;
+- the denoiser ``f_theta(cat([x, y_t], dim=1), c · gamma)`` predicts ``eps`` (a diffusers ``UNet2DModel`` with
+  ``in_channels = 6``, ``out_channels = 3``).
+
+Noise-level conditioning: SR3 conditions the denoiser on ``gamma`` itself, not on the step index, so that one model
+serves any number of steps and any schedule (Sec. 2.4). diffusers' sinusoidal ``Timesteps`` embedding is built for
+inputs in ``[0, 1000)`` (its highest frequency is 1 / period ``2 pi``): fed ``gamma ∈ [0, 1]`` directly nearly every
+channel would be constant. The pipeline passes ``noise_level_scale · gamma`` (registered in the config, 1000 by
+default), which spreads ``gamma`` over the range the embedding resolves; the re-implementation feeds ``gamma`` to a
+positional encoding of its own instead. At sampling time ``gamma`` is ``sqrt(alpha_bar_t)`` of the scheduler's
+current timestep (linearly interpolated for schedulers with fractional timesteps); in training it is drawn uniformly
+between the neighbouring steps' values (:mod:`sr_diffusion.training.sr3`).
+
+The scheduler is any diffusers scheduler that ends at clean samples and has ``alphas_cumprod`` (DDPM, the paper's
+sampler, by default; DDIM, DPM-Solver, Euler, ... for fewer steps). ``strength < 1`` starts from the upsampled LR image
+noised to the timestep ``strength`` of the way into the chain and runs only that part of the steps (img2img).
+
+Sizes: the LR image is padded on the bottom/right (reflect) so that the HR size is a multiple of the UNet's total
+downsampling, and the output is cropped back, never resized: exactly ``upscale`` × the input size, for any size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
+
+from sr_diffusion.color_fix import COLOR_FIX_METHODS
+from sr_diffusion.color_fix import color_fix as apply_color_fix
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_size, pad_to_multiple
+from sr_diffusion.resize import resize
+from sr_diffusion.tiling import tile_grid, tiled_apply
+
+from ..pipeline_output import SRPipelineOutput
+
+__all__ = ["SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditioning helpers, shared with training (sr_diffusion.training.sr3) so both feed the denoiser alike
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sr3_upsample(lr: torch.Tensor, upscale: int) -> torch.Tensor:
+    """``x``: bicubic upsampling (torch's) of the LR image, ``(N, 3, h, w)`` → ``(N, 3, s·h, s·w)``, not clamped."""
+    h, w = lr.shape[-2:]
+    return resize(lr, size=(h * upscale, w * upscale), mode="bicubic")
+
+
+def sr3_noise_level(alphas_cumprod: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
+    """``gamma = sqrt(alpha_bar_t)`` at a (possibly fractional) timestep, linearly interpolating ``alpha_bar``.
+
+    Args:
+        alphas_cumprod: the scheduler's ``alpha_bar``, ``(T,)``. timestep: a scalar or ``(N,)``.
+
+    Returns:
+        ``gamma`` in float32, the shape of ``timestep``.
+    """
+    ab = alphas_cumprod.float().cpu()
+    t = torch.as_tensor(timestep).float().cpu().clamp(0, len(ab) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(ab) - 1)
+    frac = t - lo.float()
+    return ((1 - frac) * ab[lo] + frac * ab[hi]).sqrt()
+
+
+def sr3_model_output(
+    unet: ModelMixin,
+    sample: torch.Tensor,
+    upsampled_lr: torch.Tensor,
+    noise_level: torch.Tensor,
+    noise_level_scale: float,
+) -> torch.Tensor:
+    """One denoiser evaluation ``eps_theta(cat([x, y_t]), c · gamma)`` (Eq. 6 of the paper).
+
+    Args:
+        unet: a ``UNet2DModel`` with ``in_channels = 6`` (possibly inside a ``DistributedDataParallel``), or any
+            model called as ``unet(sample, timestep, return_dict=False)``.
+        sample: ``y_t`` (after the scheduler's ``scale_model_input``), ``(N, 3, H, W)``.
+        upsampled_lr: ``x``, ``(N, 3, H, W)`` in [-1, 1].
+        noise_level: ``gamma = sqrt(alpha_bar)``, a scalar or ``(N,)``.
+        noise_level_scale: ``c``; the UNet's timestep input is ``c · gamma``.
+
+    Returns:
+        The predicted noise ``(N, 3, H, W)`` in ``sample``'s dtype.
+    """
+    inner = getattr(unet, "module", unet)
+    dtype = inner.dtype
+    n = sample.shape[0]
+    level = torch.as_tensor(noise_level, device=sample.device, dtype=torch.float32)
+    if level.ndim == 0:
+        level = level.expand(n)
+    model_input = torch.cat([upsampled_lr, sample], dim=1).to(dtype)
+    out = unet(model_input, level * noise_level_scale, return_dict=False)[0]
+    return out.to(sample.dtype)
+
+
+class SR3Pipeline(DiffusionPipeline):
+    r"""Super-resolution with SR3 (Saharia et al., TPAMI 2022).
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` (or any ``ModelMixin`` called as ``unet(sample, t).sample`` with
+            ``in_channels`` / ``out_channels`` in its config) with ``in_channels = 6`` (the upsampled LR image
+            concatenated with ``y_t``) and ``out_channels = 3``, predicting the noise ``eps``.
+        scheduler: a diffusers scheduler with ``alphas_cumprod`` that ends at clean samples (DDPM, DDIM,
+            DPM-Solver, Euler, ...) and ``prediction_type="epsilon"``.
+        upscale: the SR factor ``s`` (registered in the config).
+        noise_level_scale: ``c``: the UNet's timestep input is ``c · sqrt(alpha_bar)`` (registered; see the module
+            docstring).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "upsampled_lr"]
+
+    def __init__(
+        self, unet: ModelMixin, scheduler: SchedulerMixin, upscale: int = 4, noise_level_scale: float = 1000.0
+    ):
+        super().__init__()
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+        if isinstance(noise_level_scale, bool) or not isinstance(noise_level_scale, (int, float)):
+            raise ValueError(f"noise_level_scale must be a positive number, got {noise_level_scale!r}")
+        if not noise_level_scale > 0:
+            raise ValueError(f"noise_level_scale must be a positive number, got {noise_level_scale!r}")
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(upscale=upscale, noise_level_scale=float(noise_level_scale))
+        self.image_processor = SRImageProcessor()
+        self.check_components()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def upscale(self) -> int:
+        """The SR factor ``s``."""
+        return int(self.config.upscale)
+
+    @property
+    def noise_level_scale(self) -> float:
+        """``c``: the UNet sees ``c · sqrt(alpha_bar)`` as its timestep."""
+        return float(self.config.noise_level_scale)
+
+    @property
+    def unet_input_multiple(self) -> int:
+        """The UNet needs ``y_t``'s H and W to be multiples of this."""
+        if isinstance(self.unet, UNet2DModel):
+            return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return int(getattr(self.unet, "input_multiple", 1))
+
+    @property
+    def lr_multiple(self) -> int:
+        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of the UNet's input multiple."""
+        m = self.unet_input_multiple
+        return m // math.gcd(m, self.upscale)
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of the ``latents`` argument for an LR image of ``height`` × ``width`` (before padding)."""
+        m, s = self.lr_multiple, self.upscale
+        return (batch_size, 3, (height + (-height) % m) * s, (width + (-width) % m) * s)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` for components that cannot work together."""
+        if not isinstance(self.unet, ModelMixin):
+            raise ValueError(f"unet must be a diffusers ModelMixin, got {type(self.unet).__name__}")
+        in_channels = getattr(self.unet.config, "in_channels", None)
+        out_channels = getattr(self.unet.config, "out_channels", None)
+        if in_channels != 6:
+            raise ValueError(
+                f"unet has in_channels={in_channels}, but SR3 needs 6 (the upsampled RGB LR image concatenated with "
+                "the noisy RGB image y_t)"
+            )
+        if out_channels != 3:
+            raise ValueError(f"unet has out_channels={out_channels}, but SR3 predicts the RGB noise (3 channels)")
+        kind = type(self.scheduler).__name__
+        if not isinstance(self.scheduler, SchedulerMixin):
+            raise ValueError(f"scheduler must be a diffusers SchedulerMixin, got {kind}")
+        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(
+                f"{kind} ends its chain at the LR image (ResShift); SR3 needs a scheduler that starts from pure noise "
+                "and ends at clean samples (DDPM, DDIM, ...)"
+            )
+        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"{kind} has no alphas_cumprod: SR3 conditions the UNet on sqrt(alpha_bar_t)")
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if prediction_type != "epsilon":
+            raise ValueError(
+                f"SR3's UNet predicts the noise: the scheduler needs prediction_type='epsilon', got {prediction_type!r}"
+            )
+
+    def check_inputs(
+        self,
+        rgb: torch.Tensor,
+        num_inference_steps: int,
+        strength: float,
+        eta: float,
+        color_fix: str,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        self.check_components()
+        n, _, h, w = rgb.shape
+        if h < 1 or w < 1:
+            raise ValueError(f"image has an empty side: {h}x{w}")
+        num_train = self.scheduler.config.num_train_timesteps
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
+                f"got {num_inference_steps!r}"
+            )
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        if int(num_inference_steps * strength) < 1:
+            raise ValueError(
+                f"strength={strength} of num_inference_steps={num_inference_steps} runs no step: raise either so that "
+                "int(num_inference_steps * strength) >= 1"
+            )
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
+        if tile_size is not None:
+            m = self.lr_multiple
+            if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
+                raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
+            if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+                raise ValueError(f"tile_overlap must be an int in [0, tile_size), got {tile_overlap}")
+            if latents is not None:
+                raise ValueError("latents (the noise) cannot be combined with tile_size: each tile draws its own")
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {n} images; pass one per image")
+        if latents is not None:
+            expected = self.latent_shape(n, h, w)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"latents (the noise) must have shape {expected} for {n} LR image(s) of {h}x{w} (padded to a "
+                    f"multiple of {self.lr_multiple}, x{self.upscale}), got {got}"
+                )
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got "
+                f"{list(callback_on_step_end_tensor_inputs)}"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The timesteps to run (call ``set_timesteps`` first): the last ``int(S · strength)`` of the ``S`` steps,
+        as diffusers' img2img pipelines (``strength = 1``: all of them)."""
+        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = (num_inference_steps - init_steps) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start)
+        return self.scheduler.timesteps[t_start:]
+
+    def prepare_latents(
+        self,
+        upsampled_lr: torch.Tensor,
+        timesteps: torch.Tensor,
+        strength: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The chain's start ``(N, 3, H, W)``: the noise (the given ``latents``, or ``randn`` from ``generator``: one
+        draw per generator of a list) times ``init_noise_sigma`` for ``strength = 1``; for ``strength < 1`` the
+        upsampled LR image noised to ``timesteps[0]`` with it (``scheduler.add_noise``)."""
+        if latents is None:
+            noise = randn_tensor(
+                upsampled_lr.shape, generator=generator, device=upsampled_lr.device, dtype=upsampled_lr.dtype
+            )
+        else:
+            noise = latents.to(device=upsampled_lr.device, dtype=upsampled_lr.dtype)
+        if strength >= 1:
+            return noise * self.scheduler.init_noise_sigma
+        t = timesteps[:1].repeat(upsampled_lr.shape[0])
+        return self.scheduler.add_noise(upsampled_lr, noise, t)
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them."""
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in parameters:
+            extra["eta"] = eta
+        if "generator" in parameters:
+            extra["generator"] = generator
+        return extra
+
+    def _sample(
+        self,
+        lr: torch.Tensor,
+        num_inference_steps: int,
+        strength: float,
+        extra_step_kwargs: dict[str, Any],
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        progress_bar,
+    ) -> torch.Tensor:
+        """Run the chain for one (padded) LR image or tile: ``(N, 3, h, w)`` in [-1, 1] → ``(N, 3, s·h, s·w)``."""
+        device, dtype = lr.device, self.unet.dtype
+
+        # 4. Timesteps (again for every tile: multistep / PNDM / Euler schedulers keep state)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.get_timesteps(num_inference_steps, strength)
+        self._num_timesteps = len(timesteps)
+
+        # 5. Conditioning x (the upsampled LR image) and the start of the chain
+        upsampled_lr = sr3_upsample(lr, self.upscale).to(dtype)
+        latents = self.prepare_latents(upsampled_lr, timesteps, strength, generator, latents)
+        alphas_cumprod = self.scheduler.alphas_cumprod
+
+        # 6. Denoising loop: eps = f([x, y_t], c · sqrt(alpha_bar_t)), y_t -> y_{t-1}
+        for i, t in enumerate(timesteps):
+            if self.interrupt:
+                continue
+            scaled = self.scheduler.scale_model_input(latents, t)
+            gamma = sr3_noise_level(alphas_cumprod, t).to(device)
+            noise_pred = sr3_model_output(self.unet, scaled, upsampled_lr, gamma, self.noise_level_scale)
+            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "upsampled_lr": upsampled_lr}
+                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+                upsampled_lr = callback_outputs.pop("upsampled_lr", upsampled_lr)
+            progress_bar.update()
+
+        return latents.clamp(-1.0, 1.0)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        num_inference_steps: int = 100,
+        strength: float = 1.0,
+        eta: float = 0.0,
+        color_fix: str = "none",
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Upscale ``image`` by ``upscale``.
+
+        Args:
+            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
+                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` (100 by default; the paper
+                samples with all of its trained steps using DDPM; DDIM and the like need fewer).
+            strength: in (0, 1]: run the last ``int(S · strength)`` of the ``S`` steps, starting from the upsampled LR
+                image noised to the first of them (img2img); 1 starts from pure noise, as the paper.
+            eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
+            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
+                (:func:`sr_diffusion.color_fix.color_fix`).
+            tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
+                :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
+                with noise drawn, in order, from ``generator``.
+            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
+                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            latents: the starting noise, of shape :meth:`latent_shape`: ``y_T`` before scaling by
+                ``init_noise_sigma`` (``strength = 1``), else the noise added to the upsampled LR image; not with
+                ``tile_size``.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every step (of every tile) as
+                ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
+                (``"latents"``: ``y_{t-1}``, ``"upsampled_lr"``: the condition ``x`` in [-1, 1]) replace the
+                pipeline's.
+            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+
+        Returns:
+            ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+
+        # 1. Check inputs
+        pre = self.image_processor.preprocess(image)
+        self.check_inputs(
+            pre.rgb,
+            num_inference_steps,
+            strength,
+            eta,
+            color_fix,
+            tile_size,
+            tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        self._num_timesteps = min(int(num_inference_steps * strength), num_inference_steps)
+        device = self._execution_device
+        rgb = pre.rgb.to(device)
+        n, _, h, w = rgb.shape
+        s = self.upscale
+
+        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
+        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
+
+        # 3. Scheduler step arguments
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 4.-6. Sample (whole image, or tile by tile)
+        num_tiles = 1
+        if tile_size is not None:
+            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
+            num_tiles = len(ys) * len(xs)
+        with self.progress_bar(total=num_tiles * self._num_timesteps) as progress_bar:
+
+            def sample(lr_tile: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+                return self._sample(
+                    lr_tile,
+                    num_inference_steps,
+                    strength,
+                    extra_step_kwargs,
+                    generator,
+                    noise,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    progress_bar,
+                )
+
+            if tile_size is None:
+                hr = sample(lr, latents)
+            else:
+                hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
+
+        # 7. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image
+        sr = (crop_to_size(hr.float(), (h * s, w * s)) + 1.0) / 2.0
+        sr = apply_color_fix(sr, rgb, color_fix)
+
+        # 8. Alpha (bicubic, separately) and postprocess
+        alpha = None
+        if pre.alpha is not None:
+            alpha = resize(pre.alpha.to(device), size=(h * s, w * s), mode="bicubic").clamp(0, 1)
+        images = self.image_processor.postprocess(sr, alpha, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return SRPipelineOutput(images=images)
