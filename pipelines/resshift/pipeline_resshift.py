@@ -38,14 +38,12 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 import sr_diffusion.schedulers  # noqa: F401
-from sr_diffusion.color_fix import COLOR_FIX_METHODS
-from sr_diffusion.color_fix import color_fix as apply_color_fix
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_size, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.schedulers import ResShiftScheduler
 from sr_diffusion.tiling import tile_grid, tiled_apply
 
-from ..pipeline_output import SRPipelineOutput
+from ..pipeline_utils import SRSamplingMixin
 
 __all__ = ["ResShiftPipeline", "resshift_lq", "resshift_model_output", "upsample_lr"]
 
@@ -122,7 +120,7 @@ def resshift_model_output(
     return out.to(scaled_sample.dtype)
 
 
-class ResShiftPipeline(DiffusionPipeline):
+class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
     r"""Super-resolution with ResShift (Yue et al., NeurIPS 2023 / TPAMI 2024).
 
     Args:
@@ -140,6 +138,7 @@ class ResShiftPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "vae->unet"  # encode y_0, then the loop; decoding moves the VAE back to the device
+    _latents_name = "x_T"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents", "lr_latents"]
 
@@ -282,9 +281,6 @@ class ResShiftPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
-        n, _, h, w = rgb.shape
-        if h < 1 or w < 1:
-            raise ValueError(f"image has an empty side: {h}x{w}")
         num_train = self.scheduler.config.num_train_timesteps
         if num_inference_steps is not None and (
             isinstance(num_inference_steps, bool)
@@ -295,32 +291,9 @@ class ResShiftPipeline(DiffusionPipeline):
                 f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
                 f"got {num_inference_steps!r}"
             )
-        if color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
-        if tile_size is not None:
-            m = self.lr_multiple
-            if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
-                raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
-            if not 0 <= tile_overlap < tile_size:
-                raise ValueError(f"tile_overlap must be in [0, tile_size), got {tile_overlap}")
-            if latents is not None:
-                raise ValueError("latents (x_T) cannot be combined with tile_size: each tile draws its own x_T")
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"got a list of {len(generator)} generators for a batch of {n} images; pass one per image")
-        if latents is not None:
-            expected = self.latent_shape(n, h, w)
-            if tuple(latents.shape) != expected:
-                raise ValueError(
-                    f"latents (x_T) must have shape {expected} for {n} LR image(s) of {h}x{w} (padded to a multiple "
-                    f"of {self.lr_multiple}, x{self.upscale}, /{self.vae_scale_factor}), got {tuple(latents.shape)}"
-                )
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got "
-                f"{list(callback_on_step_end_tensor_inputs)}"
-            )
+        self.check_sampling_inputs(
+            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -474,17 +447,5 @@ class ResShiftPipeline(DiffusionPipeline):
             else:
                 hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
 
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image
-        sr = (crop_to_size(hr.float(), (h * s, w * s)) + 1.0) / 2.0
-        sr = apply_color_fix(sr, rgb, color_fix)
-
-        # 9. Alpha (bicubic, separately) and postprocess
-        alpha = None
-        if pre.alpha is not None:
-            alpha = resize(pre.alpha.to(device), size=(h * s, w * s), mode="bicubic").clamp(0, 1)
-        images = self.image_processor.postprocess(sr, alpha, output_type=output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return SRPipelineOutput(images=images)
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)

@@ -40,13 +40,11 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from sr_diffusion.color_fix import COLOR_FIX_METHODS
-from sr_diffusion.color_fix import color_fix as apply_color_fix
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_size, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid, tiled_apply
 
-from ..pipeline_output import SRPipelineOutput
+from ..pipeline_utils import SRSamplingMixin
 
 __all__ = ["SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
 
@@ -110,7 +108,7 @@ def sr3_model_output(
     return out.to(sample.dtype)
 
 
-class SR3Pipeline(DiffusionPipeline):
+class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
     r"""Super-resolution with SR3 (Saharia et al., TPAMI 2022).
 
     Args:
@@ -125,6 +123,7 @@ class SR3Pipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _latents_name = "the noise"
     _callback_tensor_inputs = ["latents", "upsampled_lr"]
 
     def __init__(
@@ -221,9 +220,6 @@ class SR3Pipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
-        n, _, h, w = rgb.shape
-        if h < 1 or w < 1:
-            raise ValueError(f"image has an empty side: {h}x{w}")
         num_train = self.scheduler.config.num_train_timesteps
         if (
             isinstance(num_inference_steps, bool)
@@ -243,33 +239,9 @@ class SR3Pipeline(DiffusionPipeline):
             )
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a non-negative number, got {eta!r}")
-        if color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
-        if tile_size is not None:
-            m = self.lr_multiple
-            if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
-                raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
-            if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
-                raise ValueError(f"tile_overlap must be an int in [0, tile_size), got {tile_overlap}")
-            if latents is not None:
-                raise ValueError("latents (the noise) cannot be combined with tile_size: each tile draws its own")
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"got a list of {len(generator)} generators for a batch of {n} images; pass one per image")
-        if latents is not None:
-            expected = self.latent_shape(n, h, w)
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(
-                    f"latents (the noise) must have shape {expected} for {n} LR image(s) of {h}x{w} (padded to a "
-                    f"multiple of {self.lr_multiple}, x{self.upscale}), got {got}"
-                )
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got "
-                f"{list(callback_on_step_end_tensor_inputs)}"
-            )
+        self.check_sampling_inputs(
+            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -473,17 +445,5 @@ class SR3Pipeline(DiffusionPipeline):
             else:
                 hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
 
-        # 7. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image
-        sr = (crop_to_size(hr.float(), (h * s, w * s)) + 1.0) / 2.0
-        sr = apply_color_fix(sr, rgb, color_fix)
-
-        # 8. Alpha (bicubic, separately) and postprocess
-        alpha = None
-        if pre.alpha is not None:
-            alpha = resize(pre.alpha.to(device), size=(h * s, w * s), mode="bicubic").clamp(0, 1)
-        images = self.image_processor.postprocess(sr, alpha, output_type=output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return SRPipelineOutput(images=images)
+        # 7. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
