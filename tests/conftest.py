@@ -30,3 +30,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def accelerate_launch(script, args, tmp_path, timeout: int = 300):
+    """Run ``accelerate launch`` of a training script on one CPU process, as CI does; returns the process.
+
+    No accelerate config file is needed: every launcher setting is given. Single-threaded, with a private
+    HF_HOME so nothing outside ``tmp_path`` is touched.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HOME": str(Path(tmp_path) / "hf_home"),
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)

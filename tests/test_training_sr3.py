@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import accelerate_launch
 
 from sr_diffusion.training import ConfigError, Trainer, load_config
 from sr_diffusion.training.sr3 import SR3ExperimentConfig, SR3Task, build_sr3_model, build_sr3_scheduler
@@ -18,7 +16,6 @@ from sr_diffusion.training.sr3 import SR3ExperimentConfig, SR3Task, build_sr3_mo
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "sr3_tiny.yaml"
 SCRIPT = REPO / "training" / "train_sr3.py"
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
@@ -263,30 +260,20 @@ def test_accelerate_launch_writes_a_loadable_pipeline(tmp_path):
     from sr_diffusion.pipelines import AutoSRPipeline, SR3Pipeline
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    cmd = [
-        str(ACCELERATE),
-        "launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--cpu",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(SCRIPT),
-        "--config",
-        str(TINY),
-        "train.max_steps=3",
-        "train.checkpointing_steps=3",
-        "train.validation_steps=3",
-        "validation.max_images=1",
-        "sr3.num_inference_steps=2",
-        f"train.output_dir={out}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = accelerate_launch(
+        SCRIPT,
+        [
+            "--config",
+            str(TINY),
+            "train.max_steps=3",
+            "train.checkpointing_steps=3",
+            "train.validation_steps=3",
+            "validation.max_images=1",
+            "sr3.num_inference_steps=2",
+            f"train.output_dir={out}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "checkpoint-3" / "model" / "config.json").is_file() and (out / "config.yaml").is_file()
     assert "PSNR" in proc.stdout + proc.stderr  # validation ran the pipeline

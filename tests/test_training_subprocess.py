@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import accelerate_launch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_regression.py"
 TINY = REPO / "configs" / "regression_tiny.yaml"
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 MAX_STEPS = 24
 # One run, three ways: uninterrupted (accelerate launch, no data workers), killed, resumed (plain python,
@@ -60,24 +60,7 @@ def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run, through ``accelerate launch`` on one CPU process."""
     tmp = tmp_path_factory.mktemp("reference")
     out = tmp / "run"
-    cmd = [
-        str(ACCELERATE),
-        "launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--cpu",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(SCRIPT),
-        *RUN_ARGS,
-        f"train.output_dir={out}",
-        "data.num_workers=0",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=300)
+    proc = accelerate_launch(SCRIPT, [*RUN_ARGS, f"train.output_dir={out}", "data.num_workers=0"], tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
