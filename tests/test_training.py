@@ -305,6 +305,27 @@ def test_dataset_rejects_bad_crop():
 # ----------------------------------------------------------------------------------------------------------
 
 
+def test_random_downscale_crops_a_shrunk_region():
+    # a photo whose columns are 0..255: a crop of the photo shrunk by f spans ~gt/f columns of values
+    ramp = torch.arange(256, dtype=torch.uint8).expand(3, 256, 256).contiguous()
+    full = SRTrainDataset([ramp], scale=4, gt_size=32, use_hflip=False, use_rot=False)
+    half = SRTrainDataset([ramp], scale=4, gt_size=32, use_hflip=False, use_rot=False, random_downscale=[0.5, 0.5])
+    span = lambda hr: float(hr[0, 16, -2] - hr[0, 16, 1]) * 255  # noqa: E731
+    assert span(full[0]["hr"]) == pytest.approx(29, abs=0.5)  # 32 columns, one grey level per column
+    sample = half[0]
+    assert sample["hr"].shape == (3, 32, 32) and sample["lr"].shape == (3, 8, 8)
+    assert span(sample["hr"]) == pytest.approx(58, abs=2)  # 64 columns squeezed into 32
+    assert torch.equal(sample["hr"], (sample["hr"] * 255).round() / 255)  # 8-bit, like a saved photo
+    assert torch.equal(half[0]["hr"], sample["hr"])  # deterministic per position
+    # a photo smaller than gt / f: the region is the whole shorter side, still resized to gt_size
+    small = SRTrainDataset([ramp[:, :40, :40]], scale=4, gt_size=32, random_downscale=[0.25, 0.25])
+    assert small[3]["hr"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="0 < lo <= hi <= 1"):
+        SRTrainDataset([ramp], scale=4, gt_size=32, random_downscale=[0.5, 1.5])
+    with pytest.raises(ValueError, match="unpaired"):
+        SRTrainDataset([ramp], scale=4, gt_size=32, lr_items=[ramp[:, :64, :64]], random_downscale=[0.5, 1])
+
+
 def test_losses():
     x, y = torch.tensor([[0.0, 0.5]]), torch.tensor([[0.3, 0.5]])
     assert build_loss("l1")(x, y).item() == pytest.approx(0.15)

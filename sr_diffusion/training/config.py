@@ -106,6 +106,7 @@ class DataConfig:
     lr_filename_tmpl: str = "{}"
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     gt_size: int = 128
+    random_downscale: list[float] | None = None  # [lo, hi]: shrink each HR photo by U[lo, hi] before cropping
     use_hflip: bool = True
     use_rot: bool = True
     batch_size: int = 16

@@ -257,6 +257,10 @@ class SRTrainDataset(Dataset):
         degradation: ``"bicubic"`` or an object with ``sample_kernels(generator)`` (on-the-fly
             degradation), ignored with ``lr_items``.
         use_hflip, use_rot: augmentations (:func:`augment`). seed: the run's seed.
+        random_downscale: ``(lo, hi)`` with ``0 < lo <= hi <= 1``, or None. Unpaired data only: the HR
+            crop is cut from the photo shrunk by a factor drawn uniformly from ``[lo, hi]`` (a
+            ``gt_size / f`` region, MATLAB-bicubic resized to ``gt_size``), the multi-scale augmentation
+            that gives a few large photos the sharper per-pixel statistics of smaller ones.
     """
 
     def __init__(
@@ -270,6 +274,7 @@ class SRTrainDataset(Dataset):
         use_hflip: bool = True,
         use_rot: bool = True,
         seed: int = 0,
+        random_downscale: Sequence[float] | None = None,
     ):
         if not hr_items:
             raise ValueError("the training set is empty")
@@ -283,6 +288,9 @@ class SRTrainDataset(Dataset):
         self.degradation = degradation
         self.use_hflip, self.use_rot = use_hflip, use_rot
         self.seed = int(seed)
+        self.random_downscale = _check_downscale_range(random_downscale)
+        if self.random_downscale is not None and lr_items is not None:
+            raise ValueError("random_downscale needs unpaired data (an LR made from the HR crop)")
 
     def __len__(self) -> int:
         """The number of distinct images (one epoch); positions beyond it wrap into later epochs."""
@@ -302,8 +310,11 @@ class SRTrainDataset(Dataset):
         if self.lr_items is not None:
             lr = _load_item(self.lr_items[index])
             _check_pair(hr, lr, self.scale, self.hr_items[index])
-        hr, lr = random_crop_pair(hr, lr, self.gt_size, self.scale, generator)
-        hr, lr = _as_float(hr), None if lr is None else _as_float(lr)
+        if self.random_downscale is None:
+            hr, lr = random_crop_pair(hr, lr, self.gt_size, self.scale, generator)
+            hr, lr = _as_float(hr), None if lr is None else _as_float(lr)
+        else:
+            hr = _downscaled_crop(hr, self.gt_size, self.random_downscale, generator)
         if lr is None:
             (hr,) = augment([hr], generator, self.use_hflip, self.use_rot)
         else:
@@ -317,6 +328,32 @@ class SRTrainDataset(Dataset):
         if hasattr(self.degradation, "sample_kernels"):
             return {"hr": hr, "kernels": self.degradation.sample_kernels(generator)}
         return {"hr": hr}  # a degradation without a per-sample half (BSRGAN) runs whole in the step
+
+
+def _check_downscale_range(value: Sequence[float] | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    lo, hi = (float(v) for v in value)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"random_downscale must be (lo, hi) with 0 < lo <= hi <= 1, got {list(value)}")
+    return lo, hi
+
+
+def _downscaled_crop(
+    hr: torch.Tensor, gt_size: int, factor_range: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """A float ``gt_size`` crop of ``hr`` (C, H, W) shrunk by ``f ~ U[lo, hi]``: a ``round(gt_size / f)``
+    region (at most the photo's shorter side) resized to ``gt_size`` by MATLAB bicubic and rounded to 8 bits."""
+    from sr_diffusion.resize import imresize
+
+    lo, hi = factor_range
+    factor = lo + (hi - lo) * float(torch.rand((), generator=generator))
+    region = max(gt_size, min(round(gt_size / factor), *hr.shape[-2:]))
+    crop, _ = random_crop_pair(hr, None, region, 1, generator)
+    crop = _as_float(crop)
+    if region == gt_size:
+        return crop
+    return quantize(imresize(crop, size=(gt_size, gt_size)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -439,6 +476,7 @@ def build_train_dataset(config) -> SRTrainDataset:
         use_hflip=data.use_hflip,
         use_rot=data.use_rot,
         seed=config.train.seed,
+        random_downscale=data.random_downscale,
     )
 
 
