@@ -18,6 +18,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from pipeline_common import SRPipelineTesterMixin
 
+from sr_diffusion.models.sr3_unet import SR3UNet
 from sr_diffusion.pipelines import AutoSRPipeline, SR3Pipeline
 from sr_diffusion.schedulers import ResShiftScheduler
 
@@ -40,6 +41,21 @@ def tiny_unet(in_channels: int = 6, out_channels: int = 3) -> UNet2DModel:
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
+    ).eval()
+
+
+def tiny_sr3unet(in_channel: int = 6) -> SR3UNet:
+    """The re-implementation's UNet (what converted checkpoints hold), attention at the 8x8 level."""
+    torch.manual_seed(0)
+    return SR3UNet(
+        in_channel=in_channel,
+        inner_channel=16,
+        norm_groups=8,
+        channel_mults=(1, 2),
+        attn_res=(8,),
+        res_blocks=1,
+        dropout=0.0,
+        image_size=16,
     ).eval()
 
 
@@ -91,6 +107,14 @@ class TestSR3Pipeline(SRPipelineTesterMixin):
 
     def get_dummy_inputs(self, seed: int = 0) -> dict:
         return {"image": lr_image(seed), "generator": torch.Generator().manual_seed(seed), "num_inference_steps": 2}
+
+
+class TestSR3PipelineWithSR3UNet(TestSR3Pipeline):
+    """The same checks with the re-implementation's :class:`SR3UNet` fed the raw noise level (``c = 1``), as a
+    converted checkpoint runs (:mod:`sr_diffusion.conversion.sr3`)."""
+
+    def get_dummy_components(self) -> dict:
+        return {"unet": tiny_sr3unet(), "scheduler": DDPMScheduler(num_train_timesteps=50), "noise_level_scale": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,6 +288,8 @@ def test_color_fix_runs():
 def test_incompatible_components_are_refused():
     with pytest.raises(ValueError, match="in_channels=3, but SR3 needs 6"):
         make_pipe(unet=tiny_unet(in_channels=3))
+    with pytest.raises(ValueError, match="in_channels=3, but SR3 needs 6"):
+        make_pipe(unet=tiny_sr3unet(in_channel=3))
     with pytest.raises(ValueError, match="out_channels=6"):
         make_pipe(unet=tiny_unet(out_channels=6))
     with pytest.raises(ValueError, match="ends its chain at the LR image"):

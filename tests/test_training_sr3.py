@@ -159,6 +159,58 @@ def test_noise_levels_cover_the_continuum(tmp_path):
     assert len(torch.unique(gamma)) == len(gamma)  # continuous draws
 
 
+def test_the_reimplementation_unet_as_denoiser(tmp_path):
+    """``model.arch: sr3unet`` trains the re-implementation's UNet (e.g. converted weights) on the same objective."""
+    import yaml
+
+    from sr_diffusion.models.sr3_unet import SR3UNet
+    from sr_diffusion.pipelines import SR3Pipeline
+
+    data = yaml.safe_load(TINY.read_text())
+    data["model"] = {
+        "arch": "sr3unet",
+        "inner_channel": 16,
+        "norm_groups": 8,
+        "channel_mults": [1, 2],
+        "attn_res": [16],
+        "res_blocks": 1,
+        "dropout": 0.0,
+    }
+    data["sr3"]["noise_level_scale"] = 1.0  # the re-implementation's conditioning: the raw noise level
+    (tmp_path / "sr3unet.yaml").write_text(yaml.safe_dump(data))
+    config = load_config(tmp_path / "sr3unet.yaml", [f"train.output_dir={tmp_path / 'run'}"], cls=SR3ExperimentConfig)
+    task = SR3Task()
+    task.check_config(config)
+    model = task.build_model(config)
+    assert isinstance(model, SR3UNet) and model.config.image_size == 32  # data.gt_size
+    assert (model.config.in_channel, model.config.out_channel) == (6, 3)
+    assert model.downs[1].attn is None and model.downs[3].attn is not None  # level 1 of 32 is 16: attention
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    loss = task.compute_loss(model, _batch(), torch.Generator().manual_seed(0))
+    assert seen[0].shape == (3,) and 0 < seen[0].min() and seen[0].max() <= 1  # gamma itself
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    pipe = task.build_pipeline(model.eval())
+    assert isinstance(pipe, SR3Pipeline) and pipe.noise_level_scale == 1.0
+    assert task.predict(model, torch.rand(1, 3, 5, 6), torch.Generator().manual_seed(0)).shape == (1, 3, 20, 24)
+    for overrides, message in [
+        (["model.in_channel=3"], "model.in_channel must be 6"),
+        (["model.num_feat=8"], "unknown config key.*model.num_feat.*for arch 'sr3unet'"),
+    ]:
+        bad = load_config(tmp_path / "sr3unet.yaml", overrides, cls=SR3ExperimentConfig)
+        with pytest.raises(ConfigError, match=message):
+            task.check_config(bad)
+    with pytest.raises(ConfigError, match="multiple of the UNet's input multiple"):
+        build_sr3_model(
+            load_config(
+                tmp_path / "sr3unet.yaml",
+                ["data.gt_size=36", "model.channel_mults=[1, 1, 1, 1]"],
+                cls=SR3ExperimentConfig,
+            )
+        )
+
+
 def test_predict_and_build_pipeline(tmp_path):
     from diffusers import DDIMScheduler, DDPMScheduler
 

@@ -8,17 +8,20 @@ the sampler), and the widely used re-implementation (``Janspiry/Image-Super-Reso
 - ``x``: the LR image ``(N, 3, h, w)`` bicubic-upsampled ×``upscale`` to ``(N, 3, s·h, s·w)``, in [-1, 1];
 - ``y_t = gamma y_0 + sqrt(1 - gamma^2) eps`` with ``gamma = sqrt(alpha_bar)`` the *noise level* (Eq. 4; the
   paper's ``sqrt(gamma)``), the chain running at the HR size in pixel space;
-- the denoiser ``f_theta(cat([x, y_t], dim=1), c · gamma)`` predicts ``eps`` (a diffusers ``UNet2DModel`` with
-  ``in_channels = 6``, ``out_channels = 3``).
+- the denoiser ``f_theta(cat([x, y_t], dim=1), c · gamma)`` predicts ``eps``: a diffusers ``UNet2DModel`` with
+  ``in_channels = 6``, ``out_channels = 3``, or the re-implementation's own UNet
+  (:class:`~sr_diffusion.models.sr3_unet.SR3UNet`, ``in_channel = 6``, ``out_channel = 3``; its released weights
+  convert with :func:`sr_diffusion.conversion.convert_sr3_pipeline`).
 
 Noise-level conditioning: SR3 conditions the denoiser on ``gamma`` itself, not on the step index, so that one model
 serves any number of steps and any schedule (Sec. 2.4). diffusers' sinusoidal ``Timesteps`` embedding is built for
 inputs in ``[0, 1000)`` (its highest frequency is 1 / period ``2 pi``): fed ``gamma ∈ [0, 1]`` directly nearly every
 channel would be constant. The pipeline passes ``noise_level_scale · gamma`` (registered in the config, 1000 by
-default), which spreads ``gamma`` over the range the embedding resolves; the re-implementation feeds ``gamma`` to a
-positional encoding of its own instead. At sampling time ``gamma`` is ``sqrt(alpha_bar_t)`` of the scheduler's
-current timestep (linearly interpolated for schedulers with fractional timesteps); in training it is drawn uniformly
-between the neighbouring steps' values (:mod:`sr_diffusion.training.sr3`).
+default), which spreads ``gamma`` over the range the embedding resolves; the re-implementation feeds ``gamma`` itself
+to a positional encoding of its own (``SR3UNet``): its converted weights run with ``noise_level_scale = 1``. At
+sampling time ``gamma`` is ``sqrt(alpha_bar_t)`` of the scheduler's current timestep (linearly interpolated for
+schedulers with fractional timesteps); in training it is drawn uniformly between the neighbouring steps' values
+(:mod:`sr_diffusion.training.sr3`).
 
 The scheduler is any diffusers scheduler that ends at clean samples and has ``alphas_cumprod`` (DDPM, the paper's
 sampler, by default; DDIM, DPM-Solver, Euler, ... for fewer steps). ``strength < 1`` starts from the upsampled LR image
@@ -112,9 +115,10 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
     r"""Super-resolution with SR3 (Saharia et al., TPAMI 2022).
 
     Args:
-        unet: a diffusers ``UNet2DModel`` (or any ``ModelMixin`` called as ``unet(sample, t).sample`` with
-            ``in_channels`` / ``out_channels`` in its config) with ``in_channels = 6`` (the upsampled LR image
-            concatenated with ``y_t``) and ``out_channels = 3``, predicting the noise ``eps``.
+        unet: a diffusers ``UNet2DModel``, an :class:`~sr_diffusion.models.sr3_unet.SR3UNet`, or any ``ModelMixin``
+            called as ``unet(sample, t).sample`` with ``in_channels`` / ``out_channels`` (or the re-implementation's
+            ``in_channel`` / ``out_channel``) in its config: 6 input channels (the upsampled LR image concatenated
+            with ``y_t``) and 3 output channels, predicting the noise ``eps``.
         scheduler: a diffusers scheduler with ``alphas_cumprod`` that ends at clean samples (DDPM, DDIM,
             DPM-Solver, Euler, ...) and ``prediction_type="epsilon"``.
         upscale: the SR factor ``s`` (registered in the config).
@@ -181,8 +185,9 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         """Raise a ``ValueError`` for components that cannot work together."""
         if not isinstance(self.unet, ModelMixin):
             raise ValueError(f"unet must be a diffusers ModelMixin, got {type(self.unet).__name__}")
-        in_channels = getattr(self.unet.config, "in_channels", None)
-        out_channels = getattr(self.unet.config, "out_channels", None)
+        config = self.unet.config
+        in_channels = getattr(config, "in_channels", getattr(config, "in_channel", None))
+        out_channels = getattr(config, "out_channels", getattr(config, "out_channel", None))
         if in_channels != 6:
             raise ValueError(
                 f"unet has in_channels={in_channels}, but SR3 needs 6 (the upsampled RGB LR image concatenated with "

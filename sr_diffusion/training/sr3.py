@@ -18,7 +18,10 @@ Config: the shared sections, plus ``scheduler`` (``DDPMScheduler`` arguments: ``
 ``beta_schedule``, ``beta_start``, ``beta_end``, ...) and ``sr3`` (:class:`SR3Config`: ``noise_level_scale``, and the
 sampler validation and the exported pipeline use). ``model.arch`` is ``unet2d``: a diffusers ``UNet2DModel`` with
 ``in_channels`` 6 (``x`` and ``y_t``), ``out_channels`` 3, ``sample_size`` ``data.gt_size`` and plain
-``DownBlock2D``/``UpBlock2D`` levels matching ``block_out_channels`` unless the block types are given.
+``DownBlock2D``/``UpBlock2D`` levels matching ``block_out_channels`` unless the block types are given; or
+``sr3unet``: the re-implementation's UNet (:class:`~sr_diffusion.models.sr3_unet.SR3UNet`, its keyword arguments,
+``in_channel`` 6, ``out_channel`` 3, ``image_size`` ``data.gt_size``); the re-implementation trains it on the raw
+noise level, ``sr3.noise_level_scale=1``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ __all__ = [
     "build_sr3_scheduler",
 ]
 
-SR3_ARCHS = ("unet2d",)
+SR3_ARCHS = ("unet2d", "sr3unet")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ class SR3TrainConfig(TrainConfig):
 
 @dataclass
 class SR3ExperimentConfig(ExperimentConfig):
-    """:class:`ExperimentConfig` with ``scheduler`` and ``sr3`` sections; ``model.arch`` is ``unet2d``."""
+    """:class:`ExperimentConfig` with ``scheduler`` and ``sr3`` sections; ``model.arch``: ``unet2d`` or ``sr3unet``."""
 
     train: SR3TrainConfig = field(default_factory=SR3TrainConfig)
     scheduler: SR3SchedulerConfig = field(default_factory=SR3SchedulerConfig)
@@ -131,12 +134,23 @@ def build_sr3_scheduler(config: ExperimentConfig):
 
 
 def _model_kwargs(config: ExperimentConfig) -> dict[str, Any]:
-    """The ``UNet2DModel`` constructor arguments, with SR3's channels filled in and checked."""
+    """The ``UNet2DModel`` (or ``SR3UNet``) constructor arguments, with SR3's channels filled in and checked."""
     from diffusers import UNet2DModel
 
     if config.model.arch not in SR3_ARCHS:
         raise ConfigError(f"model.arch: unknown SR3 denoiser {config.model.arch!r}; choose from {', '.join(SR3_ARCHS)}")
     kwargs = dict(config.model.kwargs)
+    if config.model.arch == "sr3unet":
+        from sr_diffusion.models.sr3_unet import SR3UNet
+
+        check_model_kwargs(SR3UNet, kwargs, config.model.arch)
+        kwargs.setdefault("image_size", config.data.gt_size)
+        for key, value in {"in_channel": 6, "out_channel": 3}.items():
+            if kwargs.setdefault(key, value) != value:
+                raise ConfigError(
+                    f"model.{key} must be {value} for SR3 (x and y_t concatenated; eps out), got {kwargs[key]}"
+                )
+        return kwargs
     check_model_kwargs(UNet2DModel, kwargs, config.model.arch)
     kwargs.setdefault("sample_size", config.data.gt_size)
     if "block_out_channels" in kwargs:  # plain (attention-free) blocks, one per level, unless given
@@ -152,15 +166,20 @@ def _model_kwargs(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def build_sr3_model(config: ExperimentConfig) -> torch.nn.Module:
-    """The ``UNet2DModel`` of ``config.model``, checked against ``data.gt_size``."""
+    """The ``UNet2DModel`` (or ``SR3UNet``) of ``config.model``, checked against ``data.gt_size``."""
     from diffusers import UNet2DModel
+
+    from sr_diffusion.models.sr3_unet import SR3UNet
 
     kwargs = _model_kwargs(config)
     try:
-        model = UNet2DModel(**kwargs)
+        model = SR3UNet(**kwargs) if config.model.arch == "sr3unet" else UNet2DModel(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from err
-    multiple = 2 ** (len(model.config.block_out_channels) - 1)
+    if isinstance(model, SR3UNet):
+        multiple = model.input_multiple
+    else:
+        multiple = 2 ** (len(model.config.block_out_channels) - 1)
     if config.data.gt_size % multiple:
         raise ConfigError(
             f"data.gt_size ({config.data.gt_size}) must be a multiple of the UNet's input multiple ({multiple})"
