@@ -1,21 +1,30 @@
-"""What every diffusion SR pipeline shares: the common input checks and the assembly of the output.
+"""What every diffusion SR pipeline shares: the common input checks, the (tiled) sampling frame and the assembly of
+the output.
 
 A pipeline using :class:`SRSamplingMixin` samples an HR image in [-1, 1] for an LR image padded to
 ``lr_multiple``; it provides ``upscale``, ``lr_multiple``, ``latent_shape(n, h, w)``,
 ``image_processor`` and ``_callback_tensor_inputs``, and names its starting tensor in
-``_latents_name`` for error messages ("x_T", "z_T", ...).
+``_latents_name`` for error messages ("x_T", "z_T", ...). Pipelines driven by a diffusers noise
+scheduler (DDPM, DDIM, ...) also use :meth:`~SRSamplingMixin.check_noise_scheduler`,
+:meth:`~SRSamplingMixin.check_steps_and_eta`, :meth:`~SRSamplingMixin.check_strength`,
+:meth:`~SRSamplingMixin.get_timesteps` and :meth:`~SRSamplingMixin.prepare_extra_step_kwargs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from diffusers import SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from sr_diffusion.color_fix import COLOR_FIX_METHODS
 from sr_diffusion.color_fix import color_fix as apply_color_fix
 from sr_diffusion.image_processor import crop_to_size
 from sr_diffusion.resize import resize
+from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from .pipeline_output import SRPipelineOutput
 
@@ -23,9 +32,75 @@ __all__ = ["SRSamplingMixin"]
 
 
 class SRSamplingMixin:
-    """Input checks and output assembly shared by the diffusion SR pipelines."""
+    """Input checks, the sampling frame and output assembly shared by the diffusion SR pipelines."""
 
     _latents_name = "latents"
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # State of a call (diffusers' properties)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the last call, per chain (tile)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from a callback) to skip the remaining steps."""
+        return getattr(self, "_interrupt", False)
+
+    @staticmethod
+    def callback_tensor_names(
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> list[str]:
+        """The tensors a step-end callback receives: a ``PipelineCallback``'s own ``tensor_inputs``, else the given
+        names, else ``["latents"]``."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            return list(callback_on_step_end.tensor_inputs)
+        if callback_on_step_end_tensor_inputs is None:
+            return ["latents"]
+        return list(callback_on_step_end_tensor_inputs)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_noise_scheduler(self, method: str) -> None:
+        """Raise a ``ValueError`` unless ``self.scheduler`` is a diffusers noise scheduler that starts from pure noise,
+        ends at clean samples, has ``alphas_cumprod`` and takes a noise (``epsilon``) prediction."""
+        kind = type(self.scheduler).__name__
+        if not isinstance(self.scheduler, SchedulerMixin):
+            raise ValueError(f"scheduler must be a diffusers SchedulerMixin, got {kind}")
+        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(
+                f"{kind} ends its chain at the LR image (ResShift); {method} needs a scheduler that starts from pure "
+                "noise and ends at clean samples (DDPM, DDIM, ...)"
+            )
+        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"{kind} has no alphas_cumprod: {method} needs a variance-preserving noise schedule")
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if prediction_type != "epsilon":
+            raise ValueError(
+                f"{method}'s UNet predicts the noise: the scheduler needs prediction_type='epsilon', got "
+                f"{prediction_type!r}"
+            )
+
+    def check_steps_and_eta(self, num_inference_steps: int, eta: float) -> None:
+        """``1 <= num_inference_steps <=`` the scheduler's ``num_train_timesteps`` (an int), ``eta >= 0``."""
+        num_train = self.scheduler.config.num_train_timesteps
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
+                f"got {num_inference_steps!r}"
+            )
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta must be a non-negative number, got {eta!r}")
 
     def check_sampling_inputs(
         self,
@@ -69,6 +144,71 @@ class SRSamplingMixin:
                 f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got "
                 f"{list(callback_on_step_end_tensor_inputs)}"
             )
+
+    def check_strength(self, num_inference_steps: int, strength: float) -> None:
+        """``strength`` in (0, 1], and at least one of the ``num_inference_steps`` steps run."""
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        if int(num_inference_steps * strength) < 1:
+            raise ValueError(
+                f"strength={strength} of num_inference_steps={num_inference_steps} runs no step: raise either so that "
+                "int(num_inference_steps * strength) >= 1"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling frame
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The timesteps to run (call ``set_timesteps`` first): the last ``int(S · strength)`` of the ``S`` steps,
+        as diffusers' img2img pipelines (``strength = 1``: all of them)."""
+        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = (num_inference_steps - init_steps) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start)
+        return self.scheduler.timesteps[t_start:]
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them."""
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in parameters:
+            extra["eta"] = eta
+        if "generator" in parameters:
+            extra["generator"] = generator
+        return extra
+
+    def sample_tiles(
+        self,
+        sample: Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor],
+        lr: torch.Tensor,
+        latents: torch.Tensor | None,
+        tile_size: int | None,
+        tile_overlap: int,
+        steps_per_chain: int,
+    ) -> torch.Tensor:
+        """Run one chain ``sample(lr, latents, progress_bar)`` on the padded LR image ``lr`` ``(N, 3, h, w)``, or one
+        per tile of ``tile_size`` LR pixels (``latents=None``: each tile draws its own start), blended linearly over
+        ``tile_overlap`` (:func:`sr_diffusion.tiling.tiled_apply`), under one progress bar of ``steps_per_chain`` steps
+        per chain. Returns ``(N, 3, upscale·h, upscale·w)``."""
+        num_tiles = 1
+        if tile_size is not None:
+            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
+            num_tiles = len(ys) * len(xs)
+        with self.progress_bar(total=num_tiles * steps_per_chain) as progress_bar:
+            if tile_size is None:
+                return sample(lr, latents, progress_bar)
+            return tiled_apply(
+                lambda tile: sample(tile, None, progress_bar),
+                lr,
+                scale=self.upscale,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap,
+            )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Output
+    # ------------------------------------------------------------------------------------------------------------------
 
     def finish_output(
         self,

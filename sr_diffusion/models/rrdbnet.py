@@ -11,9 +11,17 @@ the input H and W must then divide by 2 or 4 (``input_multiple``).
 Parameter names follow BasicSR: ``conv_first``, ``body.N.rdb{1,2,3}.conv{1..5}``, ``conv_body``,
 ``conv_up1``, ``conv_up2`` (``conv_up3`` at ×8), ``conv_hr``, ``conv_last``. The original ESRGAN
 layouts are converted by :mod:`sr_diffusion.checkpoints`.
+
+Hidden features: ``forward(sample, output_hidden_states=True)`` also returns the trunk's feature maps, as
+SRDiff's ``RRDBNet.forward(x, get_fea=True)`` (Li et al., Neurocomputing 2022, Sec. 3.3: the "LR encoder"):
+the output of each of the ``num_block`` RRDBs, then the trunk output ``conv_first(x) + conv_body(...)``, i.e.
+``num_block + 1`` maps of shape ``(N, num_feat, h / u, w / u)`` (``u`` the pixel-unshuffle factor: 1 at ×4, ×8).
+:class:`~sr_diffusion.models.SRDiffUNet` conditions on every third of them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +31,24 @@ from torch import nn
 
 from .outputs import RegressionModelOutput, check_sample, conv_flops
 
-__all__ = ["RRDBNet"]
+__all__ = ["RRDBNet", "RRDBNetOutput"]
 
 # pixel-unshuffle factor applied to the input for each native scale
 _UNSHUFFLE = {1: 4, 2: 2, 4: 1, 8: 1}
+
+
+@dataclass
+class RRDBNetOutput(RegressionModelOutput):
+    """:class:`RegressionModelOutput` plus the trunk's hidden features.
+
+    Args:
+        sample (`torch.Tensor` of shape `(N, C, h·scale, w·scale)`): the super-resolved image in [0, 1] (not
+            clamped).
+        hidden_states (`tuple` of `torch.Tensor`): ``num_block + 1`` maps ``(N, num_feat, h/u, w/u)``: the output
+            of each RRDB, then the trunk output ``conv_first(x) + conv_body(body(...))`` (SRDiff's ``get_fea``).
+    """
+
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class ResidualDenseBlock(nn.Module):
@@ -115,17 +137,36 @@ class RRDBNet(ModelMixin, ConfigMixin):
         """H and W of the input must be divisible by this: 4 at scale 1, 2 at scale 2, else 1."""
         return _UNSHUFFLE[self.config.scale]
 
-    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> RegressionModelOutput | tuple:
-        """``(N, C, h, w)`` in [0, 1] → ``(N, C, h·scale, w·scale)`` in [0, 1]."""
+    def forward(
+        self, sample: torch.Tensor, return_dict: bool = True, output_hidden_states: bool = False
+    ) -> RegressionModelOutput | RRDBNetOutput | tuple:
+        """``(N, C, h, w)`` in [0, 1] → ``(N, C, h·scale, w·scale)`` in [0, 1].
+
+        With ``output_hidden_states`` the result is an :class:`RRDBNetOutput` (or ``(sample, hidden_states)``)
+        that also holds the ``num_block + 1`` trunk features (see the module docstring); the image is the same.
+        """
         unshuffle = _UNSHUFFLE[self.config.scale]
         check_sample(sample, unshuffle, "RRDBNet")
         feat = F.pixel_unshuffle(sample, unshuffle) if unshuffle > 1 else sample
         feat = self.conv_first(feat)
-        feat = feat + self.conv_body(self.body(feat))
+        if output_hidden_states:
+            hidden_states = []
+            trunk = feat
+            for block in self.body:
+                trunk = block(trunk)
+                hidden_states.append(trunk)
+            feat = feat + self.conv_body(trunk)
+            hidden_states.append(feat)
+        else:
+            feat = feat + self.conv_body(self.body(feat))
         ups = [self.conv_up1, self.conv_up2] + ([self.conv_up3] if self.config.scale == 8 else [])
         for conv in ups:
             feat = F.leaky_relu(conv(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
         out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))
+        if output_hidden_states:
+            if not return_dict:
+                return (out, tuple(hidden_states))
+            return RRDBNetOutput(sample=out, hidden_states=tuple(hidden_states))
         if not return_dict:
             return (out,)
         return RegressionModelOutput(sample=out)

@@ -1,0 +1,3 @@
+from .pipeline_srdiff import SRDiffPipeline
+
+__all__ = ["SRDiffPipeline"]
