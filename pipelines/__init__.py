@@ -6,6 +6,8 @@ from .pipeline_output import SRPipelineOutput
 from .regression import RegressionSRPipeline
 from .resshift import ResShiftPipeline
 from .sr3 import SR3Pipeline
+from .srdiff import SRDiffPipeline
+from .stablesr import StableSRPipeline
 
 __all__ = [
     "AutoSRPipeline",
@@ -14,5 +16,7 @@ __all__ = [
     "RegressionSRPipeline",
     "ResShiftPipeline",
     "SR3Pipeline",
+    "SRDiffPipeline",
     "SRPipelineOutput",
+    "StableSRPipeline",
 ]

@@ -15,11 +15,16 @@ from .ldm_sr import LDMSRPipeline
 from .regression import RegressionSRPipeline
 from .resshift import ResShiftPipeline
 from .sr3 import SR3Pipeline
+from .srdiff import SRDiffPipeline
+from .stablesr import StableSRPipeline
 
 __all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
 
 #: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
-PIPELINE_CLASSES = {cls.__name__: cls for cls in (LDMSRPipeline, RegressionSRPipeline, ResShiftPipeline, SR3Pipeline)}
+PIPELINE_CLASSES = {
+    cls.__name__: cls
+    for cls in (LDMSRPipeline, RegressionSRPipeline, ResShiftPipeline, SR3Pipeline, SRDiffPipeline, StableSRPipeline)
+}
 
 
 def _import_own_component_modules(model_index: dict) -> None:

@@ -113,19 +113,33 @@ def cmd_upscale(args) -> int:
 
 
 def _detect_family(checkpoint: str) -> str:
-    """``"resshift"`` for a ResShift denoiser, else the regression architecture the file holds."""
+    """``"resshift"`` for a ResShift denoiser, ``"sr3"`` for an SR3 UNet of the re-implementation (Janspiry), else
+    the regression architecture the file holds."""
     from sr_diffusion.checkpoints import CheckpointError, detect_architecture
     from sr_diffusion.conversion.resshift import infer_resshift_unet_config, read_flat_state_dict
+    from sr_diffusion.conversion.srdiff import is_srdiff_state_dict
 
     state_dict, source = read_flat_state_dict(checkpoint)
+    if any(k.startswith("structcond_stage_model.") for k in state_dict):
+        return "stablesr"
+    if is_srdiff_state_dict(state_dict):
+        return "srdiff"
     try:
         return detect_architecture(state_dict)[0]
     except CheckpointError as regression_error:
         try:
             infer_resshift_unet_config(state_dict, source=source)
         except CheckpointError:
+            pass
+        else:
+            return "resshift"
+        from sr_diffusion.conversion.sr3 import infer_sr3_unet_config, split_sr3_state_dict
+
+        try:
+            infer_sr3_unet_config(split_sr3_state_dict(state_dict, source)[0], norm_groups=32, source=source)
+        except CheckpointError:
             raise regression_error from None
-        return "resshift"
+        return "sr3"
 
 
 def _resshift_pipeline(args):
@@ -147,6 +161,40 @@ def _resshift_pipeline(args):
     return ResShiftPipeline(unet=unet, scheduler=scheduler, vae=vae, upscale=args.scale or 4)
 
 
+def _sr3_pipeline(args):
+    from sr_diffusion.conversion.sr3 import convert_sr3_pipeline
+
+    if args.preset or args.vae:
+        raise CLIError(f"--preset and --vae are for ResShift checkpoints; {args.checkpoint} holds sr3")
+    config = {"norm_groups": args.norm_groups} if args.norm_groups else None
+    return convert_sr3_pipeline(args.checkpoint, config=config, upscale=args.scale)
+
+
+def _srdiff_pipeline(args):
+    from sr_diffusion.conversion.srdiff import convert_srdiff_pipeline
+
+    if args.preset or args.vae or getattr(args, "norm_groups", None):
+        raise CLIError(f"--preset, --vae and --norm-groups are not SRDiff options; {args.checkpoint} holds srdiff")
+    pipe = convert_srdiff_pipeline(args.checkpoint)
+    if args.scale and args.scale != pipe.upscale:
+        raise CLIError(f"{args.checkpoint} is an SRDiff x{pipe.upscale} model, but --scale {args.scale} was requested")
+    return pipe
+
+
+def _stablesr_pipeline(args):
+    from sr_diffusion.conversion.stablesr import convert_stablesr
+
+    if args.preset or getattr(args, "norm_groups", None):
+        raise CLIError(f"--preset and --norm-groups are not StableSR options; {args.checkpoint} holds stablesr")
+    if not args.base:
+        raise CLIError(
+            "a StableSR checkpoint has no text encoder, tokenizer or configs: pass --base, a diffusers Stable "
+            "Diffusion folder of its family (SD 2.1-base for stablesr_000117.ckpt), and --vae vqgan_cfw_00011.ckpt "
+            "for CFW"
+        )
+    return convert_stablesr(args.checkpoint, args.base, cfw_checkpoint=args.vae, upscale=args.scale or 4)
+
+
 def cmd_convert(args) -> int:
     from sr_diffusion.checkpoints import CheckpointError, load_regression_model
     from sr_diffusion.pipelines import RegressionSRPipeline
@@ -159,6 +207,12 @@ def cmd_convert(args) -> int:
         family = args.arch or _detect_family(args.checkpoint)
         if family == "resshift":
             pipe = _resshift_pipeline(args)
+        elif family == "sr3":
+            pipe = _sr3_pipeline(args)
+        elif family == "srdiff":
+            pipe = _srdiff_pipeline(args)
+        elif family == "stablesr":
+            pipe = _stablesr_pipeline(args)
         elif args.preset or args.vae:
             raise CLIError(f"--preset and --vae are for ResShift checkpoints; {args.checkpoint} holds {family}")
         else:
@@ -247,10 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an original checkpoint into a pipeline folder")
     p.add_argument("checkpoint", help="original .pth / .safetensors file")
     p.add_argument("output", help="output pipeline folder")
-    p.add_argument("--arch", choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift"], help="default: auto-detect")
+    p.add_argument(
+        "--arch",
+        choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift", "sr3", "srdiff", "stablesr"],
+        help="default: auto-detect",
+    )
     p.add_argument("--scale", type=int, help="expected scale; an error if the checkpoint's differs")
     p.add_argument("--preset", help="ResShift: the noise schedule the file was trained with (v1, v2, v3, bicsr, ...)")
-    p.add_argument("--vae", help="ResShift: the autoencoder file of latent models (autoencoder_vq_f4.pth)")
+    p.add_argument(
+        "--vae",
+        help="ResShift: the autoencoder file of latent models (autoencoder_vq_f4.pth); StableSR: the CFW autoencoder "
+        "(vqgan_cfw_00011.ckpt)",
+    )
+    p.add_argument("--base", help="StableSR: a diffusers Stable Diffusion folder of the checkpoint's family")
+    p.add_argument("--norm-groups", type=int, help="SR3: GroupNorm groups of the training config (not in the file)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 

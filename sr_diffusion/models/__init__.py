@@ -7,24 +7,45 @@ exposes ``upscale``, ``input_multiple`` and ``flops(height, width)``. Released c
 original authors are converted by :func:`sr_diffusion.checkpoints.load_regression_model`.
 
 Diffusion denoisers that need their own architecture for released weights: :class:`ResShiftUNet`
-(ResShift's Swin-UNet; converted by :mod:`sr_diffusion.conversion.resshift`).
+(ResShift's Swin-UNet; converted by :mod:`sr_diffusion.conversion.resshift`), :class:`SR3UNet` (the SR3
+re-implementation's UNet; converted by :mod:`sr_diffusion.conversion.sr3`), :class:`SRDiffUNet` (SRDiff's
+conditional noise predictor, conditioned on :class:`RRDBNet`'s hidden features; converted by
+:mod:`sr_diffusion.conversion.srdiff`).
+
+StableSR's add-ons to a frozen Stable Diffusion base: :class:`StableSRTimeAwareEncoder`, :class:`StableSRSFT` (the
+UNet's SFT layers, attached by hooks) and :class:`StableSRCFW` (the VAE decoder's CFW layers); converted by
+:mod:`sr_diffusion.conversion.stablesr`.
 """
 
 from .edsr import EDSR
 from .outputs import RegressionModelOutput
 from .resshift_unet import ResShiftUNet, ResShiftUNetOutput
-from .rrdbnet import RRDBNet
+from .rrdbnet import RRDBNet, RRDBNetOutput
+from .sr3_unet import SR3UNet, SR3UNetOutput
+from .srdiff_unet import SRDiffUNet, SRDiffUNetOutput
 from .srvgg import SRVGGNetCompact
+from .stablesr_cfw import StableSRCFW
+from .stablesr_encoder import StableSRTimeAwareEncoder, StableSRTimeAwareEncoderOutput
+from .stablesr_sft import StableSRSFT
 from .swinir import SwinIR
 
 __all__ = [
     "EDSR",
     "REGRESSION_MODELS",
     "RRDBNet",
+    "RRDBNetOutput",
     "RegressionModelOutput",
     "ResShiftUNet",
     "ResShiftUNetOutput",
+    "SR3UNet",
+    "SR3UNetOutput",
+    "SRDiffUNet",
+    "SRDiffUNetOutput",
     "SRVGGNetCompact",
+    "StableSRCFW",
+    "StableSRSFT",
+    "StableSRTimeAwareEncoder",
+    "StableSRTimeAwareEncoderOutput",
     "SwinIR",
 ]
 

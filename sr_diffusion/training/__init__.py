@@ -25,12 +25,14 @@ from .config import (
     parse_args,
     save_config,
 )
+from .dape import DAPEExperimentConfig, DAPETask
 from .data import SRTrainDataset, StepBatchSampler, build_train_dataset, build_validation_set
 from .ema import create_ema
 from .losses import CharbonnierLoss, build_loss
 from .regression import RegressionTask, build_regression_model
 from .resshift import ResShiftExperimentConfig, ResShiftTask
 from .sr3 import SR3ExperimentConfig, SR3Task
+from .srdiff import SRDiffExperimentConfig, SRDiffTask
 from .trainer import Trainer, TrainingTask, TrainResult
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
     "load_config",
     "parse_args",
     "save_config",
+    "DAPEExperimentConfig",
+    "DAPETask",
     "SRTrainDataset",
     "StepBatchSampler",
     "build_train_dataset",
@@ -61,6 +65,8 @@ __all__ = [
     "ResShiftTask",
     "SR3ExperimentConfig",
     "SR3Task",
+    "SRDiffExperimentConfig",
+    "SRDiffTask",
     "Trainer",
     "TrainingTask",
     "TrainResult",

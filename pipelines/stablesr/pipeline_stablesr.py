@@ -1,0 +1,742 @@
+"""StableSR: real-world super-resolution with a frozen Stable Diffusion prior, SFT conditioning and CFW decoding.
+
+Paper: J. Wang, Z. Yue, S. Zhou, K. C. K. Chan, C. C. Loy, "Exploiting Diffusion Prior for Real-World Image
+Super-Resolution", IJCV 2024 (arXiv:2305.07015). Released code: ``LatentDiffusionSRTextWT`` and
+``scripts/sr_val_ddpm_text_T_vqganfin_old.py`` / ``..._oldcanvas.py`` (facts only). Notation and shapes:
+
+- ``y``: the LR image ``(N, 3, h, w)`` in [-1, 1], padded (reflect, bottom/right) to a multiple of
+  :attr:`~StableSRPipeline.lr_multiple` and bicubic-upsampled ×``upscale`` to ``(N, 3, H, W)``, ``H = s·h``
+  (clamped to [-1, 1], as the original);
+- ``z_lr = (E(y) ~ sample) · scaling_factor``: its VAE latent ``(N, 4, H/f, W/f)`` (``f = 8`` for SD), drawn from the
+  posterior as the original's ``get_first_stage_encoding``; the CFW encoder features of ``y`` are kept for decoding;
+- the chain starts from pure noise ``z_T ~ N(0, I)`` (Sec. 3.2) and runs the original's DDPM sampler: 200 of the 1000
+  trained steps, respaced as its ``space_timesteps(1000, [200])`` (evenly over ``[0, 999]``, both ends included),
+  posterior variance "fixed small", no clipping (:func:`stablesr_scheduler`, :func:`space_timesteps`);
+- each step: ``C = time_aware_encoder(z_lr, t)`` (one map per UNet level), ``eps = unet(z_t, t, text)`` with every
+  residual block modulated by ``C`` through the SFT layers (:class:`~sr_diffusion.models.StableSRSFT`), optionally
+  with classifier-free guidance (the time-aware encoder's maps are shared by both halves);
+- the output: ``D(z_0 / scaling_factor)`` with CFW (:class:`~sr_diffusion.models.StableSRCFW`): ``fidelity_weight``
+  ``w`` (the original's ``dec_w``, 0.5) trades fidelity (1) for realism (0, the plain SD decoder); then the colour fix
+  against the LR image (AdaIN by default, as in the paper), the crop back to exactly ``s ×`` the input size.
+
+Large images (the original's "progressive aggregation sampling", ``p_sample_canvas``): with ``tile_size`` every step
+evaluates the time-aware encoder and the UNet on overlapping latent tiles (``tile_size · s / f`` latent pixels, the
+last tile of a row or column shifted back to end at the border), blends the tiles' noise predictions with Gaussian
+weights (``sigma = 0.1 ·`` the tile side, the original's ``var = 0.01``), and takes one scheduler step on the whole
+latent; the VAE still encodes and decodes the whole image.
+
+Not carried over: the VAE's own tiling for very large images (the original's ``vqgantile_size``), reference-guided
+sampling and starting from a noised LR latent (the original's ``start_T`` experiments), the face model's variants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
+
+import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.models.stablesr_cfw import StableSRCFW
+from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
+from sr_diffusion.models.stablesr_sft import StableSRSFT
+from sr_diffusion.resize import resize
+from sr_diffusion.tiling import tile_grid
+
+from ..pipeline_utils import SRSamplingMixin
+
+__all__ = [
+    "StableSRPipeline",
+    "space_timesteps",
+    "stablesr_noise_pred",
+    "stablesr_scheduler",
+    "stablesr_tile_weights",
+]
+
+#: subfolders a saved StableSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
+ADD_ON_SUBFOLDERS = {"time_aware_encoder": "the time-aware encoder", "sft": "the SFT layers"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedule, tiling weights, and the conditioned denoiser call (shared with training: sr_diffusion.training.stablesr)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def space_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """The original's respacing (``space_timesteps(T, [S])`` of guided-diffusion): ``S`` of the ``T`` trained steps,
+    ``round(i · (T - 1) / (S - 1))`` for ``i = 0 … S-1`` (both ends included), in descending order."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"cannot take {num_steps} steps out of {num_train_timesteps}")
+    stride = 1 if num_steps <= 1 else (num_train_timesteps - 1) / (num_steps - 1)
+    return sorted({round(i * stride) for i in range(num_steps)}, reverse=True)
+
+
+def stablesr_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """The original's sampler as a diffusers ``DDPMScheduler``: SD's schedule (``linear_start=0.00085,
+    linear_end=0.012``, LDM's "linear" = diffusers' ``scaled_linear``), posterior variance "fixed small", no clipping
+    of ``x_0``. ``prediction_type``: ``"epsilon"`` (the 512 model, SD 2.1-base) or ``"v_prediction"`` (768v)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        variance_type="fixed_small",
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
+
+
+def stablesr_tile_weights(height: int, width: int, device=None) -> torch.Tensor:
+    """``(1, 1, height, width)`` Gaussian weights of one latent tile: ``exp(-(x - c)² / (2 · 0.01 · n²))`` per axis,
+    ``c`` the tile centre (the original's ``_gaussian_weights``, whose constant factor cancels in the blend)."""
+
+    def axis(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float32, device=device)
+        return torch.exp(-(((x - (n - 1) / 2) / n) ** 2) / (2 * 0.01))
+
+    return (axis(height)[:, None] * axis(width)[None, :])[None, None]
+
+
+def stablesr_noise_pred(
+    unet: UNet2DConditionModel,
+    time_aware_encoder: torch.nn.Module,
+    sft: StableSRSFT,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | int,
+    lr_latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+) -> torch.Tensor:
+    """One conditioned denoiser evaluation: ``unet(sample, t, text)`` with SFT modulation by ``E_time(z_lr, t)``.
+
+    Args:
+        unet: the frozen SD UNet. time_aware_encoder: a :class:`StableSRTimeAwareEncoder` (possibly wrapped by
+            ``DistributedDataParallel``). sft: the SFT layers (unwrapped).
+        sample: ``(B, 4, h, w)``, already through ``scheduler.scale_model_input``; ``B`` is a multiple of the LR
+            batch ``N`` (``2N`` for classifier-free guidance: the encoder's maps are repeated).
+        timestep: in the 1000-step scale, a scalar or ``(N,)``.
+        lr_latents: ``z_lr`` ``(N, 4, h, w)``.
+        encoder_hidden_states: the text embeddings ``(B, L, D)``.
+
+    Returns:
+        The UNet output ``(B, 4, h, w)`` in ``sample``'s dtype.
+    """
+    n, repeats = lr_latents.shape[0], sample.shape[0] // lr_latents.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    t_lr = t.expand(n) if t.ndim == 0 else t[:n]
+    features = time_aware_encoder(lr_latents, t_lr, return_dict=False)[0]
+    if repeats > 1:
+        features = [f.repeat(repeats, 1, 1, 1) for f in features]
+    dtype = unet.dtype
+    with sft.attach(unet, features):
+        out = unet(sample.to(dtype), t, encoder_hidden_states=encoder_hidden_states.to(dtype), return_dict=False)[0]
+    return out.to(sample.dtype)
+
+
+class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
+    r"""Super-resolution with StableSR (Wang et al., IJCV 2024) on a Stable Diffusion 1.x/2.x base.
+
+    Args:
+        vae: the SD ``AutoencoderKL`` (for the released model: the encoder/decoder of the CFW autoencoder, identical to
+            SD 2.1's).
+        text_encoder: the SD text encoder (``CLIPTextModel``; SD 2.x: OpenCLIP ViT-H as diffusers stores it, whose
+            output is the original's ``penultimate`` layer).
+        tokenizer: its ``CLIPTokenizer``.
+        unet: the frozen SD ``UNet2DConditionModel`` (the released model: SD 2.1-base, 512 px).
+        scheduler: :func:`stablesr_scheduler` (DDPM, the original's) or any diffusers scheduler with ``alphas_cumprod``;
+            a ``DDPMScheduler`` runs the original's respaced timesteps (:func:`space_timesteps`).
+        time_aware_encoder: :class:`~sr_diffusion.models.StableSRTimeAwareEncoder`.
+        sft: :class:`~sr_diffusion.models.StableSRSFT`, built for ``unet``.
+        cfw: :class:`~sr_diffusion.models.StableSRCFW` for ``vae``, or None (then ``fidelity_weight`` must be 0).
+        upscale: the SR factor ``s`` (registered in the config; the released model was trained at 4, and works at
+            others since the LR image is upsampled to the output size first).
+
+    Build one from any SD diffusers folder with :meth:`from_sd_base`, or from the released checkpoints with
+    :func:`sr_diffusion.conversion.stablesr.convert_stablesr` (``sr-diffusion convert --arch stablesr``).
+    """
+
+    model_cpu_offload_seq = "text_encoder->time_aware_encoder->unet->vae"
+    _optional_components = ["cfw"]
+    # the SFT and CFW layers run inside the UNet's and the VAE's calls (hooks): they stay on the execution device
+    _exclude_from_cpu_offload = ["sft", "cfw"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "lr_latents"]
+    _latents_name = "z_T"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        time_aware_encoder: StableSRTimeAwareEncoder,
+        sft: StableSRSFT,
+        cfw: StableSRCFW | None = None,
+        upscale: int = 4,
+    ):
+        super().__init__()
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            time_aware_encoder=time_aware_encoder,
+            sft=sft,
+            cfw=cfw,
+        )
+        self.register_to_config(upscale=upscale)
+        self.image_processor = SRImageProcessor()
+        self.check_components()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_sd_base(
+        cls,
+        base: str | Path,
+        time_aware_encoder: StableSRTimeAwareEncoder,
+        sft: StableSRSFT,
+        cfw: StableSRCFW | None = None,
+        scheduler: SchedulerMixin | None = None,
+        upscale: int = 4,
+        torch_dtype: torch.dtype | None = None,
+    ) -> StableSRPipeline:
+        """A StableSR pipeline on the SD base in the diffusers folder ``base`` (``vae/``, ``text_encoder/``,
+        ``tokenizer/``, ``unet/``) with the given add-ons; the scheduler defaults to :func:`stablesr_scheduler` with the
+        base's ``prediction_type``."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base = Path(base)
+        missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet") if not (base / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); StableSR "
+                "needs an SD 1.x/2.x base such as stabilityai/stable-diffusion-2-1-base"
+            )
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
+        if scheduler is None:
+            prediction_type = "epsilon"
+            config = base / "scheduler" / "scheduler_config.json"
+            if config.is_file():
+                prediction_type = json.loads(config.read_text()).get("prediction_type", "epsilon")
+            scheduler = stablesr_scheduler(prediction_type)
+        return cls(
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            unet=unet,
+            scheduler=scheduler,
+            time_aware_encoder=time_aware_encoder,
+            sft=sft,
+            cfw=cfw,
+            upscale=upscale,
+        )
+
+    @classmethod
+    def check_saved_folder(cls, folder: str | Path) -> None:
+        """Raise a clear error for a local folder that is not a complete saved StableSR pipeline."""
+        folder = Path(folder)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            return  # diffusers says what is wrong (or it is a Hub id)
+        try:
+            model_index = json.loads(index.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index}: corrupt model_index.json ({err})") from err
+        class_name = model_index.get("_class_name")
+        if class_name != cls.__name__:
+            raise ValueError(
+                f"{folder} holds a {class_name}, not a {cls.__name__}: the Stable Diffusion base alone lacks "
+                "StableSR's add-ons; build one with StableSRPipeline.from_sd_base(base, time_aware_encoder=..., "
+                "sft=...) or "
+                "`sr-diffusion convert --arch stablesr`"
+            )
+        wanted = dict(ADD_ON_SUBFOLDERS)
+        if isinstance(model_index.get("cfw"), list) and model_index["cfw"][0] is not None:
+            wanted["cfw"] = "the CFW layers"
+        for name, what in wanted.items():
+            if not (folder / name / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{folder}: the StableSR add-on subfolder {name}/ ({what}) is missing or has no config.json; the "
+                    "folder is incomplete (re-save it, or convert the released checkpoint again)"
+                )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, after checking that a local folder has StableSR's add-ons."""
+        if Path(pretrained_model_name_or_path).is_dir():
+            cls.check_saved_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def upscale(self) -> int:
+        """The SR factor ``s``."""
+        return int(self.config.upscale)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``f``: the VAE's downsampling factor (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_input_multiple(self) -> int:
+        """The UNet (and the time-aware encoder) need latent H and W to be multiples of this."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def lr_multiple(self) -> int:
+        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · unet_input_multiple``."""
+        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
+        return hr_multiple // math.gcd(hr_multiple, self.upscale)
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of ``z_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before padding)."""
+        m, s, f = self.lr_multiple, self.upscale, self.vae_scale_factor
+        height, width = height + (-height) % m, width + (-width) % m
+        return (batch_size, int(self.vae.config.latent_channels), height * s // f, width * s // f)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` for components that cannot work together (or are not an SD 1.x/2.x base)."""
+        if not isinstance(self.unet, UNet2DConditionModel):
+            raise ValueError(f"unet must be a Stable Diffusion UNet2DConditionModel, got {type(self.unet).__name__}")
+        if not isinstance(self.vae, AutoencoderKL):
+            raise ValueError(f"vae must be a Stable Diffusion AutoencoderKL, got {type(self.vae).__name__}")
+        uc, vc = self.unet.config, self.vae.config
+        family = "StableSR builds on a Stable Diffusion 1.x/2.x text-to-image base"
+        if getattr(uc, "addition_embed_type", None) is not None:
+            raise ValueError(f"the UNet has addition_embed_type={uc.addition_embed_type!r} (SDXL-like); {family}")
+        if getattr(uc, "class_embed_type", None) is not None or getattr(uc, "num_class_embeds", None) is not None:
+            raise ValueError(f"the UNet has class embeddings (e.g. the SD x4 upscaler's noise level); {family}")
+        if uc.in_channels != vc.latent_channels or uc.out_channels != vc.latent_channels:
+            raise ValueError(
+                f"the UNet maps {uc.in_channels} to {uc.out_channels} channels but the VAE latent has "
+                f"{vc.latent_channels} (an inpainting or upscaler UNet?); {family}"
+            )
+        if vc.in_channels != 3 or vc.out_channels != 3:
+            raise ValueError(f"vae must map RGB images (in/out_channels 3), got {vc.in_channels}/{vc.out_channels}")
+        hidden = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise ValueError(
+                f"text_encoder must be a transformers CLIPTextModel, got {type(self.text_encoder).__name__}"
+            )
+        if hidden != uc.cross_attention_dim:
+            raise ValueError(
+                f"the text encoder gives {hidden}-d embeddings but the UNet's cross-attention takes "
+                f"{uc.cross_attention_dim} (SD 1.x: 768, SD 2.x: 1024): text encoder and UNet are of different bases"
+            )
+        if not isinstance(self.time_aware_encoder, StableSRTimeAwareEncoder):
+            raise ValueError(
+                f"time_aware_encoder must be a StableSRTimeAwareEncoder, got {type(self.time_aware_encoder).__name__}"
+            )
+        ec = self.time_aware_encoder.config
+        if ec.in_channels != vc.latent_channels:
+            raise ValueError(
+                f"the time-aware encoder takes {ec.in_channels} channels, the VAE latent has {vc.latent_channels}"
+            )
+        if len(ec.channel_mult) != len(uc.block_out_channels):
+            raise ValueError(
+                f"the time-aware encoder has {len(ec.channel_mult)} levels but the UNet has "
+                f"{len(uc.block_out_channels)}: the SFT layers need one condition map per UNet level"
+            )
+        if not isinstance(self.sft, StableSRSFT):
+            raise ValueError(f"sft must be a StableSRSFT, got {type(self.sft).__name__}")
+        self.sft.check_unet(self.unet)
+        if self.sft.config.cond_channels != ec.out_channels:
+            raise ValueError(
+                f"the SFT layers take {self.sft.config.cond_channels}-channel maps but the time-aware encoder gives "
+                f"{ec.out_channels}"
+            )
+        if self.cfw is not None:
+            if not isinstance(self.cfw, StableSRCFW):
+                raise ValueError(f"cfw must be a StableSRCFW or None, got {type(self.cfw).__name__}")
+            self.cfw.check_vae(self.vae)
+        kind = type(self.scheduler).__name__
+        if not isinstance(self.scheduler, SchedulerMixin) or getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"scheduler must be a diffusers scheduler with alphas_cumprod, got {kind}")
+        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(f"{kind} ends its chain at the LR image (ResShift); StableSR starts from pure noise")
+
+    def _prompt_list(self, prompt: Any, batch_size: int, name: str) -> list[str]:
+        """``prompt`` as one string per image, after checking its type, count and token length."""
+        if isinstance(prompt, str):
+            prompts = [prompt] * batch_size
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError(f"{name} is an empty list: pass a string ('' for no prompt) or one string per image")
+            if not all(isinstance(p, str) for p in prompt):
+                raise ValueError(
+                    f"{name} must be a string or a list of strings, got {[type(p).__name__ for p in prompt]}"
+                )
+            if len(prompt) not in (1, batch_size):
+                raise ValueError(
+                    f"got {len(prompt)} {name}s for a batch of {batch_size} images: pass one or one per image"
+                )
+            prompts = list(prompt) * (batch_size if len(prompt) == 1 else 1)
+        else:
+            raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+        max_length = int(self.tokenizer.model_max_length)
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        for text, length in zip(prompts, lengths):
+            if length > max_length:
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                raise ValueError(
+                    f"{name} {shown!r} is {length - 2} tokens long; the text encoder takes at most {max_length - 2} "
+                    "(it is not truncated silently): shorten it"
+                )
+        return prompts
+
+    def check_inputs(
+        self,
+        rgb: torch.Tensor,
+        prompt: Any,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: Any,
+        fidelity_weight: float,
+        color_fix: str,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        self.check_components()
+        num_train = self.scheduler.config.num_train_timesteps
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
+                f"got {num_inference_steps!r}"
+            )
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+            raise ValueError(
+                f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
+            )
+        if isinstance(fidelity_weight, bool) or not isinstance(fidelity_weight, (int, float)):
+            raise ValueError(f"fidelity_weight must be a number in [0, 1], got {fidelity_weight!r}")
+        if not 0 <= fidelity_weight <= 1:
+            raise ValueError(f"fidelity_weight must be in [0, 1], got {fidelity_weight}")
+        if fidelity_weight > 0 and self.cfw is None:
+            raise ValueError(
+                f"fidelity_weight={fidelity_weight} needs the CFW layers, and this pipeline has none (cfw=None): pass "
+                "fidelity_weight=0 or add a StableSRCFW"
+            )
+        n = rgb.shape[0]
+        self._prompt_list(prompt, n, "prompt")
+        if negative_prompt is not None:
+            self._prompt_list(negative_prompt, n, "negative_prompt")
+        self.check_sampling_inputs(
+            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
+        )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Text, VAE
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        batch_size: int,
+        device: torch.device,
+        negative_prompt: str | list[str] | None,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings ``(N, L, D)`` of the prompts (and of the negative prompts, default ``""``, to guide)."""
+
+        def embed(texts: list[str]) -> torch.Tensor:
+            ids = self.tokenizer(
+                texts,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            return self.text_encoder(ids.to(device))[0].to(self.unet.dtype)
+
+        prompt_embeds = embed(self._prompt_list(prompt, batch_size, "prompt"))
+        negative_embeds = None
+        if do_classifier_free_guidance:
+            negative = "" if negative_prompt is None else negative_prompt
+            negative_embeds = embed(self._prompt_list(negative, batch_size, "negative_prompt"))
+        return prompt_embeds, negative_embeds
+
+    def _latent_scale(self) -> tuple[float, float]:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return float(shift), float(self.vae.config.scaling_factor)
+
+    def encode_lr(
+        self,
+        upsampled_lr: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        cfw_features: dict[int, list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """``z_lr``: a posterior sample of the upsampled LR image ``(N, 3, H, W)`` in [-1, 1], times the scaling factor;
+        with ``cfw_features`` (a dict) the CFW encoder features are recorded into it."""
+        capture = (
+            self.cfw.capture_encoder_features(self.vae, cfw_features)
+            if cfw_features is not None and self.cfw is not None
+            else contextlib.nullcontext()
+        )
+        with capture:
+            posterior = self.vae.encode(upsampled_lr.to(self.vae.dtype)).latent_dist
+        z = posterior.sample(generator=generator)
+        shift, scale = self._latent_scale()
+        return (z.float() - shift) * scale
+
+    def decode_latents(
+        self, latents: torch.Tensor, cfw_features: dict[int, torch.Tensor] | None = None, fidelity_weight: float = 0.0
+    ) -> torch.Tensor:
+        """``z_0`` ``(N, 4, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1], with CFW at ``fidelity_weight``."""
+        shift, scale = self._latent_scale()
+        z = (latents.float() / scale + shift).to(self.vae.dtype)
+        fuse = (
+            self.cfw.fuse_decoder(self.vae, cfw_features or {}, fidelity_weight)
+            if self.cfw is not None and fidelity_weight > 0
+            else contextlib.nullcontext()
+        )
+        with fuse:
+            image = self.vae.decode(z).sample
+        return image.float()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
+        """The original's respaced steps for a ``DDPMScheduler``; the scheduler's own spacing for any other."""
+        if isinstance(self.scheduler, DDPMScheduler):
+            steps = space_timesteps(self.scheduler.config.num_train_timesteps, num_inference_steps)
+            self.scheduler.set_timesteps(timesteps=steps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def prepare_latents(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``z_T``: the given ``latents`` or ``randn`` from ``generator``, times ``init_noise_sigma``."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        lr_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The (guided) model output for ``z_t`` (or a tile of it) and the matching ``z_lr``; ``prompt_embeds``
+        holds the negative embeddings first when guiding."""
+        do_cfg = guidance_scale > 1
+        scaled = self.scheduler.scale_model_input(latents, t)
+        if do_cfg:
+            scaled = torch.cat([scaled, scaled])
+        out = stablesr_noise_pred(self.unet, self.time_aware_encoder, self.sft, scaled, t, lr_latents, prompt_embeds)
+        if do_cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    def predict_noise_tiled(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        lr_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        tile: int,
+        overlap: int,
+    ) -> torch.Tensor:
+        """Progressive patch aggregation: :meth:`predict_noise` on overlapping latent tiles, Gaussian-blended."""
+        height, width = latents.shape[-2:]
+        tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
+        if len(ys) * len(xs) == 1:
+            return self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
+        weight = stablesr_tile_weights(tile_h, tile_w, device=latents.device)
+        total = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
+        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
+        for y in ys:
+            for x in xs:
+                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
+                out = self.predict_noise(latents[region], t, lr_latents[region], prompt_embeds, guidance_scale)
+                total[region] += out.float() * weight
+                weight_sum[region] += weight
+        return (total / weight_sum).to(latents.dtype)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: str | list[str] = "",
+        num_inference_steps: int = 200,
+        guidance_scale: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        fidelity_weight: float | None = None,
+        color_fix: str = "adain",
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Upscale ``image`` by ``upscale``.
+
+        Args:
+            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
+                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            prompt: text for the SD prior, one for all images or one per image; ``""`` as the original (it is not
+                truncated: a prompt longer than the tokenizer's limit is an error).
+            num_inference_steps: ``1 <= S <= 1000``; 200 as the original (its respaced DDPM steps).
+            guidance_scale: classifier-free guidance scale; 1 (none) as the original DDPM sampler.
+            negative_prompt: the unconditional text when ``guidance_scale > 1`` (default ``""``); ignored otherwise.
+            fidelity_weight: CFW's ``w`` in [0, 1] (0: the plain SD decoder, more generative; 1: most faithful);
+                default 0.5 (the original's ``dec_w``) when the pipeline has CFW layers, else 0.
+            color_fix: ``"adain"`` (default, the paper's), ``"wavelet"`` or ``"none"``: correct the output's colours
+                towards the LR image (:func:`sr_diffusion.color_fix.color_fix`).
+            tile_size: sample with the original's progressive patch aggregation in latent tiles covering
+                ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`; 128 at ×4 is the original's 64-pixel
+                latent tile), overlapping by ``tile_overlap`` LR pixels (64 at ×4: the original's 32).
+            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
+                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            latents: ``z_T`` to start from, of shape :meth:`latent_shape` (before scaling by ``init_noise_sigma``).
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
+                callback_kwargs)``; the tensors it returns in its dict (``"latents"``: ``z_{t-1}``, ``"prompt_embeds"``,
+                ``"lr_latents"``: ``z_lr``) replace the pipeline's.
+            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+
+        Returns:
+            ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        if fidelity_weight is None:
+            fidelity_weight = 0.5 if self.cfw is not None else 0.0
+
+        # 1. Check inputs
+        pre = self.image_processor.preprocess(image)
+        self.check_inputs(
+            pre.rgb,
+            prompt,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            fidelity_weight,
+            color_fix,
+            tile_size,
+            tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        device = self._execution_device
+        rgb = pre.rgb.to(device)
+        n = rgb.shape[0]
+        s, f = self.upscale, self.vae_scale_factor
+        do_cfg = guidance_scale > 1
+
+        # 2. Text embeddings (negative first when guiding)
+        prompt_embeds, negative_embeds = self.encode_prompt(prompt, n, device, negative_prompt, do_cfg)
+        if do_cfg:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+
+        # 3. LR image: [0, 1] -> [-1, 1], pad (reflect), bicubic-upsample to the output size, encode (and keep the
+        #    CFW encoder features)
+        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
+        size = (lr.shape[-2] * s, lr.shape[-1] * s)
+        upsampled = resize(lr, size=size, mode="bicubic").clamp(-1.0, 1.0)
+        cfw_store: dict[int, list[torch.Tensor]] | None = {} if fidelity_weight > 0 else None
+        lr_latents = self.encode_lr(upsampled, generator, cfw_store).to(self.unet.dtype)
+        cfw_features = {k: torch.cat(v) for k, v in (cfw_store or {}).items()}
+        del upsampled
+
+        # 4. Timesteps
+        timesteps = self.set_timesteps(num_inference_steps, device)
+        self._num_timesteps = len(timesteps)
+
+        # 5. z_T
+        latents = self.prepare_latents(lr_latents.shape, lr_latents.dtype, device, generator, latents)
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
+
+        # 6. Denoising loop (tiled: one step on the whole latent from Gaussian-blended tile predictions)
+        tile = overlap = None
+        if tile_size is not None:
+            tile, overlap = tile_size * s // f, tile_overlap * s // f
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if tile is None:
+                    noise_pred = self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
+                else:
+                    noise_pred = self.predict_noise_tiled(
+                        latents, t, lr_latents, prompt_embeds, guidance_scale, tile, overlap
+                    )
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
+                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    lr_latents = callback_outputs.pop("lr_latents", lr_latents)
+                progress_bar.update()
+
+        # 7. Decode with CFW
+        hr = self.decode_latents(latents, cfw_features, fidelity_weight)
+
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
