@@ -9,8 +9,9 @@ Three measurements, each a ratio between things timed in the same run (minimum o
    identical components, seed and steps (a tensor input, which diffusers does not resize).
 3. **Methods at 64→256** with the same denoiser (a diffusers ``UNet2DModel``, 6 → 3 channels; width set by
    ``--width``): ResShift with its 15 steps in the VQ-f4 latent space, LDM-SR with 100 DDIM steps in the
-   same latent space, SR3 with its pipeline default (100 DDIM steps) in pixel space, and SRDiff (RRDB
-   encoder + its own UNet, 100 DDIM steps) when available. The autoencoder is the released VQ-f4 architecture
+   same latent space, SR3 with its pipeline default (100 DDIM steps) in pixel space, and SRDiff (its own UNet at
+   the same widths on the released 8-block RRDB encoder, 100 DDIM steps of its T=100 cosine schedule). The
+   autoencoder is the released VQ-f4 architecture
    (``VQModel`` (128, 256, 512), random weights: speed does not depend on them).
 
     .venv/bin/python benchmarks/bench_diffusion.py [--repeats 1] [--width 64] [--device cpu] [--threads N]
@@ -26,7 +27,9 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
 
-from sr_diffusion.pipelines import LDMSRPipeline, ResShiftPipeline, SR3Pipeline
+from sr_diffusion.models import RRDBNet, SRDiffUNet
+from sr_diffusion.pipelines import LDMSRPipeline, ResShiftPipeline, SR3Pipeline, SRDiffPipeline
+from sr_diffusion.pipelines.srdiff.pipeline_srdiff import srdiff_scheduler
 from sr_diffusion.schedulers import RESSHIFT_PRESETS, ResShiftScheduler
 
 
@@ -127,22 +130,20 @@ def build_pipelines(width: int, device: torch.device) -> dict[str, tuple[object,
             {"num_inference_steps": 100},
         ),
     }
-    srdiff = _srdiff_pipeline(width)
-    if srdiff is not None:
-        pipes["SRDiff-100 (pixel)"] = (srdiff, {"num_inference_steps": 100})
+    pipes["SRDiff-100 (pixel)"] = (srdiff_pipeline(width), {"num_inference_steps": 100})
     for pipe, _ in pipes.values():
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
     return pipes
 
 
-def _srdiff_pipeline(width: int):
-    try:
-        from sr_diffusion.pipelines import SRDiffPipeline
-    except ImportError:
-        return None
-    builder = getattr(SRDiffPipeline, "for_benchmark", None)
-    return builder(width) if builder is not None else None
+def srdiff_pipeline(width: int) -> SRDiffPipeline:
+    """SRDiff's own UNet at the same widths (w, 2w, 4w) on the released x4 encoder (RRDBNet 8 blocks, 32 features)."""
+    torch.manual_seed(0)
+    unet = SRDiffUNet(dim=width, dim_mults=(1, 2, 4), cond_dim=32, rrdb_num_block=8, sr_scale=4)
+    rrdb = RRDBNet(num_feat=32, num_block=8, num_grow_ch=16, scale=4)
+    scheduler = DDIMScheduler.from_config(srdiff_scheduler().config)
+    return SRDiffPipeline(unet=unet.eval(), rrdb=rrdb.eval(), scheduler=scheduler)
 
 
 def wrap_networks(pipe, timer: NetworkTimer) -> None:
