@@ -1,5 +1,5 @@
-"""What every diffusion SR pipeline shares: the common input checks, the (tiled) sampling frame and the assembly of
-the output.
+"""What every diffusion SR pipeline shares: the common input checks, the (tiled) sampling frame, the step-end
+callback and the assembly of the output (colour fix, LR consistency, alpha).
 
 A pipeline using :class:`SRSamplingMixin` samples an HR image in [-1, 1] for an LR image padded to
 ``lr_multiple``; it provides ``upscale``, ``lr_multiple``, ``latent_shape(n, h, w)``,
@@ -22,6 +22,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from sr_diffusion.color_fix import COLOR_FIX_METHODS
 from sr_diffusion.color_fix import color_fix as apply_color_fix
+from sr_diffusion.fidelity import project_to_lr
 from sr_diffusion.image_processor import crop_to_size
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid, tiled_apply
@@ -67,9 +68,11 @@ class SRSamplingMixin:
     # Checks
     # ------------------------------------------------------------------------------------------------------------------
 
-    def check_noise_scheduler(self, method: str) -> None:
-        """Raise a ``ValueError`` unless ``self.scheduler`` is a diffusers noise scheduler that starts from pure noise,
-        ends at clean samples, has ``alphas_cumprod`` and takes a noise (``epsilon``) prediction."""
+    def check_noise_scheduler(self, method: str, *, alphas_cumprod: bool = True, epsilon_only: bool = True) -> None:
+        """Raise a ``ValueError`` unless ``self.scheduler`` is a diffusers noise scheduler that starts from pure noise
+        and ends at clean samples (not ResShift's, whose chain ends at the LR image), has ``alphas_cumprod`` (unless
+        ``alphas_cumprod=False``) and takes a noise (``epsilon``) prediction (unless ``epsilon_only=False``: the
+        scheduler then reads the model output as its own ``prediction_type`` says)."""
         kind = type(self.scheduler).__name__
         if not isinstance(self.scheduler, SchedulerMixin):
             raise ValueError(f"scheduler must be a diffusers SchedulerMixin, got {kind}")
@@ -78,17 +81,17 @@ class SRSamplingMixin:
                 f"{kind} ends its chain at the LR image (ResShift); {method} needs a scheduler that starts from pure "
                 "noise and ends at clean samples (DDPM, DDIM, ...)"
             )
-        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+        if alphas_cumprod and getattr(self.scheduler, "alphas_cumprod", None) is None:
             raise ValueError(f"{kind} has no alphas_cumprod: {method} needs a variance-preserving noise schedule")
         prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        if prediction_type != "epsilon":
+        if epsilon_only and prediction_type != "epsilon":
             raise ValueError(
                 f"{method}'s UNet predicts the noise: the scheduler needs prediction_type='epsilon', got "
                 f"{prediction_type!r}"
             )
 
-    def check_steps_and_eta(self, num_inference_steps: int, eta: float) -> None:
-        """``1 <= num_inference_steps <=`` the scheduler's ``num_train_timesteps`` (an int), ``eta >= 0``."""
+    def check_num_inference_steps(self, num_inference_steps: int) -> None:
+        """``1 <= num_inference_steps <=`` the scheduler's ``num_train_timesteps`` (an int)."""
         num_train = self.scheduler.config.num_train_timesteps
         if (
             isinstance(num_inference_steps, bool)
@@ -99,26 +102,34 @@ class SRSamplingMixin:
                 f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
                 f"got {num_inference_steps!r}"
             )
+
+    def check_steps_and_eta(self, num_inference_steps: int, eta: float) -> None:
+        """:meth:`check_num_inference_steps`, and ``eta >= 0``."""
+        self.check_num_inference_steps(num_inference_steps)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+
+    def check_output_options(self, color_fix: str, lr_consistency: bool) -> None:
+        """The output options every pipeline takes (:meth:`finish_output`): the colour fix and LR consistency."""
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
+        if not isinstance(lr_consistency, bool):
+            raise ValueError(f"lr_consistency must be a bool, got {lr_consistency!r}")
 
     def check_sampling_inputs(
         self,
         rgb: torch.Tensor,
-        color_fix: str,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
-        """The checks every pipeline makes: image size, colour fix, tiling, generators, latents, callbacks."""
+        """The sampling checks every pipeline makes: image size, tiling, generators, latents, callbacks."""
         n, _, h, w = rgb.shape
         name = f"latents ({self._latents_name})"
         if h < 1 or w < 1:
             raise ValueError(f"image has an empty side: {h}x{w}")
-        if color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {', '.join(map(repr, COLOR_FIX_METHODS))}, got {color_fix!r}")
         if tile_size is not None:
             m = self.lr_multiple
             if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
@@ -168,11 +179,12 @@ class SRSamplingMixin:
             self.scheduler.set_begin_index(t_start)
         return self.scheduler.timesteps[t_start:]
 
-    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them."""
+    def prepare_extra_step_kwargs(self, generator, eta: float | None) -> dict[str, Any]:
+        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them;
+        ``eta=None`` leaves ``eta`` to the scheduler's default (pipelines without that knob)."""
         parameters = set(inspect.signature(self.scheduler.step).parameters)
         extra = {}
-        if "eta" in parameters:
+        if eta is not None and "eta" in parameters:
             extra["eta"] = eta
         if "generator" in parameters:
             extra["generator"] = generator
@@ -206,6 +218,23 @@ class SRSamplingMixin:
                 tile_overlap=tile_overlap,
             )
 
+    def step_end_callback(
+        self,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        step: int,
+        timestep: torch.Tensor,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        tensors: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """diffusers' step-end callback: ``callback_on_step_end(self, step, timestep, callback_kwargs)`` with the
+        requested ``tensors`` in ``callback_kwargs``. Returns ``tensors`` with those the callback returned replaced
+        (``tensors`` itself without a callback)."""
+        if callback_on_step_end is None:
+            return tensors
+        callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+        callback_outputs = callback_on_step_end(self, step, timestep, callback_kwargs)
+        return {k: callback_outputs.pop(k, v) for k, v in tensors.items()}
+
     # ------------------------------------------------------------------------------------------------------------------
     # Output
     # ------------------------------------------------------------------------------------------------------------------
@@ -218,16 +247,24 @@ class SRSamplingMixin:
         color_fix: str,
         output_type: str,
         return_dict: bool,
+        lr_consistency: bool = False,
     ):
         """Sampled HR (N, 3, H', W') in [-1, 1] of the padded LR → the pipeline's return value.
 
         Crops to ``upscale`` × the LR ``rgb`` (N, 3, h, w) size, maps to [0, 1], applies the colour fix
-        against ``rgb``, upscales ``alpha`` (N, 1, h, w) separately (bicubic), postprocesses, frees hooks.
+        against ``rgb``; with ``lr_consistency`` replaces the result by its projection onto
+        ``{x : imresize(x, 1 / upscale) = rgb}`` (MATLAB bicubic; :func:`sr_diffusion.fidelity.project_to_lr`,
+        the minimum-norm change, clamped to [0, 1]), on the whole image whether it was sampled in tiles or not;
+        upscales ``alpha`` (N, 1, h, w) separately (bicubic), postprocesses, frees hooks.
         """
         n, _, h, w = rgb.shape
         size = (h * self.upscale, w * self.upscale)
         sr = (crop_to_size(hr.float(), size) + 1.0) / 2.0
         sr = apply_color_fix(sr, rgb, color_fix)
+        if lr_consistency:
+            # from the [0, 1] image the output would be (project_to_lr's domain; the model or the colour fix may
+            # overshoot), so that the projection only moves what contradicts the input
+            sr = project_to_lr(sr.clamp(0, 1), rgb.to(sr))
         if alpha is not None:
             alpha = resize(alpha.to(sr.device), size=size, mode="bicubic").clamp(0, 1)
         images = self.image_processor.postprocess(sr, alpha, output_type=output_type)

@@ -8,6 +8,7 @@ overwrite an input.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def _one_line(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------
 # upscale
 
+#: ``upscale`` options that only some pipelines take: ``__call__`` keyword -> the option's flag
+OPTIONAL_CALL_KEYWORDS = {
+    "outscale": "--scale",
+    "self_ensemble": "--self-ensemble",
+    "lr_consistency": "--lr-consistency",
+}
+
+
+def upscale_call_kwargs(pipe, args) -> dict:
+    """The keywords of ``pipe(image, ...)`` for the ``upscale`` options; an option that was set for a pipeline whose
+    ``__call__`` has no such keyword is a :class:`CLIError` (left unset, it is not passed: the pipeline's default)."""
+    kwargs = {"tile_size": args.tile, "tile_overlap": args.tile_overlap}
+    accepted = inspect.signature(pipe.__call__).parameters
+    for keyword, flag in OPTIONAL_CALL_KEYWORDS.items():
+        value = getattr(args, keyword)
+        if value is None or value is False:
+            continue
+        if keyword not in accepted:
+            raise CLIError(f"{flag} is not an option of {type(pipe).__name__} (its __call__ takes no {keyword})")
+        kwargs[keyword] = value
+    return kwargs
+
 
 def cmd_upscale(args) -> int:
     from tqdm.auto import tqdm
@@ -79,6 +102,7 @@ def cmd_upscale(args) -> int:
         raise CLIError(f"{out_dir}: output exists and is not a folder")
     input_paths = {p.resolve() for p, _ in inputs}
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    call_kwargs = upscale_call_kwargs(pipe, args)
 
     failures = 0
     for path, rel in tqdm(inputs, desc="upscale", unit="img", disable=args.quiet):
@@ -91,13 +115,7 @@ def cmd_upscale(args) -> int:
             continue
         try:
             image = load_image(path)
-            result = pipe(
-                image,
-                outscale=args.scale,
-                tile_size=args.tile,
-                tile_overlap=args.tile_overlap,
-                self_ensemble=args.self_ensemble,
-            ).images[0]
+            result = pipe(image, **call_kwargs).images[0]
             save_image(result, target)
         except (ImageLoadError, ValueError, RuntimeError, OSError) as err:
             print(f"error: {path}: {_one_line(err)}", file=sys.stderr)
@@ -289,9 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     add_runtime(p)
-    p.add_argument("--scale", type=float, default=None, help="output scale (default: the model's own)")
+    p.add_argument("--scale", type=float, default=None, dest="outscale", help="output scale (default: the model's own)")
     p.add_argument("--tile-overlap", type=int, default=32)
     p.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble (slower, slightly better)")
+    p.add_argument(
+        "--lr-consistency",
+        action="store_true",
+        help="diffusion pipelines: project each output so that its MATLAB-bicubic downsampling is the input",
+    )
     p.add_argument("--ext", default="png", choices=["png", "webp", "jpg", "tif"])
     p.add_argument("--suffix", default="", help="appended to each output file name's stem")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")

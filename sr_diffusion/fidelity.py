@@ -31,9 +31,10 @@ def project_to_lr(
     *,
     mode: str = "matlab_bicubic",
     antialias: bool | None = None,
-    rounds: int = 3,
+    rounds: int = 10,
     max_iterations: int = 50,
     tolerance: float = 1e-5,
+    residual_rms: float = 1e-4,
 ) -> torch.Tensor:
     """Project ``sr`` onto ``{x : downsample(x) = lr}`` (then clamp to [0, 1]).
 
@@ -42,7 +43,9 @@ def project_to_lr(
         lr: ``(N, C, h, w)`` / ``(C, h, w)`` the LR input, in [0, 1], with ``H/h == W/w`` the SR factor.
         mode, antialias: the kernel ``D`` that made ``lr`` (:func:`sr_diffusion.resize.resize`); MATLAB bicubic
             by default, the kernel of published benchmarks and of this package's training data.
-        rounds: projection + clamp alternations (≥ 1).
+        rounds: projection + clamp alternations (≥ 1), at most; they stop once the LR residual's RMS is at most
+            ``residual_rms`` (1e-4: 80 dB). Near saturated pixels each clamp undoes part of the projection, so
+            photos with black or white areas need several rounds to reach 40 dB and more.
         max_iterations: conjugate-gradient iterations per projection (at most).
         tolerance: stop CG once ``‖r‖ ≤ tolerance · ‖r₀‖`` for every image.
 
@@ -78,6 +81,8 @@ def project_to_lr(
     for _ in range(rounds):
         with torch.no_grad():
             residual = y - down(x)
+        if residual.square().mean().sqrt() <= residual_rms:  # consistent already (e.g. after a clamp changed nothing)
+            break
         x = (x + down_adjoint(_conjugate_gradient(lambda u: down(down_adjoint(u)), residual, max_iterations,
                                                   tolerance))).clamp(0, 1)
     out = x.to(sr.dtype)

@@ -40,6 +40,7 @@ import PIL.Image
 import pytest
 import torch
 
+from sr_diffusion.metrics import lr_consistency
 from sr_diffusion.pipelines import AutoSRPipeline, SRPipelineOutput
 
 __all__ = ["SRPipelineTesterMixin"]
@@ -202,6 +203,39 @@ class SRPipelineTesterMixin:
         rgb = self._run(pipe, image=image)
         assert out.shape[1] == 4
         torch.testing.assert_close(out[:, :3], rgb, rtol=0, atol=1e-6)  # alpha does not change the colours
+
+    # ------------------------------------------------------------------------------------------ LR consistency
+
+    def test_lr_consistency_makes_the_output_explain_its_input(self):
+        """``lr_consistency=True``: the output, MATLAB-bicubic downsampled by the scale, gives back the input (LR-PSNR
+        >= 40 dB, where the tiny random models alone are far from it), deterministically, also when tiled; the alpha
+        channel is unaffected."""
+        if not self._accepts("lr_consistency"):
+            pytest.skip("the pipeline takes no lr_consistency")
+        pipe = self.get_pipeline()
+        scale = pipe.upscale
+        lr = self.get_dummy_inputs(0)["image"]
+        plain = self._run(pipe)
+        consistent = self._run(pipe, lr_consistency=True)
+        assert consistent.shape == plain.shape and consistent.min() >= 0 and consistent.max() <= 1
+        psnr_with, psnr_without = lr_consistency(lr, consistent, scale), lr_consistency(lr, plain, scale)
+        assert (psnr_with >= 40).all(), psnr_with
+        assert (psnr_without < psnr_with).all(), (psnr_without, psnr_with)
+        torch.testing.assert_close(self._run(pipe, lr_consistency=True), consistent, rtol=0, atol=0)
+
+        rgba = torch.cat([lr, torch.linspace(0, 1, lr.shape[-1]).expand_as(lr[:, :1])], dim=1)
+        with_alpha, alpha_only = self._run(pipe, image=rgba, lr_consistency=True), self._run(pipe, image=rgba)
+        torch.testing.assert_close(with_alpha[:, :3], consistent, rtol=0, atol=1e-6)
+        torch.testing.assert_close(with_alpha[:, 3:], alpha_only[:, 3:], rtol=0, atol=0)
+
+        m = pipe.lr_multiple
+        tile = m * -(-4 // m)  # 4 LR pixels or the next multiple the pipeline takes: several tiles on the 8x8 input
+        if self._accepts("tile_size") and tile < min(lr.shape[-2:]):
+            tiled = self._run(pipe, lr_consistency=True, tile_size=tile, tile_overlap=tile // 2)
+            assert (lr_consistency(lr, tiled, scale) >= 40).all()
+
+        with pytest.raises(ValueError, match="lr_consistency must be a bool"):
+            self._run(pipe, lr_consistency="yes")
 
     # ------------------------------------------------------------------------------------------ callbacks
 

@@ -157,3 +157,39 @@ def test_convert_rejects_resshift_options_for_a_regression_file(tmp_path, capsys
     torch.save({"params": RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4).state_dict()}, tmp_path / "n.pth")
     assert main(["convert", str(tmp_path / "n.pth"), str(tmp_path / "o"), "--preset", "v3"]) == 2
     assert "for ResShift checkpoints" in capsys.readouterr().err
+
+
+def test_upscale_lr_consistency_with_a_diffusion_pipeline(tmp_path, inputs, model_dir, capsys):
+    """--lr-consistency reaches the pipeline's lr_consistency (the file is what the Python call gives) and makes the
+    output explain its input; a pipeline without the keyword (regression) refuses it in one line, writing nothing."""
+    from test_pipeline_resshift import tiny_resshift_unet, tiny_scheduler
+
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.metrics import lr_consistency
+    from sr_diffusion.pipelines import AutoSRPipeline, ResShiftPipeline
+
+    folder = tmp_path / "resshift"
+    ResShiftPipeline(unet=tiny_resshift_unet(), scheduler=tiny_scheduler()).save_pretrained(folder)
+    base = ["upscale", str(inputs / "a.png"), "--model", str(folder), "-q"]
+    assert main([*base, "-o", str(tmp_path / "plain")]) == 0
+    torch.manual_seed(0)  # the command passes no generator: the noise comes from the global RNG
+    assert main([*base, "-o", str(tmp_path / "consistent"), "--lr-consistency"]) == 0
+
+    def to_tensor(image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].double() / 255
+
+    torch.manual_seed(0)
+    pipe = AutoSRPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(load_image(inputs / "a.png"), lr_consistency=True).images[0]
+    consistent = load_image(tmp_path / "consistent" / "a.png")
+    np.testing.assert_array_equal(np.asarray(consistent), np.asarray(expected))
+    lr, plain = to_tensor(load_image(inputs / "a.png")), to_tensor(load_image(tmp_path / "plain" / "a.png"))
+    assert plain.shape == (1, 3, 80, 96)
+    assert lr_consistency(lr, to_tensor(consistent), 4).item() > lr_consistency(lr, plain, 4).item() + 15
+
+    out = tmp_path / "refused"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "--lr-consistency"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --lr-consistency") and "RegressionSRPipeline" in line
+    assert not out.exists()

@@ -27,7 +27,6 @@ Where it differs from diffusers' pipeline:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +36,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
-from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from ..pipeline_utils import SRSamplingMixin
 
@@ -120,13 +118,9 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
             )
         if out_channels != c:
             raise ValueError(f"unet has out_channels={out_channels}, but the vqvae latent has {c} channels")
-        if not isinstance(self.scheduler, SchedulerMixin):
-            raise ValueError(f"scheduler must be a diffusers SchedulerMixin, got {type(self.scheduler).__name__}")
-        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
-            raise ValueError(
-                f"{type(self.scheduler).__name__} ends its chain at the LR image (ResShift); LDM-SR needs a scheduler "
-                "that ends at clean latents (DDIM, DDPM, Euler, ...)"
-            )
+        # as diffusers' LDMSuperResolutionPipeline: any scheduler whose chain ends at clean latents, whatever its
+        # prediction_type (the UNet output goes to scheduler.step as is), alphas_cumprod or not
+        self.check_noise_scheduler("LDM-SR", alphas_cumprod=False, epsilon_only=False)
 
     def check_inputs(
         self,
@@ -134,6 +128,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         num_inference_steps: int,
         eta: float,
         color_fix: str,
+        lr_consistency: bool,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -141,21 +136,9 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
-        num_train = self.scheduler.config.num_train_timesteps
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or not 1 <= num_inference_steps <= num_train
-        ):
-            raise ValueError(
-                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
-                f"got {num_inference_steps!r}"
-            )
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-            raise ValueError(f"eta must be a non-negative number, got {eta!r}")
-        self.check_sampling_inputs(
-            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
-        )
+        self.check_steps_and_eta(num_inference_steps, eta)
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -177,16 +160,6 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
-    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them."""
-        parameters = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {}
-        if "eta" in parameters:
-            extra["eta"] = eta
-        if "generator" in parameters:
-            extra["generator"] = generator
-        return extra
-
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """``(N, C, h, w)`` → ``(N, 3, f·h, f·w)`` in [-1, 1]: quantise and decode with the VQ model, clamp."""
         image = self.vqvae.decode(latents.to(self.vqvae.dtype)).sample
@@ -195,19 +168,21 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
     def _sample(
         self,
         lr_image: torch.Tensor,
+        latents: torch.Tensor | None,
+        progress_bar,
         num_inference_steps: int,
         extra_step_kwargs: dict[str, Any],
         generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
-        progress_bar,
     ) -> torch.Tensor:
         """Run the chain for one (padded) LR image or tile: ``(N, 3, h, w)`` in [-1, 1] → ``(N, 3, f·h, f·w)``."""
         device, dtype = lr_image.device, self.unet.dtype
         lr_image = lr_image.to(dtype)
 
-        # 4. Timesteps (again for every tile: multistep / PNDM / Euler schedulers keep state)
+        # 4. Timesteps (again for every tile: multistep / PNDM / Euler schedulers keep state). All of them, without
+        #    the mixin's get_timesteps: no strength, and no set_begin_index, so that the scheduler's state follows
+        #    diffusers' LDMSuperResolutionPipeline step for step (bit-identical images)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
 
@@ -223,24 +198,13 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
             noise_pred = self.unet(model_input, t).sample
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "lr_image": lr_image}
-                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-                lr_image = callback_outputs.pop("lr_image", lr_image)
+            state = {"latents": latents, "lr_image": lr_image}
+            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            latents, lr_image = state["latents"], state["lr_image"]
             progress_bar.update()
 
         # 7. Decode
         return self.decode_latents(latents)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
 
     @torch.no_grad()
     def __call__(
@@ -249,6 +213,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         num_inference_steps: int = 100,
         eta: float = 0.0,
         color_fix: str = "none",
+        lr_consistency: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 32,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -267,6 +232,10 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
             eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
+                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
+                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
+                image when tiling; the alpha channel is unaffected.
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels (in the output). Each tile runs
                 its own chain with noise drawn, in order, from ``generator``.
@@ -284,10 +253,9 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 1. Check inputs
         pre = self.image_processor.preprocess(image)
@@ -296,6 +264,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
             num_inference_steps,
             eta,
             color_fix,
+            lr_consistency,
             tile_size,
             tile_overlap,
             generator,
@@ -306,8 +275,6 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         self._num_timesteps = num_inference_steps
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        n, _, h, w = rgb.shape
-        s = self.upscale
 
         # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
@@ -316,28 +283,19 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 4.-7. Sample (whole image, or tile by tile)
-        num_tiles = 1
-        if tile_size is not None:
-            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
-            num_tiles = len(ys) * len(xs)
-        with self.progress_bar(total=num_tiles * num_inference_steps) as progress_bar:
+        def sample(lr_tile: torch.Tensor, z_T: torch.Tensor | None, progress_bar) -> torch.Tensor:
+            return self._sample(
+                lr_tile,
+                z_T,
+                progress_bar,
+                num_inference_steps,
+                extra_step_kwargs,
+                generator,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+            )
 
-            def sample(lr_tile: torch.Tensor, z_T: torch.Tensor | None = None) -> torch.Tensor:
-                return self._sample(
-                    lr_tile,
-                    num_inference_steps,
-                    extra_step_kwargs,
-                    generator,
-                    z_T,
-                    callback_on_step_end,
-                    callback_on_step_end_tensor_inputs,
-                    progress_bar,
-                )
+        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, num_inference_steps)
 
-            if tile_size is None:
-                hr = sample(lr, latents)
-            else:
-                hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
-
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

@@ -41,7 +41,6 @@ import sr_diffusion.schedulers  # noqa: F401
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.schedulers import ResShiftScheduler
-from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from ..pipeline_utils import SRSamplingMixin
 
@@ -274,6 +273,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         rgb: torch.Tensor,
         num_inference_steps: int | None,
         color_fix: str,
+        lr_consistency: bool,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -281,19 +281,12 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
-        num_train = self.scheduler.config.num_train_timesteps
-        if num_inference_steps is not None and (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or not 1 <= num_inference_steps <= num_train
-        ):
-            raise ValueError(
-                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
-                f"got {num_inference_steps!r}"
-            )
-        self.check_sampling_inputs(
-            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
-        )
+        # ResShiftScheduler is no noise scheduler: no eta, no strength (the chain starts at the LR image already), and
+        # num_inference_steps=None means all of its T trained steps
+        if num_inference_steps is not None:
+            self.check_num_inference_steps(num_inference_steps)
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -313,11 +306,11 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
     def _sample(
         self,
         lr: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
+        progress_bar,
+        generator: torch.Generator | list[torch.Generator] | None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
-        progress_bar,
     ) -> torch.Tensor:
         """Run the chain for one (padded) LR image or tile: ``(N, 3, h, w)`` in [-1, 1] → ``(N, 3, s·h, s·w)``."""
         # 4. Conditioning: y_0 (upsampled LR image, encoded in latent space) and the denoiser's lq
@@ -335,24 +328,13 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             model_output = resshift_model_output(self.unet, scaled, t, lr_latents, lq)
             latents = self.scheduler.step(model_output, t, latents, lr_samples=lr_latents, generator=generator)[0]
 
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "lr_latents": lr_latents}
-                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-                lr_latents = callback_outputs.pop("lr_latents", lr_latents)
+            state = {"latents": latents, "lr_latents": lr_latents}
+            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            latents, lr_latents = state["latents"], state["lr_latents"]
             progress_bar.update()
 
         # 7. Decode
         return self.decode_latents(latents)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
 
     @torch.no_grad()
     def __call__(
@@ -360,6 +342,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         image: ImageInput | Sequence[ImageInput],
         num_inference_steps: int | None = None,
         color_fix: str = "none",
+        lr_consistency: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 32,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -378,6 +361,10 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                 reference. Fewer steps keep a subset of the trained timesteps (``ResShiftScheduler.set_timesteps``).
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
+                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
+                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
+                image when tiling; the alpha channel is unaffected.
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
                 with noise drawn, in order, from ``generator``.
@@ -395,10 +382,9 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 1. Check inputs
         pre = self.image_processor.preprocess(image)
@@ -406,6 +392,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             pre.rgb,
             num_inference_steps,
             color_fix,
+            lr_consistency,
             tile_size,
             tile_overlap,
             generator,
@@ -415,37 +402,21 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        n, _, h, w = rgb.shape
-        s = self.upscale
 
         # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet and the VAE need
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
 
-        # 3. Timesteps
+        # 3. Timesteps: once for all tiles (ResShiftScheduler's steps keep no state), all of them (no strength)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
 
         # 4.-7. Sample (whole image, or tile by tile)
-        num_tiles = 1
-        if tile_size is not None:
-            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
-            num_tiles = len(ys) * len(xs)
-        with self.progress_bar(total=num_tiles * self._num_timesteps) as progress_bar:
+        def sample(lr_tile: torch.Tensor, x_T: torch.Tensor | None, progress_bar) -> torch.Tensor:
+            return self._sample(
+                lr_tile, x_T, progress_bar, generator, callback_on_step_end, callback_on_step_end_tensor_inputs
+            )
 
-            def sample(lr_tile: torch.Tensor, x_T: torch.Tensor | None = None) -> torch.Tensor:
-                return self._sample(
-                    lr_tile,
-                    generator,
-                    x_T,
-                    callback_on_step_end,
-                    callback_on_step_end_tensor_inputs,
-                    progress_bar,
-                )
+        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
 
-            if tile_size is None:
-                hr = sample(lr, latents)
-            else:
-                hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
-
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

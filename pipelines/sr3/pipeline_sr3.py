@@ -33,7 +33,6 @@ downsampling, and the output is cropped back, never resized: exactly ``upscale``
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +44,6 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
-from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from ..pipeline_utils import SRSamplingMixin
 
@@ -195,21 +193,7 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
             )
         if out_channels != 3:
             raise ValueError(f"unet has out_channels={out_channels}, but SR3 predicts the RGB noise (3 channels)")
-        kind = type(self.scheduler).__name__
-        if not isinstance(self.scheduler, SchedulerMixin):
-            raise ValueError(f"scheduler must be a diffusers SchedulerMixin, got {kind}")
-        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
-            raise ValueError(
-                f"{kind} ends its chain at the LR image (ResShift); SR3 needs a scheduler that starts from pure noise "
-                "and ends at clean samples (DDPM, DDIM, ...)"
-            )
-        if getattr(self.scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(f"{kind} has no alphas_cumprod: SR3 conditions the UNet on sqrt(alpha_bar_t)")
-        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        if prediction_type != "epsilon":
-            raise ValueError(
-                f"SR3's UNet predicts the noise: the scheduler needs prediction_type='epsilon', got {prediction_type!r}"
-            )
+        self.check_noise_scheduler("SR3")  # alphas_cumprod also gives the noise level sqrt(alpha_bar_t) the UNet sees
 
     def check_inputs(
         self,
@@ -218,6 +202,7 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         strength: float,
         eta: float,
         color_fix: str,
+        lr_consistency: bool,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -225,41 +210,14 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
-        num_train = self.scheduler.config.num_train_timesteps
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or not 1 <= num_inference_steps <= num_train
-        ):
-            raise ValueError(
-                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
-                f"got {num_inference_steps!r}"
-            )
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-        if int(num_inference_steps * strength) < 1:
-            raise ValueError(
-                f"strength={strength} of num_inference_steps={num_inference_steps} runs no step: raise either so that "
-                "int(num_inference_steps * strength) >= 1"
-            )
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-            raise ValueError(f"eta must be a non-negative number, got {eta!r}")
-        self.check_sampling_inputs(
-            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
-        )
+        self.check_steps_and_eta(num_inference_steps, eta)
+        self.check_strength(num_inference_steps, strength)
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
     # ------------------------------------------------------------------------------------------------------------------
-
-    def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
-        """The timesteps to run (call ``set_timesteps`` first): the last ``int(S · strength)`` of the ``S`` steps,
-        as diffusers' img2img pipelines (``strength = 1``: all of them)."""
-        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
-        t_start = (num_inference_steps - init_steps) * self.scheduler.order
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(t_start)
-        return self.scheduler.timesteps[t_start:]
 
     def prepare_latents(
         self,
@@ -283,27 +241,17 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         t = timesteps[:1].repeat(upsampled_lr.shape[0])
         return self.scheduler.add_noise(upsampled_lr, noise, t)
 
-    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        """``eta`` (DDIM's η, Song et al. 2021, Eq. 16) and ``generator``, for schedulers whose ``step`` takes them."""
-        parameters = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {}
-        if "eta" in parameters:
-            extra["eta"] = eta
-        if "generator" in parameters:
-            extra["generator"] = generator
-        return extra
-
     def _sample(
         self,
         lr: torch.Tensor,
+        latents: torch.Tensor | None,
+        progress_bar,
         num_inference_steps: int,
         strength: float,
         extra_step_kwargs: dict[str, Any],
         generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
-        progress_bar,
     ) -> torch.Tensor:
         """Run the chain for one (padded) LR image or tile: ``(N, 3, h, w)`` in [-1, 1] → ``(N, 3, s·h, s·w)``."""
         device, dtype = lr.device, self.unet.dtype
@@ -327,23 +275,12 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
             noise_pred = sr3_model_output(self.unet, scaled, upsampled_lr, gamma, self.noise_level_scale)
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "upsampled_lr": upsampled_lr}
-                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-                upsampled_lr = callback_outputs.pop("upsampled_lr", upsampled_lr)
+            state = {"latents": latents, "upsampled_lr": upsampled_lr}
+            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            latents, upsampled_lr = state["latents"], state["upsampled_lr"]
             progress_bar.update()
 
         return latents.clamp(-1.0, 1.0)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
 
     @torch.no_grad()
     def __call__(
@@ -353,6 +290,7 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         strength: float = 1.0,
         eta: float = 0.0,
         color_fix: str = "none",
+        lr_consistency: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 32,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -374,6 +312,10 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
             eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
+                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
+                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
+                image when tiling; the alpha channel is unaffected.
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
                 with noise drawn, in order, from ``generator``.
@@ -393,10 +335,9 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 1. Check inputs
         pre = self.image_processor.preprocess(image)
@@ -406,6 +347,7 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
             strength,
             eta,
             color_fix,
+            lr_consistency,
             tile_size,
             tile_overlap,
             generator,
@@ -413,42 +355,32 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
-        self._num_timesteps = min(int(num_inference_steps * strength), num_inference_steps)
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        n, _, h, w = rgb.shape
-        s = self.upscale
 
         # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
 
-        # 3. Scheduler step arguments
+        # 3. Scheduler step arguments, and the steps per chain
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.get_timesteps(num_inference_steps, strength))
 
         # 4.-6. Sample (whole image, or tile by tile)
-        num_tiles = 1
-        if tile_size is not None:
-            _, _, ys, xs = tile_grid(lr.shape[-2], lr.shape[-1], tile_size, tile_overlap)
-            num_tiles = len(ys) * len(xs)
-        with self.progress_bar(total=num_tiles * self._num_timesteps) as progress_bar:
+        def sample(lr_tile: torch.Tensor, noise: torch.Tensor | None, progress_bar) -> torch.Tensor:
+            return self._sample(
+                lr_tile,
+                noise,
+                progress_bar,
+                num_inference_steps,
+                strength,
+                extra_step_kwargs,
+                generator,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+            )
 
-            def sample(lr_tile: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-                return self._sample(
-                    lr_tile,
-                    num_inference_steps,
-                    strength,
-                    extra_step_kwargs,
-                    generator,
-                    noise,
-                    callback_on_step_end,
-                    callback_on_step_end_tensor_inputs,
-                    progress_bar,
-                )
+        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
 
-            if tile_size is None:
-                hr = sample(lr, latents)
-            else:
-                hr = tiled_apply(sample, lr, scale=s, tile_size=tile_size, tile_overlap=tile_overlap)
-
-        # 7. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
+        # 7. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

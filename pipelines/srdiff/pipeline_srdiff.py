@@ -246,6 +246,7 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
         strength: float,
         eta: float,
         color_fix: str,
+        lr_consistency: bool,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -255,9 +256,8 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
         self.check_components()
         self.check_steps_and_eta(num_inference_steps, eta)
         self.check_strength(num_inference_steps, strength)
-        self.check_sampling_inputs(
-            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
-        )
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -319,12 +319,9 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
             noise_pred = self.unet(model_input, t, cond_features, img_lr_up, return_dict=False)[0]
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "img_lr_up": img_lr_up}
-                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-                img_lr_up = callback_outputs.pop("img_lr_up", img_lr_up)
+            state = {"latents": latents, "img_lr_up": img_lr_up}
+            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            latents, img_lr_up = state["latents"], state["img_lr_up"]
             progress_bar.update()
 
         # 7. x_H = x_0 / res_rescale + up(x_L)
@@ -338,6 +335,7 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
         strength: float = 1.0,
         eta: float = 0.0,
         color_fix: str = "none",
+        lr_consistency: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 32,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -359,6 +357,10 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
             eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
+                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
+                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
+                image when tiling; the alpha channel is unaffected.
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own encoder
                 pass and chain, with noise drawn, in order, from ``generator``.
@@ -390,6 +392,7 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
             strength,
             eta,
             color_fix,
+            lr_consistency,
             tile_size,
             tile_overlap,
             generator,
@@ -424,5 +427,5 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
 
         hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
 
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

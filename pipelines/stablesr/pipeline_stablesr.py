@@ -32,7 +32,6 @@ sampling and starting from a noised LR latent (the original's ``start_T`` experi
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -378,11 +377,8 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
             if not isinstance(self.cfw, StableSRCFW):
                 raise ValueError(f"cfw must be a StableSRCFW or None, got {type(self.cfw).__name__}")
             self.cfw.check_vae(self.vae)
-        kind = type(self.scheduler).__name__
-        if not isinstance(self.scheduler, SchedulerMixin) or getattr(self.scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(f"scheduler must be a diffusers scheduler with alphas_cumprod, got {kind}")
-        if "lr_samples" in inspect.signature(self.scheduler.step).parameters:
-            raise ValueError(f"{kind} ends its chain at the LR image (ResShift); StableSR starts from pure noise")
+        # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
+        self.check_noise_scheduler("StableSR", epsilon_only=False)
 
     def _prompt_list(self, prompt: Any, batch_size: int, name: str) -> list[str]:
         """``prompt`` as one string per image, after checking its type, count and token length."""
@@ -422,6 +418,7 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         negative_prompt: Any,
         fidelity_weight: float,
         color_fix: str,
+        lr_consistency: bool,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -429,16 +426,7 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
-        num_train = self.scheduler.config.num_train_timesteps
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or not 1 <= num_inference_steps <= num_train
-        ):
-            raise ValueError(
-                f"num_inference_steps must be an int between 1 and the scheduler's num_train_timesteps={num_train}, "
-                f"got {num_inference_steps!r}"
-            )
+        self.check_num_inference_steps(num_inference_steps)  # no eta, no strength: the original's DDPM from z_T
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
             raise ValueError(
                 f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
@@ -456,9 +444,8 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         self._prompt_list(prompt, n, "prompt")
         if negative_prompt is not None:
             self._prompt_list(negative_prompt, n, "negative_prompt")
-        self.check_sampling_inputs(
-            rgb, color_fix, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs
-        )
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Text, VAE
@@ -598,14 +585,6 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
                 weight_sum[region] += weight
         return (total / weight_sum).to(latents.dtype)
 
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -616,6 +595,7 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         fidelity_weight: float | None = None,
         color_fix: str = "adain",
+        lr_consistency: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 32,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -639,6 +619,10 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
                 default 0.5 (the original's ``dec_w``) when the pipeline has CFW layers, else 0.
             color_fix: ``"adain"`` (default, the paper's), ``"wavelet"`` or ``"none"``: correct the output's colours
                 towards the LR image (:func:`sr_diffusion.color_fix.color_fix`).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
+                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
+                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
+                image when tiling; the alpha channel is unaffected.
             tile_size: sample with the original's progressive patch aggregation in latent tiles covering
                 ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`; 128 at ×4 is the original's 64-pixel
                 latent tile), overlapping by ``tile_overlap`` LR pixels (64 at ×4: the original's 32).
@@ -655,10 +639,9 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         if fidelity_weight is None:
             fidelity_weight = 0.5 if self.cfw is not None else 0.0
 
@@ -672,6 +655,7 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
             negative_prompt,
             fidelity_weight,
             color_fix,
+            lr_consistency,
             tile_size,
             tile_overlap,
             generator,
@@ -706,11 +690,11 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
 
         # 5. z_T
         latents = self.prepare_latents(lr_latents.shape, lr_latents.dtype, device, generator, latents)
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
+        step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)  # no eta knob: the scheduler's default
 
-        # 6. Denoising loop (tiled: one step on the whole latent from Gaussian-blended tile predictions)
+        # 6. Denoising loop. Not the mixin's sample_tiles (one chain per LR tile, blended once at the end): tiled, every
+        #    step blends the tiles' noise predictions on the latent with Gaussian weights and steps the whole latent
+        #    (the original's progressive aggregation sampling), so the tiles cannot drift apart
         tile = overlap = None
         if tile_size is not None:
             tile, overlap = tile_size * s // f, tile_overlap * s // f
@@ -726,17 +710,13 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
                     )
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
-                if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
-                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    lr_latents = callback_outputs.pop("lr_latents", lr_latents)
+                state = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
+                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+                latents, prompt_embeds, lr_latents = state["latents"], state["prompt_embeds"], state["lr_latents"]
                 progress_bar.update()
 
         # 7. Decode with CFW
         hr = self.decode_latents(latents, cfw_features, fidelity_weight)
 
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict)
+        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
