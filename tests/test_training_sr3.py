@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from conftest import accelerate_launch
+from learning import photo_crops, psnr_against_bicubic, train_on_crops_overrides
 
 from sr_diffusion.training import ConfigError, Trainer, load_config
 from sr_diffusion.training.sr3 import SR3ExperimentConfig, SR3Task, build_sr3_model, build_sr3_scheduler
@@ -240,13 +240,6 @@ def test_predict_and_build_pipeline(tmp_path):
 # The crops of tests/test_training_resshift.py (bicubic x4 scores 19-39 dB on them). The model is trained on these
 # very crops (no augmentation) so that a few hundred CPU steps suffice: what is tested is that the objective, the
 # noise-level conditioning and the sampler agree (a mismatch would not carry the fit over to sampling).
-CROPS = {
-    "astronaut_face": ("astronaut", 76, 216),
-    "astronaut_suit": ("astronaut", 316, 166),
-    "coffee": ("coffee", 266, 316),
-    "chelsea": ("chelsea", 96, 136),
-}
-
 
 # What the learning test trains and samples with. From pure noise a tiny eps-predicting model needs far more than a
 # CPU test's few hundred steps (after 300-500 steps it is 10-11 dB below bicubic: small eps errors at high noise blow
@@ -259,35 +252,13 @@ LEARN_OVERRIDES = ("model.resnet_time_scale_shift=scale_shift", "scheduler.beta_
 LEARN_SAMPLING = {"num_inference_steps": 10, "strength": 0.5}
 
 
-def _crops() -> dict[str, np.ndarray]:
-    from skimage import data
-
-    return {name: getattr(data, image)()[y : y + 32, x : x + 32].copy() for name, (image, y, x) in CROPS.items()}
-
 
 @pytest.mark.slow
 def test_a_tiny_sr3_model_beats_bicubic(tmp_path, fresh_accelerate_state):
-    from sr_diffusion.metrics import psnr
     from sr_diffusion.pipelines import AutoSRPipeline, SR3Pipeline
-    from sr_diffusion.resize import imresize
 
-    crops = _crops()
-    (tmp_path / "hr").mkdir()
-    for name, crop in crops.items():
-        PIL.Image.fromarray(crop).save(tmp_path / "hr" / f"{name}.png")
-    config = tiny_config(
-        tmp_path,
-        f"train.max_steps={LEARN_STEPS}",
-        "train.report_to=none",
-        "train.checkpointing_steps=0",
-        "train.validation_steps=0",
-        "data.source=folder",
-        f"data.hr_dirs=[{tmp_path / 'hr'}]",
-        "data.use_hflip=false",
-        "data.use_rot=false",
-        "validation.source=none",
-        *LEARN_OVERRIDES,
-    )
+    crops = photo_crops()
+    config = tiny_config(tmp_path, *train_on_crops_overrides(tmp_path, crops, LEARN_STEPS), *LEARN_OVERRIDES)
     result = Trainer(config, SR3Task()).train()
     assert result.global_step == LEARN_STEPS
     first, last = np.mean(result.losses[:20]), np.mean(result.losses[-20:])
@@ -295,15 +266,7 @@ def test_a_tiny_sr3_model_beats_bicubic(tmp_path, fresh_accelerate_state):
 
     pipe = AutoSRPipeline.from_pretrained(result.pipeline_dir)
     assert isinstance(pipe, SR3Pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    hr = torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255.0 for c in crops.values()])
-    lr = (imresize(hr, scale=0.25).clamp(0, 1) * 255).round() / 255  # x4 MATLAB bicubic, 8-bit
-    generators = [torch.Generator().manual_seed(i) for i in range(len(crops))]
-    sr = pipe(lr, generator=generators, output_type="np", **LEARN_SAMPLING).images
-    sr = torch.from_numpy(sr).permute(0, 3, 1, 2)
-    bicubic = (imresize(lr, scale=4).clamp(0, 1) * 255).round() / 255
-    psnr_sr = psnr((sr * 255).round() / 255, hr, crop_border=4, y_channel=True)
-    psnr_bicubic = psnr(bicubic, hr, crop_border=4, y_channel=True)
+    psnr_sr, psnr_bicubic = psnr_against_bicubic(pipe, crops, **LEARN_SAMPLING)
     assert psnr_sr.mean() > psnr_bicubic.mean() + 0.5, (psnr_sr.tolist(), psnr_bicubic.tolist())
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from conftest import accelerate_launch
+from learning import photo_crops, psnr_against_bicubic, train_on_crops_overrides
 
 from sr_diffusion.training import ConfigError, ExperimentConfig, Trainer, load_config
 from sr_diffusion.training.srdiff import SRDiffExperimentConfig, SRDiffModel, SRDiffTask, load_srdiff_rrdb
@@ -254,13 +254,6 @@ def test_predict_and_build_pipeline(tmp_path, encoder_dir):
 # The crops of tests/test_training_sr3.py (bicubic x4 scores 19-39 dB on them), trained on without augmentation so
 # that a bounded number of CPU steps suffices: what is tested is that the objective, the residual, the conditioning
 # and the sampler agree (a mismatch would not carry the fit over to sampling).
-CROPS = {
-    "astronaut_face": ("astronaut", 76, 216),
-    "astronaut_suit": ("astronaut", 316, 166),
-    "coffee": ("coffee", 266, 316),
-    "chelsea": ("chelsea", 96, 136),
-}
-
 # What the learning test trains and samples with. SRDiff's ResnetBlocks only add the time embedding (no scale), so the
 # step-dependent gain the low-noise steps need (eps ~ x_t / sqrt(1 - alpha_bar_t) on flat regions, up to 40x at T=100)
 # is slow for a tiny UNet to learn: with T = 100 it is 2-4 dB below bicubic after 300-500 CPU steps, whatever the
@@ -274,35 +267,13 @@ LEARN_OVERRIDES = ("srdiff.timesteps=10", "srdiff.sampler=ddpm", "srdiff.num_inf
 LEARN_SAMPLING = {"num_inference_steps": 10}
 
 
-def _crops() -> dict[str, np.ndarray]:
-    from skimage import data
-
-    return {name: getattr(data, image)()[y : y + 32, x : x + 32].copy() for name, (image, y, x) in CROPS.items()}
-
 
 @pytest.mark.slow
 def test_a_tiny_srdiff_model_beats_bicubic(tmp_path, fresh_accelerate_state):
-    from sr_diffusion.metrics import psnr
     from sr_diffusion.pipelines import AutoSRPipeline, SRDiffPipeline
-    from sr_diffusion.resize import imresize
 
-    crops = _crops()
-    (tmp_path / "hr").mkdir()
-    for name, crop in crops.items():
-        PIL.Image.fromarray(crop).save(tmp_path / "hr" / f"{name}.png")
-    config = tiny_config(
-        tmp_path,
-        f"train.max_steps={LEARN_STEPS}",
-        "train.report_to=none",
-        "train.checkpointing_steps=0",
-        "train.validation_steps=0",
-        "data.source=folder",
-        f"data.hr_dirs=[{tmp_path / 'hr'}]",
-        "data.use_hflip=false",
-        "data.use_rot=false",
-        "validation.source=none",
-        *LEARN_OVERRIDES,
-    )
+    crops = photo_crops()
+    config = tiny_config(tmp_path, *train_on_crops_overrides(tmp_path, crops, LEARN_STEPS), *LEARN_OVERRIDES)
     result = Trainer(config, SRDiffTask()).train()
     assert result.global_step == LEARN_STEPS
     first, last = np.mean(result.losses[:20]), np.mean(result.losses[-20:])
@@ -310,15 +281,7 @@ def test_a_tiny_srdiff_model_beats_bicubic(tmp_path, fresh_accelerate_state):
 
     pipe = AutoSRPipeline.from_pretrained(result.pipeline_dir)
     assert isinstance(pipe, SRDiffPipeline) and pipe.scheduler.config.num_train_timesteps == 10
-    pipe.set_progress_bar_config(disable=True)
-    hr = torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255.0 for c in crops.values()])
-    lr = (imresize(hr, scale=0.25).clamp(0, 1) * 255).round() / 255  # x4 MATLAB bicubic, 8-bit
-    generators = [torch.Generator().manual_seed(i) for i in range(len(crops))]
-    sr = pipe(lr, generator=generators, output_type="np", **LEARN_SAMPLING).images
-    sr = torch.from_numpy(sr).permute(0, 3, 1, 2)
-    bicubic = (imresize(lr, scale=4).clamp(0, 1) * 255).round() / 255
-    psnr_sr = psnr((sr * 255).round() / 255, hr, crop_border=4, y_channel=True)
-    psnr_bicubic = psnr(bicubic, hr, crop_border=4, y_channel=True)
+    psnr_sr, psnr_bicubic = psnr_against_bicubic(pipe, crops, **LEARN_SAMPLING)
     assert psnr_sr.mean() > psnr_bicubic.mean() + 0.5, (psnr_sr.tolist(), psnr_bicubic.tolist())
 
 
