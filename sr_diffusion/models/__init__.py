@@ -15,8 +15,12 @@ conditional noise predictor, conditioned on :class:`RRDBNet`'s hidden features; 
 StableSR's add-ons to a frozen Stable Diffusion base: :class:`StableSRTimeAwareEncoder`, :class:`StableSRSFT` (the
 UNet's SFT layers, attached by hooks) and :class:`StableSRCFW` (the VAE decoder's CFW layers); converted by
 :mod:`sr_diffusion.conversion.stablesr`.
+
+Extra cross-attention layers beside an unforked diffusers UNet's / ControlNet's blocks, under the released names:
+:class:`BlockAttentions` (PASD's pixel-aware ``pixel_attentions``, SeeSR's ``image_attentions``).
 """
 
+from .block_attention import BlockAttentions
 from .edsr import EDSR
 from .outputs import RegressionModelOutput
 from .resshift_unet import ResShiftUNet, ResShiftUNetOutput
@@ -30,6 +34,7 @@ from .stablesr_sft import StableSRSFT
 from .swinir import SwinIR
 
 __all__ = [
+    "BlockAttentions",
     "EDSR",
     "REGRESSION_MODELS",
     "RRDBNet",
