@@ -5,6 +5,7 @@
   prompt comes first, the user's negative prompt is used verbatim; see :mod:`sr_diffusion.prompts.base`).
 * :class:`DAPE`: the degradation-aware prompt extractor of SeeSR on an open_clip ViT with a peft LoRA, trained by
   ``training/train_dape.py``.
+* :class:`BlipCaptioner`: PASD's high-level information, a BLIP caption as the hard prompt (transformers).
 
 Importing this package loads torch and diffusers; open_clip and peft are imported when a DAPE is built.
 """
@@ -20,6 +21,7 @@ from .base import (
     resolve_prompts,
     split_phrases,
 )
+from .captioner import PASD_CAPTION_REPLACEMENTS, BlipCaptioner
 from .dape import (
     DAPE,
     DEFAULT_TAG_TEMPLATE,
@@ -42,6 +44,8 @@ __all__ = [
     "merge_prompts",
     "resolve_prompts",
     "split_phrases",
+    "BlipCaptioner",
+    "PASD_CAPTION_REPLACEMENTS",
     "DAPE",
     "DAPEOutput",
     "DEFAULT_TAG_TEMPLATE",
