@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from pipeline_common import SRPipelineTesterMixin
+from sd_pipeline_common import SDPipelineTesterMixin
 from stablesr_tiny import (
     lr_image,
     tiny_cfw,
@@ -40,7 +41,7 @@ def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
     return pipe(image, **kwargs).images
 
 
-class TestStableSRPipeline(SRPipelineTesterMixin):
+class TestStableSRPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = StableSRPipeline
 
     def get_dummy_components(self) -> dict:

@@ -32,8 +32,6 @@ sampling and starting from a noised LR latent (the original's ``start_T`` experi
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils.torch_utils import randn_tensor
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
@@ -55,9 +52,9 @@ from sr_diffusion.models.stablesr_cfw import StableSRCFW
 from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
 from sr_diffusion.resize import resize
-from sr_diffusion.tiling import tile_grid
 
 from ..pipeline_utils import SRSamplingMixin
+from ..sd_base import StableDiffusionSRMixin, gaussian_tile_weights
 
 __all__ = [
     "StableSRPipeline",
@@ -67,8 +64,6 @@ __all__ = [
     "stablesr_tile_weights",
 ]
 
-#: subfolders a saved StableSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
-ADD_ON_SUBFOLDERS = {"time_aware_encoder": "the time-aware encoder", "sft": "the SFT layers"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,15 +95,8 @@ def stablesr_scheduler(prediction_type: str = "epsilon", num_train_timesteps: in
     )
 
 
-def stablesr_tile_weights(height: int, width: int, device=None) -> torch.Tensor:
-    """``(1, 1, height, width)`` Gaussian weights of one latent tile: ``exp(-(x - c)² / (2 · 0.01 · n²))`` per axis,
-    ``c`` the tile centre (the original's ``_gaussian_weights``, whose constant factor cancels in the blend)."""
-
-    def axis(n: int) -> torch.Tensor:
-        x = torch.arange(n, dtype=torch.float32, device=device)
-        return torch.exp(-(((x - (n - 1) / 2) / n) ** 2) / (2 * 0.01))
-
-    return (axis(height)[:, None] * axis(width)[None, :])[None, None]
+#: StableSR's ``_gaussian_weights`` (``var = 0.01``), shared with PASD and SeeSR
+stablesr_tile_weights = gaussian_tile_weights
 
 
 def stablesr_noise_pred(
@@ -146,7 +134,7 @@ def stablesr_noise_pred(
     return out.to(sample.dtype)
 
 
-class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
+class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     r"""Super-resolution with StableSR (Wang et al., IJCV 2024) on a Stable Diffusion 1.x/2.x base.
 
     Args:
@@ -168,6 +156,9 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
     :func:`sr_diffusion.conversion.stablesr.convert_stablesr` (``sr-diffusion convert --arch stablesr``).
     """
 
+    METHOD = "StableSR"
+    #: subfolders a saved StableSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
+    ADD_ON_SUBFOLDERS = {"time_aware_encoder": "the time-aware encoder", "sft": "the SFT layers"}
     model_cpu_offload_seq = "text_encoder->time_aware_encoder->unet->vae"
     _optional_components = ["cfw"]
     # the SFT and CFW layers run inside the UNet's and the VAE's calls (hooks): they stay on the execution device
@@ -222,29 +213,11 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         """A StableSR pipeline on the SD base in the diffusers folder ``base`` (``vae/``, ``text_encoder/``,
         ``tokenizer/``, ``unet/``) with the given add-ons; the scheduler defaults to :func:`stablesr_scheduler` with the
         base's ``prediction_type``."""
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        base = Path(base)
-        missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet") if not (base / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); StableSR "
-                "needs an SD 1.x/2.x base such as stabilityai/stable-diffusion-2-1-base"
-            )
-        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
-        if scheduler is None:
-            prediction_type = "epsilon"
-            config = base / "scheduler" / "scheduler_config.json"
-            if config.is_file():
-                prediction_type = json.loads(config.read_text()).get("prediction_type", "epsilon")
-            scheduler = stablesr_scheduler(prediction_type)
+        parts = cls.load_sd_base(base, torch_dtype)
+        prediction_type = parts.pop("prediction_type")
         return cls(
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-            unet=unet,
-            scheduler=scheduler,
+            **parts,
+            scheduler=scheduler if scheduler is not None else stablesr_scheduler(prediction_type),
             time_aware_encoder=time_aware_encoder,
             sft=sft,
             cfw=cfw,
@@ -252,71 +225,10 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         )
 
     @classmethod
-    def check_saved_folder(cls, folder: str | Path) -> None:
-        """Raise a clear error for a local folder that is not a complete saved StableSR pipeline."""
-        folder = Path(folder)
-        index = folder / "model_index.json"
-        if not index.is_file():
-            return  # diffusers says what is wrong (or it is a Hub id)
-        try:
-            model_index = json.loads(index.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{index}: corrupt model_index.json ({err})") from err
-        class_name = model_index.get("_class_name")
-        if class_name != cls.__name__:
-            raise ValueError(
-                f"{folder} holds a {class_name}, not a {cls.__name__}: the Stable Diffusion base alone lacks "
-                "StableSR's add-ons; build one with StableSRPipeline.from_sd_base(base, time_aware_encoder=..., "
-                "sft=...) or "
-                "`sr-diffusion convert --arch stablesr`"
-            )
-        wanted = dict(ADD_ON_SUBFOLDERS)
-        if isinstance(model_index.get("cfw"), list) and model_index["cfw"][0] is not None:
-            wanted["cfw"] = "the CFW layers"
-        for name, what in wanted.items():
-            if not (folder / name / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{folder}: the StableSR add-on subfolder {name}/ ({what}) is missing or has no config.json; the "
-                    "folder is incomplete (re-save it, or convert the released checkpoint again)"
-                )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """``DiffusionPipeline.from_pretrained``, after checking that a local folder has StableSR's add-ons."""
-        if Path(pretrained_model_name_or_path).is_dir():
-            cls.check_saved_folder(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Geometry
-    # ------------------------------------------------------------------------------------------------------------------
-
-    @property
-    def upscale(self) -> int:
-        """The SR factor ``s``."""
-        return int(self.config.upscale)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """``f``: the VAE's downsampling factor (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def unet_input_multiple(self) -> int:
-        """The UNet (and the time-aware encoder) need latent H and W to be multiples of this."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · unet_input_multiple``."""
-        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
-        return hr_multiple // math.gcd(hr_multiple, self.upscale)
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of ``z_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before padding)."""
-        m, s, f = self.lr_multiple, self.upscale, self.vae_scale_factor
-        height, width = height + (-height) % m, width + (-width) % m
-        return (batch_size, int(self.vae.config.latent_channels), height * s // f, width * s // f)
+    def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
+        """The CFW layers' subfolder, when the saved pipeline has them."""
+        cfw = model_index.get("cfw")
+        return {"cfw": "the CFW layers"} if isinstance(cfw, list) and cfw[0] is not None else {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks
@@ -324,33 +236,8 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
 
     def check_components(self) -> None:
         """Raise a ``ValueError`` for components that cannot work together (or are not an SD 1.x/2.x base)."""
-        if not isinstance(self.unet, UNet2DConditionModel):
-            raise ValueError(f"unet must be a Stable Diffusion UNet2DConditionModel, got {type(self.unet).__name__}")
-        if not isinstance(self.vae, AutoencoderKL):
-            raise ValueError(f"vae must be a Stable Diffusion AutoencoderKL, got {type(self.vae).__name__}")
+        self.check_sd_base()
         uc, vc = self.unet.config, self.vae.config
-        family = "StableSR builds on a Stable Diffusion 1.x/2.x text-to-image base"
-        if getattr(uc, "addition_embed_type", None) is not None:
-            raise ValueError(f"the UNet has addition_embed_type={uc.addition_embed_type!r} (SDXL-like); {family}")
-        if getattr(uc, "class_embed_type", None) is not None or getattr(uc, "num_class_embeds", None) is not None:
-            raise ValueError(f"the UNet has class embeddings (e.g. the SD x4 upscaler's noise level); {family}")
-        if uc.in_channels != vc.latent_channels or uc.out_channels != vc.latent_channels:
-            raise ValueError(
-                f"the UNet maps {uc.in_channels} to {uc.out_channels} channels but the VAE latent has "
-                f"{vc.latent_channels} (an inpainting or upscaler UNet?); {family}"
-            )
-        if vc.in_channels != 3 or vc.out_channels != 3:
-            raise ValueError(f"vae must map RGB images (in/out_channels 3), got {vc.in_channels}/{vc.out_channels}")
-        hidden = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
-        if hidden is None:
-            raise ValueError(
-                f"text_encoder must be a transformers CLIPTextModel, got {type(self.text_encoder).__name__}"
-            )
-        if hidden != uc.cross_attention_dim:
-            raise ValueError(
-                f"the text encoder gives {hidden}-d embeddings but the UNet's cross-attention takes "
-                f"{uc.cross_attention_dim} (SD 1.x: 768, SD 2.x: 1024): text encoder and UNet are of different bases"
-            )
         if not isinstance(self.time_aware_encoder, StableSRTimeAwareEncoder):
             raise ValueError(
                 f"time_aware_encoder must be a StableSRTimeAwareEncoder, got {type(self.time_aware_encoder).__name__}"
@@ -379,35 +266,6 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
             self.cfw.check_vae(self.vae)
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("StableSR", epsilon_only=False)
-
-    def _prompt_list(self, prompt: Any, batch_size: int, name: str) -> list[str]:
-        """``prompt`` as one string per image, after checking its type, count and token length."""
-        if isinstance(prompt, str):
-            prompts = [prompt] * batch_size
-        elif isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise ValueError(f"{name} is an empty list: pass a string ('' for no prompt) or one string per image")
-            if not all(isinstance(p, str) for p in prompt):
-                raise ValueError(
-                    f"{name} must be a string or a list of strings, got {[type(p).__name__ for p in prompt]}"
-                )
-            if len(prompt) not in (1, batch_size):
-                raise ValueError(
-                    f"got {len(prompt)} {name}s for a batch of {batch_size} images: pass one or one per image"
-                )
-            prompts = list(prompt) * (batch_size if len(prompt) == 1 else 1)
-        else:
-            raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
-        max_length = int(self.tokenizer.model_max_length)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
-        for text, length in zip(prompts, lengths):
-            if length > max_length:
-                shown = text if len(text) <= 60 else text[:57] + "..."
-                raise ValueError(
-                    f"{name} {shown!r} is {length - 2} tokens long; the text encoder takes at most {max_length - 2} "
-                    "(it is not truncated silently): shorten it"
-                )
-        return prompts
 
     def check_inputs(
         self,
@@ -451,37 +309,6 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
     # Text, VAE
     # ------------------------------------------------------------------------------------------------------------------
 
-    def encode_prompt(
-        self,
-        prompt: str | list[str],
-        batch_size: int,
-        device: torch.device,
-        negative_prompt: str | list[str] | None,
-        do_classifier_free_guidance: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings ``(N, L, D)`` of the prompts (and of the negative prompts, default ``""``, to guide)."""
-
-        def embed(texts: list[str]) -> torch.Tensor:
-            ids = self.tokenizer(
-                texts,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            return self.text_encoder(ids.to(device))[0].to(self.unet.dtype)
-
-        prompt_embeds = embed(self._prompt_list(prompt, batch_size, "prompt"))
-        negative_embeds = None
-        if do_classifier_free_guidance:
-            negative = "" if negative_prompt is None else negative_prompt
-            negative_embeds = embed(self._prompt_list(negative, batch_size, "negative_prompt"))
-        return prompt_embeds, negative_embeds
-
-    def _latent_scale(self) -> tuple[float, float]:
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return float(shift), float(self.vae.config.scaling_factor)
-
     def encode_lr(
         self,
         upsampled_lr: torch.Tensor,
@@ -497,16 +324,13 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         )
         with capture:
             posterior = self.vae.encode(upsampled_lr.to(self.vae.dtype)).latent_dist
-        z = posterior.sample(generator=generator)
-        shift, scale = self._latent_scale()
-        return (z.float() - shift) * scale
+        return self.scale_latents(posterior.sample(generator=generator))
 
     def decode_latents(
         self, latents: torch.Tensor, cfw_features: dict[int, torch.Tensor] | None = None, fidelity_weight: float = 0.0
     ) -> torch.Tensor:
         """``z_0`` ``(N, 4, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1], with CFW at ``fidelity_weight``."""
-        shift, scale = self._latent_scale()
-        z = (latents.float() / scale + shift).to(self.vae.dtype)
+        z = self.unscale_latents(latents)
         fuse = (
             self.cfw.fuse_decoder(self.vae, cfw_features or {}, fidelity_weight)
             if self.cfw is not None and fidelity_weight > 0
@@ -528,16 +352,6 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
-
-    def prepare_latents(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``z_T``: the given ``latents`` or ``randn`` from ``generator``, times ``init_noise_sigma``."""
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
 
     def predict_noise(
         self,
@@ -570,20 +384,11 @@ class StableSRPipeline(SRSamplingMixin, DiffusionPipeline):
         overlap: int,
     ) -> torch.Tensor:
         """Progressive patch aggregation: :meth:`predict_noise` on overlapping latent tiles, Gaussian-blended."""
-        height, width = latents.shape[-2:]
-        tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
-        if len(ys) * len(xs) == 1:
-            return self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
-        weight = stablesr_tile_weights(tile_h, tile_w, device=latents.device)
-        total = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
-        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
-        for y in ys:
-            for x in xs:
-                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                out = self.predict_noise(latents[region], t, lr_latents[region], prompt_embeds, guidance_scale)
-                total[region] += out.float() * weight
-                weight_sum[region] += weight
-        return (total / weight_sum).to(latents.dtype)
+
+        def predict(region):
+            return self.predict_noise(latents[region], t, lr_latents[region], prompt_embeds, guidance_scale)
+
+        return self.blend_latent_tiles(predict, latents, tile, overlap)
 
     @torch.no_grad()
     def __call__(

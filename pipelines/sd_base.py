@@ -1,0 +1,307 @@
+"""What the prompt-guided SR pipelines on a Stable Diffusion base share (StableSR, PASD, SeeSR).
+
+Each of them takes any SD 1.x / 2.x diffusers folder (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``,
+``scheduler/``) plus its own add-on modules, each a ``ModelMixin`` in its own subfolder, so one base model on disk
+serves all three. :class:`StableDiffusionSRMixin` holds what they do alike:
+
+- loading: :meth:`~StableDiffusionSRMixin.load_sd_base` (the base parts of a folder, with a clear error for a folder
+  of another kind), :meth:`~StableDiffusionSRMixin.check_saved_folder` (a saved pipeline has its add-on subfolders);
+- the base's family checks (:meth:`~StableDiffusionSRMixin.check_sd_base`: an SD 1.x/2.x text-to-image UNet, VAE and
+  a text encoder of the same width);
+- geometry: ``upscale``, the VAE factor ``f``, the LR multiple, the latent shape;
+- text: prompt checks (never truncated silently) and embeddings, negative prompts for classifier-free guidance;
+- VAE: latent scaling (``scaling_factor`` / ``shift_factor``);
+- latent tiling with Gaussian-weighted overlap (:func:`gaussian_tile_weights`, :meth:`~StableDiffusionSRMixin.
+  blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``);
+- LoRA: diffusers' ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights`` / ``fuse_lora`` / ``unload_lora_weights``
+  on the UNet and the text encoder), so SD LoRAs and LoRA-trained add-ons load as in any SD pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from sr_diffusion.tiling import tile_grid
+
+__all__ = ["SD_BASE_PARTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
+
+#: the subfolders of a Stable Diffusion diffusers folder every SD-based SR pipeline reads
+SD_BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
+
+
+def gaussian_tile_weights(height: int, width: int, device=None) -> torch.Tensor:
+    """``(1, 1, height, width)`` Gaussian weights of one latent tile: ``exp(-(x - c)² / (2 · 0.01 · n²))`` per axis,
+    ``c`` the tile centre (StableSR's and SeeSR's ``_gaussian_weights``, ``var = 0.01``; the constant factor cancels
+    in the blend)."""
+
+    def axis(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float32, device=device)
+        return torch.exp(-(((x - (n - 1) / 2) / n) ** 2) / (2 * 0.01))
+
+    return (axis(height)[:, None] * axis(width)[None, :])[None, None]
+
+
+class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
+    """Shared loading, checks, text, VAE and tiling of the SR pipelines on an SD 1.x/2.x base (module docstring).
+
+    A pipeline using it registers ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``, an ``upscale``
+    config entry, and names its add-ons in :attr:`ADD_ON_SUBFOLDERS` (``{subfolder: what it is}``) and its method in
+    :attr:`METHOD`.
+    """
+
+    METHOD = "this method"
+    #: the add-on subfolders a saved pipeline must have (``{name: description}``)
+    ADD_ON_SUBFOLDERS: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load_sd_base(cls, base: str | Path, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """The base parts of the SD diffusers folder ``base``: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
+        and ``prediction_type`` (from ``scheduler/scheduler_config.json``; ``"epsilon"`` when absent)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base = Path(base)
+        missing = [name for name in SD_BASE_PARTS if not (base / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); "
+                f"{cls.METHOD} needs an SD 1.x/2.x base such as stabilityai/stable-diffusion-2-1-base"
+            )
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        prediction_type = "epsilon"
+        config = base / "scheduler" / "scheduler_config.json"
+        if config.is_file():
+            prediction_type = json.loads(config.read_text()).get("prediction_type", "epsilon")
+        return {
+            "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
+            "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
+            "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs),
+            "prediction_type": prediction_type,
+        }
+
+    @classmethod
+    def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
+        """Add-on subfolders required only when the saved ``model_index`` names them (override for optional ones)."""
+        return {}
+
+    @classmethod
+    def check_saved_folder(cls, folder: str | Path) -> None:
+        """Raise a clear error for a local folder that is not a complete saved pipeline of this class."""
+        folder = Path(folder)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            return  # diffusers says what is wrong (or it is a Hub id)
+        try:
+            model_index = json.loads(index.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index}: corrupt model_index.json ({err})") from err
+        class_name = model_index.get("_class_name")
+        if class_name != cls.__name__:
+            raise ValueError(
+                f"{folder} holds a {class_name}, not a {cls.__name__}: a Stable Diffusion base alone lacks "
+                f"{cls.METHOD}'s add-ons; build one with {cls.__name__}.from_sd_base(base, ...) or convert the "
+                "released weights with `sr-diffusion convert`"
+            )
+        wanted = {**cls.ADD_ON_SUBFOLDERS, **cls.optional_add_ons(model_index)}
+        for name, what in wanted.items():
+            if not (folder / name / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{folder}: the {cls.METHOD} add-on subfolder {name}/ ({what}) is missing or has no config.json; "
+                    "the folder is incomplete (re-save it, or convert the released weights again)"
+                )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, after checking that a local folder has this method's add-ons."""
+        if Path(pretrained_model_name_or_path).is_dir():
+            cls.check_saved_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def upscale(self) -> int:
+        """The SR factor ``s``."""
+        return int(self.config.upscale)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``f``: the VAE's downsampling factor (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_input_multiple(self) -> int:
+        """The UNet (and the add-ons that follow its levels) need latent H and W to be multiples of this."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def lr_multiple(self) -> int:
+        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · unet_input_multiple``."""
+        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
+        return hr_multiple // math.gcd(hr_multiple, self.upscale)
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of the start latent (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before
+        padding)."""
+        m, s, f = self.lr_multiple, self.upscale, self.vae_scale_factor
+        height, width = height + (-height) % m, width + (-width) % m
+        return (batch_size, int(self.vae.config.latent_channels), height * s // f, width * s // f)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_sd_base(self) -> None:
+        """Raise a ``ValueError`` unless ``unet``, ``vae`` and ``text_encoder`` are an SD 1.x/2.x base."""
+        if not isinstance(self.unet, UNet2DConditionModel):
+            raise ValueError(f"unet must be a Stable Diffusion UNet2DConditionModel, got {type(self.unet).__name__}")
+        if not isinstance(self.vae, AutoencoderKL):
+            raise ValueError(f"vae must be a Stable Diffusion AutoencoderKL, got {type(self.vae).__name__}")
+        uc, vc = self.unet.config, self.vae.config
+        family = f"{self.METHOD} builds on a Stable Diffusion 1.x/2.x text-to-image base"
+        if getattr(uc, "addition_embed_type", None) is not None:
+            raise ValueError(f"the UNet has addition_embed_type={uc.addition_embed_type!r} (SDXL-like); {family}")
+        if getattr(uc, "class_embed_type", None) is not None or getattr(uc, "num_class_embeds", None) is not None:
+            raise ValueError(f"the UNet has class embeddings (e.g. the SD x4 upscaler's noise level); {family}")
+        if uc.in_channels != vc.latent_channels or uc.out_channels != vc.latent_channels:
+            raise ValueError(
+                f"the UNet maps {uc.in_channels} to {uc.out_channels} channels but the VAE latent has "
+                f"{vc.latent_channels} (an inpainting or upscaler UNet?); {family}"
+            )
+        if vc.in_channels != 3 or vc.out_channels != 3:
+            raise ValueError(f"vae must map RGB images (in/out_channels 3), got {vc.in_channels}/{vc.out_channels}")
+        hidden = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise ValueError(
+                f"text_encoder must be a transformers CLIPTextModel, got {type(self.text_encoder).__name__}"
+            )
+        if hidden != uc.cross_attention_dim:
+            raise ValueError(
+                f"the text encoder gives {hidden}-d embeddings but the UNet's cross-attention takes "
+                f"{uc.cross_attention_dim} (SD 1.x: 768, SD 2.x: 1024): text encoder and UNet are of different bases"
+            )
+
+    def _prompt_list(self, prompt: Any, batch_size: int, name: str) -> list[str]:
+        """``prompt`` as one string per image, after checking its type, count and token length."""
+        if isinstance(prompt, str):
+            prompts = [prompt] * batch_size
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError(f"{name} is an empty list: pass a string ('' for no prompt) or one string per image")
+            if not all(isinstance(p, str) for p in prompt):
+                raise ValueError(
+                    f"{name} must be a string or a list of strings, got {[type(p).__name__ for p in prompt]}"
+                )
+            if len(prompt) not in (1, batch_size):
+                raise ValueError(
+                    f"got {len(prompt)} {name}s for a batch of {batch_size} images: pass one or one per image"
+                )
+            prompts = list(prompt) * (batch_size if len(prompt) == 1 else 1)
+        else:
+            raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+        max_length = int(self.tokenizer.model_max_length)
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        for text, length in zip(prompts, lengths):
+            if length > max_length:
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                raise ValueError(
+                    f"{name} {shown!r} is {length - 2} tokens long; the text encoder takes at most {max_length - 2} "
+                    "(it is not truncated silently): shorten it"
+                )
+        return prompts
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Text, VAE, latents
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """Text embeddings ``(N, L, D)`` of checked prompts (padded to the tokenizer's length), in the UNet's dtype."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return self.text_encoder(ids.to(device))[0].to(self.unet.dtype)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        batch_size: int,
+        device: torch.device,
+        negative_prompt: str | list[str] | None,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings ``(N, L, D)`` of the prompts (and of the negative prompts, default ``""``, to guide)."""
+        prompt_embeds = self.embed_prompts(self._prompt_list(prompt, batch_size, "prompt"), device)
+        negative_embeds = None
+        if do_classifier_free_guidance:
+            negative = "" if negative_prompt is None else negative_prompt
+            negative_embeds = self.embed_prompts(self._prompt_list(negative, batch_size, "negative_prompt"), device)
+        return prompt_embeds, negative_embeds
+
+    def _latent_scale(self) -> tuple[float, float]:
+        """``(shift, scale)``: latents for the UNet are ``(z - shift) · scale``."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return float(shift), float(self.vae.config.scaling_factor)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """A VAE latent → the UNet's latent space (float32)."""
+        shift, scale = self._latent_scale()
+        return (z.float() - shift) * scale
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's latent → the VAE's, in the VAE's dtype."""
+        shift, scale = self._latent_scale()
+        return (latents.float() / scale + shift).to(self.vae.dtype)
+
+    def prepare_latents(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``z_T``: the given ``latents`` or ``randn`` from ``generator``, times ``init_noise_sigma``."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Latent tiling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def blend_latent_tiles(
+        predict: Callable[[tuple[slice, ...]], torch.Tensor], latents: torch.Tensor, tile: int, overlap: int
+    ) -> torch.Tensor:
+        """``predict(region)`` on overlapping latent tiles of ``tile`` pixels (``overlap`` shared; the last tile of a
+        row or column shifted back to end at the border), blended with :func:`gaussian_tile_weights`.
+
+        ``predict`` gets the index ``(:, :, ys, xs)`` of a tile and returns the model output for that region of
+        ``latents`` (so it can slice the latents and every per-pixel condition alike). One tile covering everything
+        is ``predict`` on the whole latent, unweighted."""
+        height, width = latents.shape[-2:]
+        tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
+        if len(ys) * len(xs) == 1:
+            return predict((slice(None), slice(None), slice(None), slice(None)))
+        weight = gaussian_tile_weights(tile_h, tile_w, device=latents.device)
+        total = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
+        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
+        for y in ys:
+            for x in xs:
+                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
+                total[region] += predict(region).float() * weight
+                weight_sum[region] += weight
+        return (total / weight_sum).to(latents.dtype)
