@@ -13,9 +13,10 @@ clamped, as the original's ``get_input``):
 
 Only :class:`StableSRAddOns` (the encoder and the SFT layers, one ``ModelMixin`` for the shared trainer) is trained,
 checkpointed and averaged (EMA); the base (``stablesr.base``, a diffusers SD folder) is loaded frozen by the task and
-exported with the trained add-ons as a :class:`~sr_diffusion.pipelines.StableSRPipeline`. The CFW layers are trained
-separately in the original (on the trained model's outputs) and are not trained here; ``stablesr.cfw`` may name a
-saved :class:`~sr_diffusion.models.StableSRCFW` folder to export with the pipeline.
+exported with the trained add-ons as a :class:`~sr_diffusion.pipelines.StableSRPipeline`. The CFW layers are the
+second stage, trained afterwards on this model's outputs (:mod:`sr_diffusion.training.stablesr_cfw`,
+``train_stablesr.py --stage cfw``); ``stablesr.cfw`` may name a saved :class:`~sr_diffusion.models.StableSRCFW` folder
+to export with the pipeline.
 
 Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generator.
 
