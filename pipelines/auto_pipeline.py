@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 
 from .ldm_sr import LDMSRPipeline
+from .pasd import PASDPipeline
 from .regression import RegressionSRPipeline
 from .resshift import ResShiftPipeline
+from .seesr import SeeSRPipeline
 from .sr3 import SR3Pipeline
 from .srdiff import SRDiffPipeline
 from .stablesr import StableSRPipeline
@@ -23,7 +25,16 @@ __all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
 #: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
 PIPELINE_CLASSES = {
     cls.__name__: cls
-    for cls in (LDMSRPipeline, RegressionSRPipeline, ResShiftPipeline, SR3Pipeline, SRDiffPipeline, StableSRPipeline)
+    for cls in (
+        LDMSRPipeline,
+        PASDPipeline,
+        RegressionSRPipeline,
+        ResShiftPipeline,
+        SeeSRPipeline,
+        SR3Pipeline,
+        SRDiffPipeline,
+        StableSRPipeline,
+    )
 }
 
 

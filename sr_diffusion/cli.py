@@ -130,6 +130,16 @@ def cmd_upscale(args) -> int:
 # convert
 
 
+def _is_seesr_folder(folder: Path) -> bool:
+    """A released SeeSR model folder: its ``unet/config.json`` sets ``use_image_cross_attention``."""
+    import json
+
+    try:
+        return bool(json.loads((folder / "unet" / "config.json").read_text()).get("use_image_cross_attention"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _detect_family(checkpoint: str) -> str:
     """``"resshift"`` for a ResShift denoiser, ``"sr3"`` for an SR3 UNet of the re-implementation (Janspiry), else
     the regression architecture the file holds."""
@@ -137,6 +147,10 @@ def _detect_family(checkpoint: str) -> str:
     from sr_diffusion.conversion.resshift import infer_resshift_unet_config, read_flat_state_dict
     from sr_diffusion.conversion.srdiff import is_srdiff_state_dict
 
+    if (Path(checkpoint) / "unet").is_dir() and (Path(checkpoint) / "controlnet").is_dir():
+        if _is_seesr_folder(Path(checkpoint)):
+            return "seesr"  # a released SeeSR model folder
+        return "pasd"  # a released PASD checkpoint folder
     state_dict, source = read_flat_state_dict(checkpoint)
     if any(k.startswith("structcond_stage_model.") for k in state_dict):
         return "stablesr"
@@ -213,6 +227,32 @@ def _stablesr_pipeline(args):
     return convert_stablesr(args.checkpoint, args.base, cfw_checkpoint=args.vae, upscale=args.scale or 4)
 
 
+def _pasd_pipeline(args):
+    from sr_diffusion.conversion.pasd import convert_pasd
+
+    if args.preset or args.vae or getattr(args, "norm_groups", None):
+        raise CLIError(f"--preset, --vae and --norm-groups are not PASD options; {args.checkpoint} holds pasd")
+    if not args.base:
+        raise CLIError(
+            "a PASD model folder has no VAE, text encoder or tokenizer: pass --base, a diffusers Stable Diffusion "
+            "folder of its family (stable-diffusion-v1-5)"
+        )
+    return convert_pasd(args.checkpoint, args.base, upscale=args.scale or 4)
+
+
+def _seesr_pipeline(args):
+    from sr_diffusion.conversion.seesr import convert_seesr
+
+    if args.preset or args.vae or getattr(args, "norm_groups", None):
+        raise CLIError(f"--preset, --vae and --norm-groups are not SeeSR options; {args.checkpoint} holds seesr")
+    if not args.base:
+        raise CLIError(
+            "a SeeSR model folder has no VAE, text encoder or tokenizer: pass --base, a diffusers Stable Diffusion "
+            "folder of its family (stable-diffusion-2-base)"
+        )
+    return convert_seesr(args.checkpoint, args.base, upscale=args.scale or 4)
+
+
 def cmd_convert(args) -> int:
     from sr_diffusion.checkpoints import CheckpointError, load_regression_model
     from sr_diffusion.pipelines import RegressionSRPipeline
@@ -231,6 +271,10 @@ def cmd_convert(args) -> int:
             pipe = _srdiff_pipeline(args)
         elif family == "stablesr":
             pipe = _stablesr_pipeline(args)
+        elif family == "pasd":
+            pipe = _pasd_pipeline(args)
+        elif family == "seesr":
+            pipe = _seesr_pipeline(args)
         elif args.preset or args.vae:
             raise CLIError(f"--preset and --vae are for ResShift checkpoints; {args.checkpoint} holds {family}")
         else:
@@ -322,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("convert", help="convert an original checkpoint into a pipeline folder")
-    p.add_argument("checkpoint", help="original .pth / .safetensors file")
+    p.add_argument("checkpoint", help="original .pth / .safetensors file (PASD, SeeSR: the released model folder)")
     p.add_argument("output", help="output pipeline folder")
     p.add_argument(
         "--arch",
-        choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift", "sr3", "srdiff", "stablesr"],
+        choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift", "sr3", "srdiff", "stablesr", "pasd", "seesr"],
         help="default: auto-detect",
     )
     p.add_argument("--scale", type=int, help="expected scale; an error if the checkpoint's differs")
@@ -336,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ResShift: the autoencoder file of latent models (autoencoder_vq_f4.pth); StableSR: the CFW autoencoder "
         "(vqgan_cfw_00011.ckpt)",
     )
-    p.add_argument("--base", help="StableSR: a diffusers Stable Diffusion folder of the checkpoint's family")
+    p.add_argument(
+        "--base", help="StableSR, PASD, SeeSR: a diffusers Stable Diffusion folder of the checkpoint's family"
+    )
     p.add_argument("--norm-groups", type=int, help="SR3: GroupNorm groups of the training config (not in the file)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)

@@ -18,11 +18,15 @@ UNet's SFT layers, attached by hooks) and :class:`StableSRCFW` (the VAE decoder'
 
 Extra cross-attention layers beside an unforked diffusers UNet's / ControlNet's blocks, under the released names:
 :class:`BlockAttentions` (PASD's pixel-aware ``pixel_attentions``, SeeSR's ``image_attentions``).
+
+PASD's ControlNet with its degradation-removal module (multi-scale RGB outputs, optional RRDBs):
+:class:`PASDControlNetModel`, a subclass of diffusers' ``ControlNetModel``.
 """
 
 from .block_attention import BlockAttentions
 from .edsr import EDSR
 from .outputs import RegressionModelOutput
+from .pasd_controlnet import PASDControlNetModel, PASDControlNetOutput
 from .resshift_unet import ResShiftUNet, ResShiftUNetOutput
 from .rrdbnet import RRDBNet, RRDBNetOutput
 from .sr3_unet import SR3UNet, SR3UNetOutput
@@ -36,6 +40,8 @@ from .swinir import SwinIR
 __all__ = [
     "BlockAttentions",
     "EDSR",
+    "PASDControlNetModel",
+    "PASDControlNetOutput",
     "REGRESSION_MODELS",
     "RRDBNet",
     "RRDBNetOutput",

@@ -1,0 +1,675 @@
+"""SeeSR: semantics-aware real-world super-resolution with a Stable Diffusion prior, an LR ControlNet and soft prompts.
+
+Paper: R. Wu, T. Yang, L. Sun, Z. Zhang, S. Li, L. Zhang, "SeeSR: Towards Semantics-Aware Real-World Image
+Super-Resolution", CVPR 2024. Released code: ``pipelines/pipeline_seesr.py`` and ``test_seesr.py`` (facts only).
+Notation and shapes (``N`` images, ``s`` the SR factor, ``f`` the VAE factor):
+
+- ``y``: the LR image ``(N, 3, h, w)`` in [0, 1], padded (reflect, bottom/right) to a multiple of
+  :attr:`~SeeSRPipeline.lr_multiple`; ``x_lr = up_s(y)``: bicubic-upsampled to the output size ``(N, 3, s·h, s·w)``,
+  clamped to [0, 1] — the ControlNet's condition (the original upsamples first, Sec. 3.2);
+- prompts (Sec. 3.1): a prompt extractor (DAPE) looks at ``y`` and gives *hard prompts* (tags, merged with the user's
+  prompt and SeeSR's quality words by :func:`~sr_diffusion.prompts.resolve_prompts`, encoded by the text encoder into
+  ``c_text``) and *soft prompts* ``p_soft`` ``(N, L, D_img)``, attended to by the image cross-attention layers of the
+  UNet and the ControlNet (:mod:`sr_diffusion.models.seesr`);
+- start (Sec. 3.3, "LR embedding", ``start_point="lr"``, the released default): ``z_T = sqrt(abar_T') z_lr +
+  sqrt(1 - abar_T') eps`` with ``z_lr = E(2 x_lr - 1) · scaling_factor`` (a posterior sample) and ``T' = 999`` (the
+  original's ``start_steps``), instead of pure noise (``start_point="noise"``: ``z_T = eps``);
+- each step: ``eps_hat = UNet(z_t, t, c_text, p_soft; ControlNet(z_t, t, c_text, p_soft, x_lr) · scale)``; with
+  classifier-free guidance (``guidance_scale > 1``, 5.5 as released) the unconditional half uses the negative prompt's
+  text embedding, the *same* soft prompts and the *same* ControlNet condition (the original duplicates both), and
+  ``eps_hat = eps_u + w (eps_c - eps_u)``;
+- the scheduler: the original's ``DDPMScheduler`` with SD 2-base's schedule (:func:`seesr_scheduler`, "leading"
+  spacing with ``steps_offset=1``: 981, 961, …, 1 for 50 steps), 50 steps;
+- the output: ``D(z_0 / scaling_factor)``, cropped to ``s ×`` the input, then the colour fix against the LR image
+  (AdaIN, the original's default ``align_method``), optionally LR consistency.
+
+Large images (the original's "tiled latent", ``latent_tiled_size`` 96 / ``latent_tiled_overlap`` 4 latent pixels in
+``test_seesr.py``, i.e. ``tile_size=192``, ``tile_overlap=8`` LR pixels at ×4 on SD): with ``tile_size`` every step
+evaluates ControlNet and UNet on overlapping latent tiles (the condition cropped alike, the soft prompts of the whole
+image), blends the tiles' noise predictions with Gaussian weights (``var = 0.01``, as the original's
+``_gaussian_weights``) and takes one scheduler step on the whole latent.
+
+Not carried over: the tiled VAE (``_init_tiled_vae``), guess mode and multi-ControlNets (unused by SeeSR),
+``test_seesr.py``'s up-sizing of small inputs to a 512-pixel short side (here every input is upscaled exactly ``s×``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
+import sr_diffusion.prompts.dape  # noqa: F401  (the DAPE prompt extractor, an optional component)
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.models.block_attention import BlockAttentions
+from sr_diffusion.models.seesr import SEESR_IMAGE_ATTENTIONS, null_image_prompt, seesr_noise_pred
+from sr_diffusion.prompts import SEESR_ADDED_PROMPT, SEESR_NEGATIVE_PROMPT, PromptExtractor, resolve_prompts
+from sr_diffusion.resize import resize
+
+from ..pipeline_utils import SRSamplingMixin
+from ..sd_base import StableDiffusionSRMixin
+
+__all__ = ["SeeSRPipeline", "seesr_scheduler"]
+
+START_POINTS = ("lr", "noise")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scheduler (shared with training: sr_diffusion.training.seesr) and add-on checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def seesr_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The original's sampler: ``DDPMScheduler.from_pretrained(<SD 2-base>/scheduler)``, i.e. SD's schedule
+    (``scaled_linear`` 0.00085 → 0.012 over 1000 steps), "fixed small" variance, no clipping, "leading" spacing with
+    ``steps_offset=1``."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        variance_type="fixed_small",
+        clip_sample=False,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+def _cross_attention_positions(model: torch.nn.Module) -> list[str]:
+    """``"{block}.image_attentions.{j}"`` for every text cross-attention of ``model``, in execution order."""
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(getattr(model, "down_blocks", None) or [])]
+    if getattr(model, "mid_block", None) is not None:
+        blocks.append(("mid_block", model.mid_block))
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(getattr(model, "up_blocks", None) or [])]
+    return [
+        f"{name}.{SEESR_IMAGE_ATTENTIONS}.{j}"
+        for name, block in blocks
+        for j in range(len(getattr(block, "attentions", None) or []))
+    ]
+
+
+def _check_image_attentions(extra: Any, model: torch.nn.Module, what: str, model_name: str) -> int:
+    """Check an image cross-attention add-on against its model; return its soft-prompt width."""
+    if not isinstance(extra, BlockAttentions):
+        raise ValueError(f"{what} must be a BlockAttentions (image cross-attention layers), got {type(extra).__name__}")
+    if extra.config.name != SEESR_IMAGE_ATTENTIONS:
+        raise ValueError(f"{what} holds {extra.config.name!r} layers, not SeeSR's {SEESR_IMAGE_ATTENTIONS!r}")
+    extra.check_model(model)
+    expected = _cross_attention_positions(model)
+    if extra.positions != expected:
+        raise ValueError(
+            f"{what} has layers at {extra.positions}, but the {model_name} has cross-attentions at {expected}: it "
+            f"was built for another model (build it with seesr_image_attentions({model_name}, context_dim))"
+        )
+    dims = {int(layer["cross_attention_dim"]) for layer in extra.config.layers}
+    if len(dims) != 1:
+        raise ValueError(f"{what} has mixed soft-prompt widths {sorted(dims)}")
+    return dims.pop()
+
+
+class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
+    r"""Super-resolution with SeeSR (Wu et al., CVPR 2024) on a Stable Diffusion 1.x/2.x base.
+
+    Args:
+        vae: the SD ``AutoencoderKL``.
+        text_encoder: the SD text encoder (``CLIPTextModel``).
+        tokenizer: its ``CLIPTokenizer``.
+        unet: the frozen SD ``UNet2DConditionModel`` (the released model: SD 2-base).
+        scheduler: :func:`seesr_scheduler` (DDPM, the original's) or another diffusers noise scheduler.
+        controlnet: a diffusers ``ControlNetModel`` made from ``unet`` (its condition encoder must downsample by the
+            VAE's factor), taking the upsampled LR image in [0, 1].
+        unet_image_attentions / controlnet_image_attentions: the image cross-attention layers of the UNet and of the
+            ControlNet (:func:`~sr_diffusion.models.seesr.seesr_image_attentions`), both of one soft-prompt width.
+        prompt_extractor: optional: a :class:`~sr_diffusion.prompts.DAPE` (or any
+            :class:`~sr_diffusion.prompts.PromptExtractor`) giving tags and soft prompts of the soft-prompt width.
+        upscale: the SR factor ``s`` (the released model: 4; others work since the LR image is upsampled first).
+
+    Build one from any SD diffusers folder with :meth:`from_sd_base`, from the released folders with
+    :func:`sr_diffusion.conversion.seesr.convert_seesr` (``sr-diffusion convert --arch seesr``), or train one with
+    ``training/train_seesr.py``.
+    """
+
+    METHOD = "SeeSR"
+    #: subfolders a saved SeeSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
+    ADD_ON_SUBFOLDERS = {
+        "controlnet": "the LR ControlNet",
+        "unet_image_attentions": "the UNet's image cross-attention layers",
+        "controlnet_image_attentions": "the ControlNet's image cross-attention layers",
+    }
+    model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
+    _optional_components = ["prompt_extractor"]
+    # the image cross-attention layers run inside the UNet's and the ControlNet's calls (hooks)
+    _exclude_from_cpu_offload = ["unet_image_attentions", "controlnet_image_attentions"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "image_prompt_embeds"]
+    _latents_name = "z_T"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        controlnet: ControlNetModel,
+        unet_image_attentions: BlockAttentions,
+        controlnet_image_attentions: BlockAttentions,
+        prompt_extractor: PromptExtractor | None = None,
+        upscale: int = 4,
+    ):
+        super().__init__()
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            controlnet=controlnet,
+            unet_image_attentions=unet_image_attentions,
+            controlnet_image_attentions=controlnet_image_attentions,
+            prompt_extractor=prompt_extractor,
+        )
+        self.register_to_config(upscale=upscale)
+        self.image_processor = SRImageProcessor()
+        self.check_components()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_sd_base(
+        cls,
+        base: str | Path,
+        controlnet: ControlNetModel,
+        unet_image_attentions: BlockAttentions,
+        controlnet_image_attentions: BlockAttentions,
+        prompt_extractor: PromptExtractor | None = None,
+        scheduler: SchedulerMixin | None = None,
+        upscale: int = 4,
+        torch_dtype: torch.dtype | None = None,
+    ) -> SeeSRPipeline:
+        """A SeeSR pipeline on the SD base in the diffusers folder ``base`` (``vae/``, ``text_encoder/``,
+        ``tokenizer/``, ``unet/``) with the given add-ons; the scheduler defaults to the original's: a
+        ``DDPMScheduler`` with the base's ``scheduler/`` config (else :func:`seesr_scheduler`)."""
+        parts = cls.load_sd_base(base, torch_dtype)
+        prediction_type = parts.pop("prediction_type")
+        if scheduler is None:
+            if (Path(base) / "scheduler" / "scheduler_config.json").is_file():
+                scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")  # as test_seesr.py
+            else:
+                scheduler = seesr_scheduler(prediction_type)
+        addons = [controlnet, unet_image_attentions, controlnet_image_attentions]
+        if torch_dtype is not None:
+            addons = [m.to(torch_dtype) for m in addons]
+        return cls(
+            **parts,
+            scheduler=scheduler,
+            controlnet=addons[0],
+            unet_image_attentions=addons[1],
+            controlnet_image_attentions=addons[2],
+            prompt_extractor=prompt_extractor,
+            upscale=upscale,
+        )
+
+    @classmethod
+    def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
+        """The prompt extractor's subfolder, when the saved pipeline has one."""
+        extractor = model_index.get("prompt_extractor")
+        if isinstance(extractor, list) and extractor and extractor[0] is not None:
+            return {"prompt_extractor": "the prompt extractor (DAPE)"}
+        return {}
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry (upscale, vae_scale_factor, lr_multiple, latent_shape: StableDiffusionSRMixin)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def image_prompt_dim(self) -> int:
+        """``D_img``: the width of the soft prompts the image cross-attention takes."""
+        return int(self.unet_image_attentions.config.layers[0]["cross_attention_dim"])
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` for components that cannot work together (or are not an SD 1.x/2.x base)."""
+        self.check_sd_base()
+        uc = self.unet.config
+        if not isinstance(self.controlnet, ControlNetModel):
+            raise ValueError(f"controlnet must be a diffusers ControlNetModel, got {type(self.controlnet).__name__}")
+        cc = self.controlnet.config
+        for key in ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types"):
+            mine, theirs = getattr(cc, key), getattr(uc, key)
+            if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
+                list(theirs) if isinstance(theirs, (list, tuple)) else theirs
+            ):
+                raise ValueError(
+                    f"the ControlNet has {key}={mine!r} but the UNet {theirs!r}: it was made from another UNet "
+                    "(SeeSR's ControlNet is ControlNetModel.from_unet(unet))"
+                )
+        if cc.conditioning_channels != 3:
+            raise ValueError(f"the ControlNet must take the RGB LR image (conditioning_channels 3), got {cc}")
+        factor = 2 ** (len(cc.conditioning_embedding_out_channels) - 1)
+        if factor != self.vae_scale_factor:
+            raise ValueError(
+                f"the ControlNet's condition encoder downsamples by {factor} but the VAE by {self.vae_scale_factor}: "
+                "the condition would not match the latent size"
+            )
+        dim = _check_image_attentions(self.unet_image_attentions, self.unet, "unet_image_attentions", "unet")
+        cdim = _check_image_attentions(
+            self.controlnet_image_attentions, self.controlnet, "controlnet_image_attentions", "controlnet"
+        )
+        if dim != cdim:
+            raise ValueError(
+                f"the UNet's image cross-attention takes {dim}-d soft prompts, the ControlNet's {cdim}-d: they must "
+                "attend to the same soft prompts"
+            )
+        dtypes = {
+            name: getattr(self, name).dtype
+            for name in ("unet", "controlnet", "unet_image_attentions", "controlnet_image_attentions")
+        }
+        if len(set(dtypes.values())) > 1:
+            found = ", ".join(f"{k}: {v}" for k, v in dtypes.items())
+            raise ValueError(
+                f"the denoiser's parts have different dtypes ({found}): move the "
+                "pipeline to one dtype with pipe.to(dtype)"
+            )
+        extractor = self.prompt_extractor
+        if extractor is not None:
+            if not isinstance(extractor, PromptExtractor):
+                raise ValueError(
+                    f"prompt_extractor must be a PromptExtractor (e.g. DAPE), got {type(extractor).__name__}"
+                )
+            width = getattr(getattr(extractor, "config", None), "cross_attention_dim", None)
+            if width is not None and int(width) != dim:
+                raise ValueError(
+                    f"the prompt extractor makes {width}-d soft prompts but the image cross-attention takes {dim}-d "
+                    "ones: build the DAPE with cross_attention_dim={dim}"
+                )
+        # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
+        self.check_noise_scheduler("SeeSR", epsilon_only=False)
+
+    def _user_prompts(self, prompt: Any, batch_size: int, name: str) -> list[str | None]:
+        """``prompt`` as one entry per image (``None``: none given), after checking type, count and token length (the
+        user's words are never truncated; the extracted tags after them may be)."""
+        if prompt is None or isinstance(prompt, str):
+            prompts = [prompt] * batch_size
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError(f"{name} is an empty list: pass a string ('' for no prompt) or one string per image")
+            if not all(p is None or isinstance(p, str) for p in prompt):
+                raise ValueError(
+                    f"{name} must be a string or a list of strings, got {[type(p).__name__ for p in prompt]}"
+                )
+            if len(prompt) not in (1, batch_size):
+                raise ValueError(
+                    f"got {len(prompt)} {name}s for a batch of {batch_size} images: pass one or one per image"
+                )
+            prompts = list(prompt) * (batch_size if len(prompt) == 1 else 1)
+        else:
+            raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+        max_length = int(self.tokenizer.model_max_length)
+        for text in prompts:
+            if not text:
+                continue
+            length = len(self.tokenizer(text, truncation=False, verbose=False).input_ids)
+            if length > max_length:
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                raise ValueError(
+                    f"{name} {shown!r} is {length - 2} tokens long; the text encoder takes at most {max_length - 2} "
+                    "(it is not truncated silently): shorten it"
+                )
+        return prompts
+
+    def check_inputs(
+        self,
+        rgb: torch.Tensor,
+        prompt: Any,
+        num_inference_steps: int,
+        guidance_scale: float,
+        controlnet_conditioning_scale: float,
+        start_point: str,
+        image_prompt_embeds: torch.Tensor | None,
+        negative_prompt: Any,
+        eta: float,
+        color_fix: str,
+        lr_consistency: bool,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        self.check_components()
+        self.check_steps_and_eta(num_inference_steps, eta)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+            raise ValueError(
+                f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
+            )
+        scale = controlnet_conditioning_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
+        if start_point not in START_POINTS:
+            raise ValueError(f"start_point must be one of {', '.join(map(repr, START_POINTS))}, got {start_point!r}")
+        n = rgb.shape[0]
+        self._user_prompts(prompt, n, "prompt")
+        self._user_prompts(negative_prompt, n, "negative_prompt")
+        if image_prompt_embeds is not None:
+            self._check_image_prompt_embeds(image_prompt_embeds, n, "image_prompt_embeds")
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+
+    def _check_image_prompt_embeds(self, embeds: Any, batch_size: int, name: str) -> None:
+        dim = self.image_prompt_dim
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or not embeds.is_floating_point():
+            got = f"{tuple(embeds.shape)} {embeds.dtype}" if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"{name} must be a float tensor (N, L, {dim}) of soft prompts, got {got}")
+        if embeds.shape[-1] != dim:
+            raise ValueError(
+                f"{name} are {embeds.shape[-1]}-d but the image cross-attention takes {dim}-d soft prompts"
+            )
+        if embeds.shape[0] not in (1, batch_size) or embeds.shape[1] < 1:
+            raise ValueError(
+                f"{name} has shape {tuple(embeds.shape)}: pass one (1, L, {dim}) for all images or one per image "
+                f"({batch_size}, L, {dim}), L >= 1"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Prompts, VAE
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def resolve_prompts(
+        self,
+        rgb: torch.Tensor,
+        prompt: Any,
+        negative_prompt: Any,
+        added_prompt: str | None,
+        image_prompt_embeds: torch.Tensor | None,
+    ) -> tuple[list[str], list[str], torch.Tensor]:
+        """``(prompts, negative_prompts, soft_prompts (N, L, D_img))`` for the LR images ``rgb`` ``(N, 3, h, w)``.
+
+        Hard prompts: the user's prompt first, then the extractor's tags (when there is an extractor), then
+        ``added_prompt`` (:func:`~sr_diffusion.prompts.merge_prompts`); the negative prompt is the user's, else
+        SeeSR's. Soft prompts: ``image_prompt_embeds`` when given (the caller's win), else the extractor's, else
+        :func:`~sr_diffusion.models.seesr.null_image_prompt`."""
+        n = rgb.shape[0]
+        resolved = resolve_prompts(
+            self._user_prompts(prompt, n, "prompt"),
+            rgb,
+            self.prompt_extractor,
+            self._user_prompts(negative_prompt, n, "negative_prompt"),
+            added_prompt=added_prompt,
+            default_negative_prompt=SEESR_NEGATIVE_PROMPT,
+        )
+        soft = image_prompt_embeds
+        if soft is None and resolved.soft_prompts is not None:
+            soft = resolved.soft_prompts
+            self._check_image_prompt_embeds(soft, n, "the prompt extractor's soft prompts")
+        if soft is None:
+            soft = null_image_prompt(n, self.image_prompt_dim)
+        soft = soft.to(device=rgb.device, dtype=self.unet.dtype)
+        if soft.shape[0] != n:
+            soft = soft.expand(n, -1, -1)
+        return resolved.prompts, resolved.negative_prompts, soft
+
+    def encode_lr(self, condition: torch.Tensor, generator) -> torch.Tensor:
+        """``z_lr``: a posterior sample of ``2 x_lr - 1`` (``x_lr`` ``(N, 3, H, W)`` in [0, 1]), times the scaling
+        factor (the original's LR embedding)."""
+        posterior = self.vae.encode((condition * 2.0 - 1.0).to(self.vae.dtype)).latent_dist
+        return self.scale_latents(posterior.sample(generator=generator))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``z_0`` ``(N, 4, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1]."""
+        return self.vae.decode(self.unscale_latents(latents)).sample.float()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def prepare_start_latents(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device,
+        generator,
+        latents: torch.Tensor | None,
+        start_point: str,
+        condition: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """``z_T``: the noise ``eps`` (the given ``latents`` or ``randn`` from ``generator``) times ``init_noise_sigma``
+        (``start_point="noise"``), or the LR latent noised with it to step 999 (``"lr"``; to the first step of the
+        schedule for schedulers that noise by ``sigmas``)."""
+        latents = self.prepare_latents(shape, torch.float32, device, generator, latents)
+        if start_point == "noise":
+            return latents
+        lr_latents = self.encode_lr(condition, generator)
+        if getattr(self.scheduler, "sigmas", None) is not None and not isinstance(self.scheduler, DDPMScheduler):
+            t_start = timesteps[:1]
+        else:
+            t_start = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=device)
+        return self.scheduler.add_noise(lr_latents, latents, t_start.expand(shape[0]))
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        image_prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        conditioning_scale: float,
+    ) -> torch.Tensor:
+        """The (guided) model output for ``z_t`` (or a tile of it) and the matching ``x_lr``; ``prompt_embeds`` holds
+        the negative embeddings first when guiding; both halves share the soft prompts and the condition."""
+        do_cfg = guidance_scale > 1
+        scaled = self.scheduler.scale_model_input(latents, t)
+        if do_cfg:
+            scaled, condition = torch.cat([scaled, scaled]), torch.cat([condition, condition])
+        out = seesr_noise_pred(
+            self.unet,
+            self.controlnet,
+            self.unet_image_attentions,
+            self.controlnet_image_attentions,
+            scaled,
+            t,
+            prompt_embeds,
+            condition,
+            image_prompt_embeds,
+            conditioning_scale,
+        )
+        if do_cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    def predict_noise_tiled(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        image_prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        conditioning_scale: float,
+        tile: int,
+        overlap: int,
+    ) -> torch.Tensor:
+        """:meth:`predict_noise` on overlapping latent tiles (the condition cropped alike), Gaussian-blended."""
+        f = self.vae_scale_factor
+
+        def predict(region):
+            ys, xs = region[2], region[3]
+            pixels = (slice(None), slice(None))
+            if ys.start is not None:  # a tile (one tile covering everything is the whole latent)
+                pixels += (slice(ys.start * f, ys.stop * f), slice(xs.start * f, xs.stop * f))
+            return self.predict_noise(
+                latents[region],
+                t,
+                condition[pixels],
+                prompt_embeds,
+                image_prompt_embeds,
+                guidance_scale,
+                conditioning_scale,
+            )
+
+        return self.blend_latent_tiles(predict, latents, tile, overlap)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.5,
+        controlnet_conditioning_scale: float = 1.0,
+        start_point: str = "lr",
+        added_prompt: str | None = SEESR_ADDED_PROMPT,
+        image_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        eta: float = 0.0,
+        color_fix: str = "adain",
+        lr_consistency: bool = False,
+        tile_size: int | None = None,
+        tile_overlap: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Upscale ``image`` by ``upscale``.
+
+        Args:
+            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
+                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            prompt: the user's prompt, one for all images or one per image; with a prompt extractor its tags follow
+                it (``None`` / ``"auto"``: the tags alone). ``"auto"`` without an extractor is an error. The user's
+                words are never truncated (a prompt over the tokenizer's limit is an error).
+            num_inference_steps: 50 as released.
+            guidance_scale: classifier-free guidance scale ``w``; 5.5 as released; 1: no guidance.
+            controlnet_conditioning_scale: multiplies the ControlNet's residuals (the original's
+                ``conditioning_scale``, 1).
+            start_point: ``"lr"`` (the released LR-embedding start: the LR latent noised to step 999) or ``"noise"``.
+            added_prompt: words after the tags (SeeSR's ``"clean, high-resolution, 8k"``; ``None`` or ``""``: none).
+            image_prompt_embeds: soft prompts ``(1 or N, L, D_img)`` to use instead of the extractor's (the caller's
+                win); without both, one zero token (:func:`~sr_diffusion.models.seesr.null_image_prompt`).
+            negative_prompt: the unconditional text when ``guidance_scale > 1``, used verbatim; default SeeSR's
+                ``"dotted, noise, blur, lowres, smooth"``.
+            eta: DDIM's η for a DDIM scheduler (ignored by others).
+            color_fix: ``"adain"`` (default, the original's ``align_method``), ``"wavelet"`` or ``"none"``.
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
+                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`), after the colour fix.
+            tile_size: sample in overlapping latent tiles covering ``tile_size`` LR pixels (a multiple of
+                :attr:`lr_multiple`; the original's 96-pixel latent tile is 192 at ×4 on SD), overlapping by
+                ``tile_overlap`` LR pixels (the original's 4 latent pixels: 8).
+            generator: a ``torch.Generator``, or a list with one per image (image ``i`` then is what it would be
+                alone with ``generator[i]``).
+            latents: the noise ``eps`` of shape :meth:`latent_shape` (``z_T`` itself for ``start_point="noise"``).
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
+                callback_kwargs)``; the tensors it returns (``"latents"``, ``"prompt_embeds"``,
+                ``"image_prompt_embeds"``) replace the pipeline's.
+            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+
+        Returns:
+            ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
+        """
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+
+        # 1. Check inputs
+        pre = self.image_processor.preprocess(image)
+        self.check_inputs(
+            pre.rgb,
+            prompt,
+            num_inference_steps,
+            guidance_scale,
+            controlnet_conditioning_scale,
+            start_point,
+            image_prompt_embeds,
+            negative_prompt,
+            eta,
+            color_fix,
+            lr_consistency,
+            tile_size,
+            tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        device = self._execution_device
+        rgb = pre.rgb.to(device)
+        s, f = self.upscale, self.vae_scale_factor
+        do_cfg = guidance_scale > 1
+
+        # 2. Prompts: hard prompts (tags) -> text embeddings (negative first when guiding), soft prompts
+        prompts, negatives, soft_prompts = self.resolve_prompts(
+            rgb, prompt, negative_prompt, added_prompt, image_prompt_embeds
+        )
+        prompt_embeds = self.embed_prompts(prompts, device)
+        if do_cfg:
+            prompt_embeds = torch.cat([self.embed_prompts(negatives, device), prompt_embeds])
+
+        # 3. The ControlNet condition: the LR image padded (reflect) and bicubic-upsampled to the output size
+        lr, _ = pad_to_multiple(rgb, self.lr_multiple)
+        condition = resize(lr, size=(lr.shape[-2] * s, lr.shape[-1] * s), mode="bicubic").clamp(0.0, 1.0)
+        condition = condition.to(self.controlnet.dtype)
+
+        # 4. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        # 5. z_T: noise, or the LR latent noised to the last training step
+        shape = self.latent_shape(*rgb.shape[:1], *rgb.shape[-2:])
+        latents = self.prepare_start_latents(shape, device, generator, latents, start_point, condition, timesteps)
+        step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 6. Denoising loop (tiled: every step blends the tiles' noise predictions and steps the whole latent)
+        tile = overlap = None
+        if tile_size is not None:
+            tile, overlap = tile_size * s // f, tile_overlap * s // f
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                args = (latents, t, condition, prompt_embeds, soft_prompts, guidance_scale)
+                if tile is None:
+                    noise_pred = self.predict_noise(*args, controlnet_conditioning_scale)
+                else:
+                    noise_pred = self.predict_noise_tiled(*args, controlnet_conditioning_scale, tile, overlap)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+                state = {"latents": latents, "prompt_embeds": prompt_embeds, "image_prompt_embeds": soft_prompts}
+                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+                latents, prompt_embeds, soft_prompts = (
+                    state["latents"],
+                    state["prompt_embeds"],
+                    state["image_prompt_embeds"],
+                )
+                progress_bar.update()
+
+        # 7. Decode; crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha
+        hr = self.decode_latents(latents)
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

@@ -1,0 +1,350 @@
+"""PASD training: the ControlNet (with its degradation-removal module) and the pixel-aware cross-attention learn on a
+frozen Stable Diffusion base.
+
+Yang et al., ECCV 2024, Sec. 3 and 4.1; the released ``train_pasd.py`` and ``pasd/dataloader/localdatasets.py``
+(facts only). For an HR crop ``x`` in [-1, 1] and its LR image (in [0, 1]):
+
+1. ``y_up``: the LR image bicubic-upsampled to the HR size, clamped to [0, 1] (the original's ``resize_bak=True``
+   condition, unnormalised), the ControlNet's condition; ``z_0 = E(x) · s``, a posterior sample of the frozen VAE;
+2. ``t ~ U{0, ..., T-1}``, ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` (the base's DDPM
+   schedule, ``DDPMScheduler.from_pretrained(base, subfolder="scheduler")`` as the original);
+3. ``(pred, I_1..I_{K-1}) = f(z_t, t, c_text, y_up)``: the frozen UNet with the ControlNet's residuals on its skips and
+   as PACA context (:func:`~sr_diffusion.pipelines.pasd.pasd_noise_pred`, the pipeline's own call), ``c_text`` the
+   embedding of the empty prompt (our data has no captions; the original trains on captions, dropped to ``""`` with
+   probability 0.5);
+4. the loss ``|| pred - target ||² + w · sum_k || I_k - bilinear(x, size(I_k)) ||_1`` with ``target = eps`` (``v`` for a
+   v-prediction base) and ``w = 1`` (``rgb_loss_weight``; the original adds each scale's L1 with weight 1; its
+   bilinear resize of ``x`` has no antialiasing, as here).
+
+Trainable (checkpointed, averaged by the EMA): :class:`PASDAddOns`, the ControlNet (initialised from the UNet, the
+original's ``ControlNetModel.from_unet``) and the ``pixel_attentions`` layers (fresh, diffusers' default
+initialisation, as the original's ``strict=False`` load leaves them). The SD base is frozen, as in the paper
+(``trainable_modules = ["pixel_attentions"]`` of the UNet). The run exports a
+:class:`~sr_diffusion.pipelines.PASDPipeline` with the base and the EMA add-ons.
+
+Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generator.
+
+Config: the shared sections, ``model`` (``arch: pasd`` plus ``conditioning_embedding_out_channels`` and ``use_rrdb``
+of the degradation-removal module) and ``pasd`` (:class:`PASDConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from sr_diffusion.models.block_attention import BlockAttentions
+from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
+
+from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from .losses import build_loss
+from .trainer import TrainingTask
+
+__all__ = [
+    "PASDAddOns",
+    "PASDConfig",
+    "PASDExperimentConfig",
+    "PASDTask",
+    "PASDTrainConfig",
+    "degradation_removal_loss",
+]
+
+BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
+#: the ``model.*`` keys: the degradation-removal module's (everything else of the ControlNet comes from the UNet)
+MODEL_KEYS = ("conditioning_embedding_out_channels", "use_rrdb")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainable model, the extra loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PASDAddOns(ModelMixin, ConfigMixin):
+    """PASD's trainable parts as one model: ``controlnet`` (a :class:`PASDControlNetModel` of ``controlnet_config``)
+    and ``pixel_attentions`` (a :class:`BlockAttentions` of ``pixel_attentions_config``). ``forward`` is the conditioned
+    denoiser call, so that data-parallel wrappers see it; build a fresh one for a UNet with :meth:`from_unet`."""
+
+    @register_to_config
+    def __init__(
+        self, controlnet_config: dict[str, Any] | None = None, pixel_attentions_config: dict[str, Any] | None = None
+    ):
+        super().__init__()
+        self.controlnet = PASDControlNetModel(**(controlnet_config or {}))
+        self.pixel_attentions = BlockAttentions(**(pixel_attentions_config or {}))
+
+    @classmethod
+    def from_unet(
+        cls, unet, conditioning_embedding_out_channels=(16, 32, 96, 256), use_rrdb: bool = False
+    ) -> PASDAddOns:
+        """The ControlNet copied from ``unet``'s encoder and middle block, fresh PACA layers for ``unet``."""
+        controlnet = PASDControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels), use_rrdb=use_rrdb
+        )
+        pixel_attentions = BlockAttentions.pasd_pixel_attentions(unet)
+        model = cls(
+            controlnet_config=_public(controlnet.config), pixel_attentions_config=_public(pixel_attentions.config)
+        )
+        model.controlnet.load_state_dict(controlnet.state_dict())
+        model.pixel_attentions.load_state_dict(pixel_attentions.state_dict())
+        return model
+
+    def forward(self, unet, sample, timestep, encoder_hidden_states, cond_image):
+        from sr_diffusion.pipelines.pasd import pasd_noise_pred
+
+        return pasd_noise_pred(
+            unet, self.controlnet, self.pixel_attentions, sample, timestep, encoder_hidden_states, cond_image
+        )
+
+
+def _public(config) -> dict[str, Any]:
+    """A model config as plain JSON values, without diffusers' bookkeeping keys."""
+    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+
+
+def degradation_removal_loss(rgbs, hr: torch.Tensor) -> torch.Tensor:
+    """``sum_k || I_k - bilinear(x, size(I_k)) ||_1`` (mean absolute error per scale) for the RGB outputs ``I_k``
+    ``(B, 3, H_k, W_k)`` and the HR image ``x`` ``(B, 3, H, W)`` in [-1, 1]."""
+    if not rgbs:
+        raise ValueError("the ControlNet returned no RGB outputs: it needs return_rgbs=True for the PASD objective")
+    return sum(F.l1_loss(rgb.float(), F.interpolate(hr.float(), size=rgb.shape[-2:], mode="bilinear")) for rgb in rgbs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PASDConfig:
+    """``pasd``: the frozen base, the extra loss's weight and how validation and the exported pipeline sample.
+
+    ``base``: a diffusers Stable Diffusion 1.x/2.x folder (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``;
+    the released model: SD 1.5); ``rgb_loss_weight``: ``w`` of the degradation-removal loss (the original's 1);
+    ``num_inference_steps``, ``guidance_scale``, ``added_noise_level``, ``color_fix``: the pipeline's, for validation
+    (defaults: the original's inference settings)."""
+
+    base: str | None = None
+    rgb_loss_weight: float = 1.0
+    num_inference_steps: int = 20
+    guidance_scale: float = 9.0
+    added_noise_level: int | None = 900
+    color_fix: Literal["none", "adain", "wavelet"] = "wavelet"
+
+
+@dataclass
+class PASDTrainConfig(TrainConfig):
+    """``train`` with PASD's defaults: the MSE of SD's objective, ``outputs/pasd``."""
+
+    output_dir: str = "outputs/pasd"
+    loss: Literal["l1", "mse", "charbonnier"] = "mse"
+
+
+@dataclass
+class PASDExperimentConfig(ExperimentConfig):
+    """:class:`ExperimentConfig` with a ``pasd`` section; ``model.arch`` is ``pasd``."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="pasd"))
+    train: PASDTrainConfig = field(default_factory=PASDTrainConfig)
+    pasd: PASDConfig = field(default_factory=PASDConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        p = self.pasd
+        if self.model.arch != "pasd":
+            raise ConfigError(f"model.arch: must be 'pasd', got {self.model.arch!r}")
+        unknown = sorted(set(self.model.kwargs) - set(MODEL_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join('model.' + k for k in unknown)} for arch 'pasd'; valid keys: arch, "
+                f"{', '.join(MODEL_KEYS)} (the rest of the ControlNet is copied from the base's UNet)"
+            )
+        if not p.base:
+            raise ConfigError("pasd.base: required: a diffusers Stable Diffusion folder (e.g. stable-diffusion-v1-5)")
+        missing = [part for part in BASE_PARTS if not (Path(p.base) / part).is_dir()]
+        if missing:
+            raise ConfigError(f"pasd.base: {p.base} is not a diffusers SD folder (no {', '.join(missing)}/)")
+        if p.rgb_loss_weight < 0:
+            raise ConfigError(f"pasd.rgb_loss_weight: must be >= 0, got {p.rgb_loss_weight}")
+        if not 1 <= p.num_inference_steps <= 1000:
+            raise ConfigError(f"pasd.num_inference_steps: must be in [1, 1000], got {p.num_inference_steps}")
+        if p.guidance_scale < 1:
+            raise ConfigError(f"pasd.guidance_scale: must be >= 1, got {p.guidance_scale}")
+        if p.added_noise_level is not None and not 0 <= p.added_noise_level < 1000:
+            raise ConfigError(f"pasd.added_noise_level: must be null or in [0, 1000), got {p.added_noise_level}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Task
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PASDTask(TrainingTask):
+    """PASD's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring)."""
+
+    def __init__(self):
+        self.section = PASDConfig()
+        self.scale: int | None = None
+        self.loss_fn = None
+        self.unet_config: dict[str, Any] = {}
+        self.vae_config: dict[str, Any] = {}
+        self._base: dict[str, Any] | None = None
+        self._empty_prompt: torch.Tensor | None = None
+        self._scheduler = None
+
+    def check_config(self, config: ExperimentConfig) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self.section = getattr(config, "pasd", None) or PASDConfig()
+        if not self.section.base:
+            raise ConfigError("pasd.base: required: a diffusers Stable Diffusion folder")
+        base = Path(self.section.base)
+        self.unet_config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
+        self.vae_config = dict(AutoencoderKL.load_config(base, subfolder="vae"))
+        if self.unet_config.get("addition_embed_type") or self.unet_config.get("class_embed_type"):
+            raise ConfigError(f"pasd.base: {base} is not an SD 1.x/2.x text-to-image base (SDXL, upscaler, ...)")
+        f = 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        multiple = f * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
+        if config.data.gt_size % multiple:
+            raise ConfigError(
+                f"data.gt_size ({config.data.gt_size}) must be a multiple of {multiple} (the VAE's factor times the "
+                "UNet's input multiple)"
+            )
+        widths = config.model.kwargs.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        if 2 ** (len(widths) - 1) != f:
+            raise ConfigError(
+                f"model.conditioning_embedding_out_channels: {len(widths)} widths downsample the image by "
+                f"{2 ** (len(widths) - 1)}, the base's VAE by {f}: give {f.bit_length()} widths"
+            )
+        self.scale = config.scale
+        self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
+
+    def build_model(self, config: ExperimentConfig) -> PASDAddOns:
+        unet = self.base()["unet"]
+        try:
+            return PASDAddOns.from_unet(unet, **config.model.kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from err
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The frozen base
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def base(self, device: torch.device | None = None) -> dict[str, Any]:
+        """The frozen SD components (loaded once, eval mode, no gradients), moved to ``device`` when given."""
+        if self._base is None:
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            folder = Path(self.section.base)
+            self._base = {
+                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            }
+            for name in ("vae", "text_encoder", "unet"):
+                self._base[name].eval().requires_grad_(False)
+        if device is not None:
+            for name in ("vae", "text_encoder", "unet"):
+                self._base[name].to(device)
+        return self._base
+
+    def empty_prompt(self, device: torch.device) -> torch.Tensor:
+        """The text embedding ``(1, L, D)`` of ``""``."""
+        if self._empty_prompt is None or self._empty_prompt.device != device:
+            base = self.base(device)
+            tokenizer = base["tokenizer"]
+            ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+            with torch.no_grad():
+                self._empty_prompt = base["text_encoder"](ids.input_ids.to(device))[0]
+        return self._empty_prompt
+
+    def noise_scheduler(self):
+        """The base's training schedule as a ``DDPMScheduler`` (SD 1.5's when the base has no ``scheduler/``)."""
+        if self._scheduler is None:
+            from diffusers import DDPMScheduler
+
+            folder = Path(self.section.base) / "scheduler"
+            if (folder / "scheduler_config.json").is_file():
+                self._scheduler = DDPMScheduler.from_pretrained(folder)
+            else:
+                self._scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        return self._scheduler
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loss, validation, export
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, batch, generator) -> torch.Tensor:
+        """Steps 1-4 of the module docstring for a batch ``{"lr": (B,3,h,w), "hr": (B,3,s·h,s·w)}`` in [0, 1]."""
+        from sr_diffusion.resize import resize
+
+        device = batch["hr"].device
+        base = self.base(device)
+        vae, unet = base["vae"], base["unet"]
+        hr = batch["hr"].float() * 2.0 - 1.0
+        cond = resize(batch["lr"].float(), size=tuple(hr.shape[-2:]), mode="bicubic").clamp(0.0, 1.0)
+        n = hr.shape[0]
+
+        # 1-2. z_0 (a posterior sample), t, eps, z_t
+        with torch.no_grad():
+            z_0 = vae.encode(hr.to(vae.dtype)).latent_dist.sample(generator).float() * float(vae.config.scaling_factor)
+        scheduler = self.noise_scheduler()
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+        noise = torch.randn(z_0.shape, generator=generator, device=device, dtype=z_0.dtype)
+        z_t = scheduler.add_noise(z_0, noise, t)
+        v_prediction = scheduler.config.prediction_type == "v_prediction"
+        target = scheduler.get_velocity(z_0, noise, t) if v_prediction else noise
+
+        # 3-4. the conditioned frozen UNet, the noise-prediction loss and the degradation-removal loss
+        text = self.empty_prompt(device).expand(n, -1, -1)
+        prediction, rgbs = model(unet, z_t, t, text, cond)
+        loss = self.loss_fn(prediction.float(), target)
+        if self.section.rgb_loss_weight:
+            loss = loss + self.section.rgb_loss_weight * degradation_removal_loss(rgbs, hr)
+        return loss
+
+    def predict(self, model, lr, generator) -> torch.Tensor:
+        pipe = self.build_pipeline(model, device=lr.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            lr.clamp(0, 1),
+            num_inference_steps=self.section.num_inference_steps,
+            guidance_scale=self.section.guidance_scale,
+            added_noise_level=self.section.added_noise_level,
+            color_fix=self.section.color_fix,
+            generator=generator,
+            output_type="pt",
+        ).images
+
+    def build_pipeline(self, model, device: torch.device | None = None):
+        from diffusers import UniPCMultistepScheduler
+
+        from sr_diffusion.pipelines import PASDPipeline
+        from sr_diffusion.pipelines.pasd import pasd_scheduler
+
+        model = getattr(model, "module", model)
+        device = device or next(model.parameters()).device
+        base = self.base(device)
+        folder = Path(self.section.base) / "scheduler"
+        if (folder / "scheduler_config.json").is_file():
+            scheduler = UniPCMultistepScheduler.from_pretrained(folder)
+        else:
+            scheduler = pasd_scheduler(self.noise_scheduler().config.prediction_type)
+        return PASDPipeline(
+            vae=base["vae"],
+            text_encoder=base["text_encoder"],
+            tokenizer=base["tokenizer"],
+            unet=base["unet"],
+            scheduler=scheduler,
+            controlnet=model.controlnet,
+            pixel_attentions=model.pixel_attentions,
+            upscale=self.scale,
+        )

@@ -1,0 +1,333 @@
+"""PASDPipeline: the shared pipeline checks on a tiny random SD base, then PASD's own: the denoiser call is the
+original's block order, the adjustable noise schedule's start, the ControlNet conditioning scale, latent tiling,
+prompts (the original's defaults, prompt="auto" with an extractor, the user's words first), loading from an SD base
+folder, and the errors for incomplete folders, other model families, mismatched dtypes and bad prompts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+from pasd_tiny import (
+    lr_image,
+    perturb,
+    tiny_components,
+    tiny_controlnet,
+    tiny_pixel_attentions,
+    tiny_text_encoder,
+    tiny_unet,
+)
+from pipeline_common import SRPipelineTesterMixin
+
+from sr_diffusion.pipelines import AutoSRPipeline
+from sr_diffusion.pipelines.pasd import PASD_NEGATIVE_PROMPT, PASDPipeline, pasd_noise_pred
+from sr_diffusion.prompts import PromptExtraction, PromptExtractor
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
+
+
+def make_pipe(**overrides) -> PASDPipeline:
+    pipe = PASDPipeline(**tiny_components(**overrides))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
+    image = lr_image(0) if image is None else image
+    kwargs = {"num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed), "output_type": "pt", **kwargs}
+    return pipe(image, **kwargs).images
+
+
+class TestPASDPipeline(SRPipelineTesterMixin):
+    pipeline_class = PASDPipeline
+
+    def get_dummy_components(self) -> dict:
+        return tiny_components()
+
+    def get_dummy_inputs(self, seed: int = 0) -> dict:
+        return {"image": lr_image(seed), "num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed)}
+
+
+class FixedExtractor(PromptExtractor):
+    """Tags per image from a list; records the images it saw."""
+
+    def __init__(self, tags):
+        self.tags, self.seen = tags, []
+
+    def __call__(self, images):
+        self.seen.append(images)
+        return PromptExtraction(hard_prompts=list(self.tags[: images.shape[0]]))
+
+
+def record_prompts(pipe, monkeypatch) -> list[list[str]]:
+    """Every prompt list the pipeline embeds, in order (negative prompts after the prompts)."""
+    seen: list[list[str]] = []
+    original = pipe.encode_prompt
+
+    def spy(prompts, device):
+        seen.append(list(prompts))
+        return original(prompts, device)
+
+    monkeypatch.setattr(pipe, "encode_prompt", spy)
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the denoiser call
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def reference_pasd_unet(unet, extra, sample, t, text, residuals, mid_residual):
+    """PASD's ``UNet2DConditionModel.forward`` / ``CrossAttnUpBlock2D`` / ``UpBlock2D`` written against the diffusers
+    modules: the residuals are added to the skips, and each up layer's PACA attends to the residual its skip pops."""
+    emb = unet.time_embedding(unet.time_proj(t.expand(sample.shape[0])).to(sample.dtype))
+    h = unet.conv_in(sample)
+    skips = [h]
+    for block in unet.down_blocks:
+        for j, resnet in enumerate(block.resnets):
+            h = resnet(h, emb)
+            if getattr(block, "attentions", None):
+                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
+            skips.append(h)
+        for down in block.downsamplers or []:
+            skips.append(h := down(h))
+    skips = [s + r for s, r in zip(skips, residuals)]
+    pixelwise = list(residuals)
+    h = unet.mid_block(h, emb, encoder_hidden_states=text) + mid_residual
+    for i, block in enumerate(unet.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if getattr(block, "attentions", None):
+                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
+            context = pixelwise.pop().flatten(2).transpose(1, 2)  # 'b c h w -> b (h w) c'
+            h = extra.up_blocks[i].pixel_attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
+        for up in block.upsamplers or []:
+            h = up(h)
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+
+
+def test_the_denoiser_call_is_the_original_block_order():
+    c = tiny_components()
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    cond, t = torch.rand(2, 3, 32, 32, generator=g), torch.tensor(500)
+    with torch.no_grad():
+        got, rgbs = pasd_noise_pred(c["unet"], c["controlnet"], c["pixel_attentions"], sample, t, text, cond, 0.7)
+        down, mid, _ = c["controlnet"](sample, t, text, cond, conditioning_scale=0.7, return_dict=False)
+        expected = reference_pasd_unet(c["unet"], c["pixel_attentions"], sample, t, text, down, mid)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert [tuple(r.shape) for r in rgbs] == [(2, 3, 16, 16), (2, 3, 8, 8)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the adjustable noise schedule, the conditioning scale
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise_level():
+    pipe = make_pipe()
+    pipe.scheduler.set_timesteps(4)
+    timesteps = pipe.scheduler.timesteps
+    cond = torch.nn.functional.interpolate(lr_image(0), scale_factor=4, mode="bicubic").clamp(0, 1)
+    start = pipe.prepare_latents(cond, timesteps, 900, torch.Generator().manual_seed(3), None)
+    # by hand, with the same draws in the same order: posterior sample, then the two noises
+    g = torch.Generator().manual_seed(3)
+    z_lr = pipe.vae.encode(cond * 2 - 1).latent_dist.sample(g) * pipe.vae.config.scaling_factor
+    n1, n2 = torch.randn(z_lr.shape, generator=g), torch.randn(z_lr.shape, generator=g)
+    abar = pipe.scheduler.alphas_cumprod.double()
+    t1 = int(timesteps[0])
+    z = abar[t1].sqrt() * z_lr.double() + (1 - abar[t1]).sqrt() * n1.double()
+    z = abar[900].sqrt() * z + (1 - abar[900]).sqrt() * n2.double()
+    torch.testing.assert_close(start.double(), z, rtol=1e-5, atol=1e-5)
+    # None: pure noise; another level, another start
+    pure = pipe.prepare_latents(cond, timesteps, None, torch.Generator().manual_seed(3), None)
+    torch.testing.assert_close(pure, torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(3)))
+    low = pipe.prepare_latents(cond, timesteps, 100, torch.Generator().manual_seed(3), None)
+    assert (low - start).abs().max() > 1e-2
+    # and the pipeline's output follows the start
+    assert (run(pipe, added_noise_level=900) - run(pipe, added_noise_level=None)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"added_noise_level must be None .* \[0, 1000\)"):
+        run(pipe, added_noise_level=1000)
+
+
+def test_conditioning_scale_zero_removes_the_controlnet():
+    pipe = make_pipe()
+    ref = run(pipe, controlnet_conditioning_scale=0.0)
+    full = run(pipe)
+    perturb(pipe.controlnet, seed=11, scale=0.2)
+    # scale 0: residuals and PACA context are zeros whatever the ControlNet computes
+    torch.testing.assert_close(run(pipe, controlnet_conditioning_scale=0.0), ref, rtol=0, atol=1e-6)
+    assert (run(pipe) - full).abs().max() > 1e-3
+    assert (full - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale must be a number >= 0"):
+        run(pipe, controlnet_conditioning_scale=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tiling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_tile_blending_is_exact_for_a_pointwise_denoiser(monkeypatch):
+    pipe = make_pipe()
+
+    def pointwise(x, t, cond, emb, g, scale):
+        assert cond.shape[-2:] == tuple(4 * s for s in x.shape[-2:])  # the condition crop matches the latent tile
+        return torch.tanh(x) * 2 + torch.nn.functional.avg_pool2d(cond, 4).mean(1, keepdim=True)
+
+    monkeypatch.setattr(pipe, "predict_noise", pointwise)
+    latents, cond = torch.randn(1, 4, 12, 20), torch.rand(1, 3, 48, 80)
+    whole = pipe.predict_noise(latents, 5, cond, None, 1.0, 1.0)
+    tiled = pipe.predict_noise_tiled(latents, 5, cond, None, 1.0, 1.0, tile=8, overlap=4)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_sampling_agrees_with_untiled_where_one_tile_fits_and_runs_on_many():
+    pipe = make_pipe()
+    ref = run(pipe)
+    torch.testing.assert_close(run(pipe, tile_size=8, tile_overlap=4), ref, rtol=0, atol=0)  # 8 LR px: whole image
+    tiled = run(pipe, image=lr_image(1, size=(12, 20)), tile_size=8, tile_overlap=4)  # 2 x 4 latent tiles
+    assert tiled.shape == (1, 3, 48, 80) and torch.isfinite(tiled).all()
+    with pytest.raises(ValueError, match="tile_size must be a positive multiple of 2"):
+        run(pipe, tile_size=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prompts and guidance
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_prompts_are_the_originals_and_the_user_wins(monkeypatch):
+    pipe = make_pipe()
+    seen = record_prompts(pipe, monkeypatch)
+    run(pipe)
+    assert seen == [["clean, high-resolution, 8k"], [PASD_NEGATIVE_PROMPT]]
+    seen.clear()
+    run(pipe, prompt="a cat", negative_prompt="", added_prompt=None)
+    assert seen == [["a cat"], [""]]
+    seen.clear()
+    run(pipe, prompt="a photo", guidance_scale=1.0)  # no guidance: no negative prompt
+    assert seen == [["a photo, clean, high-resolution, 8k"]]
+    with pytest.raises(ValueError, match="needs a prompt extractor"):
+        run(pipe, prompt="auto")
+
+
+def test_prompt_auto_uses_the_extractor(monkeypatch):
+    extractor = FixedExtractor(["dog, grass, blurry", "tree"])
+    pipe = make_pipe(prompt_extractor=extractor)
+    seen = record_prompts(pipe, monkeypatch)
+    batch = torch.cat([lr_image(0), lr_image(1)])
+    run(pipe, image=batch, prompt="auto", generator=None)
+    # the negative prompt mentions "blurry": that tag is dropped (the user's negative words overrule the extractor)
+    assert seen[0] == ["dog, grass, clean, high-resolution, 8k", "tree, clean, high-resolution, 8k"]
+    assert extractor.seen[-1].shape == (2, 3, 8, 8) and extractor.seen[-1].max() <= 1  # the LR images in [0, 1]
+    seen.clear()
+    run(pipe, prompt=["a red dog", "a tree"], image=batch, negative_prompt="noise", generator=None)
+    assert seen == [
+        ["a red dog, grass, blurry, clean, high-resolution, 8k", "a tree, clean, high-resolution, 8k"],
+        ["noise", "noise"],
+    ]
+
+
+def test_guidance_uses_the_negative_prompt():
+    pipe = make_pipe()
+    unguided = run(pipe, prompt="a photo", added_prompt=None, guidance_scale=1.0)
+    same = run(pipe, prompt="a photo", added_prompt=None, negative_prompt="a photo", guidance_scale=4.0)
+    torch.testing.assert_close(same, unguided, rtol=0, atol=1e-4)  # condition = negative: guidance changes nothing
+    assert (run(pipe, prompt="a photo", added_prompt=None, guidance_scale=4.0) - unguided).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 1"):
+        run(pipe, guidance_scale=0.5)
+
+
+def test_bad_prompts_are_refused():
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match="prompt is an empty list"):
+        run(pipe, prompt=[])
+    with pytest.raises(ValueError, match=r"is 160 tokens long; the text encoder takes at most 75"):
+        run(pipe, prompt="ab " * 80)
+    with pytest.raises(ValueError, match="got 3 prompts for a batch of 1 images"):
+        run(pipe, prompt=["a", "b", "c"])
+    with pytest.raises(ValueError, match="prompt must be a string or a list of strings"):
+        run(pipe, prompt=7)
+    with pytest.raises(ValueError, match="negative_prompt is an empty list"):
+        run(pipe, negative_prompt=[])
+    with pytest.raises(ValueError, match="added_prompt must be a string"):
+        run(pipe, added_prompt=3)
+    with pytest.raises(ValueError, match=r"latents \(z_T\) must have shape \(1, 4, 8, 8\)"):
+        run(pipe, latents=torch.zeros(1, 4, 4, 4))
+    torch.testing.assert_close(run(pipe, latents=torch.zeros(1, 4, 8, 8)), run(pipe, latents=torch.zeros(1, 4, 8, 8)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_from_sd_base_builds_the_same_pipeline(tmp_path):
+    parts = tiny_components()
+    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
+        parts[name].save_pretrained(tmp_path / "base" / name)
+    pipe = PASDPipeline.from_sd_base(
+        tmp_path / "base", controlnet=parts["controlnet"], pixel_attentions=parts["pixel_attentions"]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    torch.testing.assert_close(run(pipe), run(make_pipe()), rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not a Stable Diffusion diffusers folder"):
+        PASDPipeline.from_sd_base(tmp_path, controlnet=parts["controlnet"], pixel_attentions=parts["pixel_attentions"])
+
+
+def test_incomplete_or_foreign_folders_give_clear_errors(tmp_path):
+    make_pipe().save_pretrained(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "pixel_attentions")
+    for load in (PASDPipeline.from_pretrained, AutoSRPipeline.from_pretrained):
+        with pytest.raises(FileNotFoundError, match=r"add-on subfolder pixel_attentions/ .* is missing"):
+            load(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="from_sd_base"):
+        PASDPipeline.from_pretrained(tmp_path / "sd")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad components
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_components_of_another_family_or_dtype_are_refused():
+    with pytest.raises(ValueError, match="different bases"):
+        make_pipe(text_encoder=tiny_text_encoder(hidden_size=48))
+    with pytest.raises(ValueError, match="class embeddings"):
+        make_pipe(unet=tiny_unet(num_class_embeds=10))
+    with pytest.raises(ValueError, match="inpainting or upscaler"):
+        make_pipe(unet=tiny_unet(in_channels=7))
+    plain = ControlNetModel.from_unet(tiny_unet(), conditioning_embedding_out_channels=(8, 16, 32))
+    with pytest.raises(ValueError, match="must be PASD's PASDControlNetModel"):
+        make_pipe(controlnet=plain)
+    wider = tiny_unet(block_out_channels=(32, 96))
+    with pytest.raises(ValueError, match="ControlNet was built for a UNet with block_out_channels"):
+        make_pipe(unet=wider)
+    with pytest.raises(ValueError, match="add-on was built for a model of another width"):
+        make_pipe(unet=wider, controlnet=tiny_controlnet(wider))
+    with pytest.raises(ValueError, match="pixel_attentions must be PASD's BlockAttentions"):
+        make_pipe(pixel_attentions=torch.nn.Linear(2, 2))
+    unet = tiny_unet()
+    coarse = tiny_controlnet(unet)
+    coarse = type(coarse).from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with pytest.raises(ValueError, match="downsamples its image by 8 but the VAE by 4"):
+        make_pipe(controlnet=coarse)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        make_pipe(controlnet=tiny_controlnet().to(torch.float16))
+    with pytest.raises(ValueError, match="prompt_extractor must be a sr_diffusion.prompts.PromptExtractor"):
+        make_pipe(prompt_extractor=lambda images: ["x"])
+    assert tiny_pixel_attentions().config.name == "pixel_attentions"
+
+
+def test_other_upscale_factors_give_exactly_that_size():
+    pipe = make_pipe()
+    pipe.register_to_config(upscale=2)
+    assert run(pipe, image=lr_image(0, size=(7, 5))).shape == (1, 3, 14, 10)
