@@ -1,15 +1,24 @@
-"""Paths of the model and sample photo shipped inside the package."""
+"""Paths of the models and sample photo shipped inside the package."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT_REGRESSION_DIR", "default_pipeline_dir", "sample_image_path"]
+__all__ = [
+    "DEFAULT_DEGRADATION_ESTIMATOR_DIR",
+    "DEFAULT_REGRESSION_DIR",
+    "default_degradation_estimator_dir",
+    "default_pipeline_dir",
+    "sample_image_path",
+]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 #: The embedded regression x4 pipeline folder (trained by ``configs/regression_default_x4.yaml``).
 DEFAULT_REGRESSION_DIR = _PACKAGE_DIR / "weights" / "regression_x4"
+
+#: The embedded degradation estimator folder (trained by ``configs/degradation_estimator_default.yaml``).
+DEFAULT_DEGRADATION_ESTIMATOR_DIR = _PACKAGE_DIR / "weights" / "degradation_estimator"
 
 
 def default_pipeline_dir() -> Path:
@@ -20,6 +29,16 @@ def default_pipeline_dir() -> Path:
             "or pass --model DIR"
         )
     return DEFAULT_REGRESSION_DIR
+
+
+def default_degradation_estimator_dir() -> Path:
+    """The ``DegradationEstimator`` folder ``fidelity="auto"`` uses when a pipeline has no estimator of its own."""
+    if not (DEFAULT_DEGRADATION_ESTIMATOR_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded degradation estimator is missing from {DEFAULT_DEGRADATION_ESTIMATOR_DIR}; reinstall the "
+            "package or give the pipeline a degradation_estimator"
+        )
+    return DEFAULT_DEGRADATION_ESTIMATOR_DIR
 
 
 def sample_image_path() -> Path:

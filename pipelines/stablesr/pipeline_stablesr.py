@@ -47,6 +47,8 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
+from sr_diffusion.estimation import DegradationEstimator
+from sr_diffusion.fidelity_auto import check_fidelity, resolve_auto_fidelity
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.models.stablesr_cfw import StableSRCFW
 from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
@@ -149,6 +151,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         time_aware_encoder: :class:`~sr_diffusion.models.StableSRTimeAwareEncoder`.
         sft: :class:`~sr_diffusion.models.StableSRSFT`, built for ``unet``.
         cfw: :class:`~sr_diffusion.models.StableSRCFW` for ``vae``, or None (then ``fidelity_weight`` must be 0).
+        degradation_estimator: the :class:`~sr_diffusion.estimation.DegradationEstimator` of ``fidelity="auto"``, or
+            None for the one shipped in the package.
         upscale: the SR factor ``s`` (registered in the config; the released model was trained at 4, and works at
             others since the LR image is upsampled to the output size first).
 
@@ -160,9 +164,10 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     #: subfolders a saved StableSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
     ADD_ON_SUBFOLDERS = {"time_aware_encoder": "the time-aware encoder", "sft": "the SFT layers"}
     model_cpu_offload_seq = "text_encoder->time_aware_encoder->unet->vae"
-    _optional_components = ["cfw"]
-    # the SFT and CFW layers run inside the UNet's and the VAE's calls (hooks): they stay on the execution device
-    _exclude_from_cpu_offload = ["sft", "cfw"]
+    _optional_components = ["cfw", "degradation_estimator"]
+    # the SFT and CFW layers run inside the UNet's and the VAE's calls (hooks): they stay on the execution device, as
+    # does the (tiny) degradation estimator
+    _exclude_from_cpu_offload = ["sft", "cfw", "degradation_estimator"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "lr_latents"]
     _latents_name = "z_T"
 
@@ -176,6 +181,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         time_aware_encoder: StableSRTimeAwareEncoder,
         sft: StableSRSFT,
         cfw: StableSRCFW | None = None,
+        degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
     ):
         super().__init__()
@@ -190,6 +196,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             time_aware_encoder=time_aware_encoder,
             sft=sft,
             cfw=cfw,
+            degradation_estimator=degradation_estimator,
         )
         self.register_to_config(upscale=upscale)
         self.image_processor = SRImageProcessor()
@@ -226,9 +233,13 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
 
     @classmethod
     def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
-        """The CFW layers' subfolder, when the saved pipeline has them."""
-        cfw = model_index.get("cfw")
-        return {"cfw": "the CFW layers"} if isinstance(cfw, list) and cfw[0] is not None else {}
+        """The CFW layers' and the degradation estimator's subfolders, when the saved pipeline has them."""
+        names = {"cfw": "the CFW layers", "degradation_estimator": "the degradation estimator"}
+        return {
+            name: what
+            for name, what in names.items()
+            if isinstance(model_index.get(name), list) and model_index[name][0] is not None
+        }
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks
@@ -264,8 +275,25 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             if not isinstance(self.cfw, StableSRCFW):
                 raise ValueError(f"cfw must be a StableSRCFW or None, got {type(self.cfw).__name__}")
             self.cfw.check_vae(self.vae)
+        estimator = getattr(self, "degradation_estimator", None)
+        if estimator is not None and not isinstance(estimator, DegradationEstimator):
+            raise ValueError(
+                f"degradation_estimator must be a DegradationEstimator or None, got {type(estimator).__name__}"
+            )
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("StableSR", epsilon_only=False)
+
+    def resolve_fidelity_weight(self, fidelity_weight: float | None, fidelity: str | None, rgb: torch.Tensor) -> float:
+        """CFW's ``w``: the caller's value; else, with ``fidelity="auto"`` and CFW layers, the value mapped from the
+        estimated degradation of ``rgb`` ``(N, 3, h, w)`` (:func:`sr_diffusion.fidelity_auto.resolve_auto_fidelity`);
+        else the original's 0.5 (0 without CFW layers)."""
+        check_fidelity(fidelity)
+        if fidelity_weight is None and fidelity is not None and self.cfw is not None:
+            knobs = resolve_auto_fidelity({"fidelity_weight": None}, rgb, self.degradation_estimator, fidelity)
+            return knobs["fidelity_weight"]
+        if fidelity_weight is None:
+            return 0.5 if self.cfw is not None else 0.0
+        return fidelity_weight
 
     def check_inputs(
         self,
@@ -399,6 +427,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         guidance_scale: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         fidelity_weight: float | None = None,
+        fidelity: str | None = None,
         color_fix: str = "adain",
         lr_consistency: bool = False,
         tile_size: int | None = None,
@@ -422,6 +451,10 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             negative_prompt: the unconditional text when ``guidance_scale > 1`` (default ``""``); ignored otherwise.
             fidelity_weight: CFW's ``w`` in [0, 1] (0: the plain SD decoder, more generative; 1: most faithful);
                 default 0.5 (the original's ``dec_w``) when the pipeline has CFW layers, else 0.
+            fidelity: ``"auto"``: when ``fidelity_weight`` is not given (and the pipeline has CFW layers), set it from
+                the input's degradation as estimated by ``degradation_estimator`` (higher for clean inputs, lower for
+                heavily degraded ones: :mod:`sr_diffusion.fidelity_auto`); the LR images must be at least 16 pixels a
+                side. None (default): the fixed default above.
             color_fix: ``"adain"`` (default, the paper's), ``"wavelet"`` or ``"none"``: correct the output's colours
                 towards the LR image (:func:`sr_diffusion.color_fix.color_fix`).
             lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
@@ -447,11 +480,10 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         callback_on_step_end_tensor_inputs = self.callback_tensor_names(
             callback_on_step_end, callback_on_step_end_tensor_inputs
         )
-        if fidelity_weight is None:
-            fidelity_weight = 0.5 if self.cfw is not None else 0.0
 
-        # 1. Check inputs
+        # 1. Check inputs (fidelity="auto" sets an unset fidelity_weight from the input's estimated degradation)
         pre = self.image_processor.preprocess(image)
+        fidelity_weight = self.resolve_fidelity_weight(fidelity_weight, fidelity, pre.rgb)
         self.check_inputs(
             pre.rgb,
             prompt,

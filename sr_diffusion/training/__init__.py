@@ -27,6 +27,7 @@ from .config import (
 )
 from .dape import DAPEExperimentConfig, DAPETask
 from .data import SRTrainDataset, StepBatchSampler, build_train_dataset, build_validation_set
+from .degradation_estimator import DegradationEstimatorExperimentConfig, DegradationEstimatorTask
 from .ema import create_ema
 from .losses import CharbonnierLoss, build_loss
 from .regression import RegressionTask, build_regression_model
@@ -52,6 +53,8 @@ __all__ = [
     "save_config",
     "DAPEExperimentConfig",
     "DAPETask",
+    "DegradationEstimatorExperimentConfig",
+    "DegradationEstimatorTask",
     "SRTrainDataset",
     "StepBatchSampler",
     "build_train_dataset",

@@ -1,0 +1,130 @@
+"""fidelity="auto": the documented monotone mapping from a degradation estimate to the fidelity knobs, the resolver
+other pipelines call, and StableSR's wiring (tiny components): it runs, picks the mapped value, a given value wins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stablesr_tiny import lr_image, tiny_components
+
+from sr_diffusion.estimation import DegradationEstimate, DegradationEstimator
+from sr_diffusion.fidelity_auto import (
+    AUTO_KNOBS,
+    TYPICAL_SEVERITY,
+    auto_fidelity_knobs,
+    degradation_severity,
+    resolve_auto_fidelity,
+)
+from sr_diffusion.pipelines.stablesr import StableSRPipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def estimate(blur=0.375, noise=0.0, quality=100.0) -> DegradationEstimate:
+    return DegradationEstimate(torch.tensor([blur]), torch.tensor([noise]), torch.tensor([quality]))
+
+
+def constant_estimator(blur: float, noise: float, quality: float) -> DegradationEstimator:
+    """An estimator that predicts the same estimate for every image (its head's last layer is zero)."""
+    torch.manual_seed(0)
+    model = DegradationEstimator(block_out_channels=(8, 16), head_channels=8, target_mean=(blur, noise, quality))
+    return model.eval()
+
+
+def test_severity_is_zero_when_clean_one_when_heavy_and_monotone():
+    assert degradation_severity(estimate()).item() == 0.0
+    assert degradation_severity(estimate(noise=25.0)).item() == 1.0
+    assert degradation_severity(estimate(quality=30.0)).item() == 1.0
+    assert degradation_severity(estimate(blur=1.5)).item() == 1.0
+    # the mean Real-ESRGAN x4plus degradation sits at TYPICAL_SEVERITY
+    assert degradation_severity(estimate(0.76, 10.0, 62.0)).item() == pytest.approx(TYPICAL_SEVERITY, abs=0.01)
+    grid = [degradation_severity(estimate(noise=n)).item() for n in (0, 2, 5, 10, 20, 40)]
+    assert grid == sorted(grid)
+
+
+def test_knobs_follow_their_anchors_and_move_the_documented_way():
+    clean, typical, heavy = (auto_fidelity_knobs(estimate(*e)) for e in ((0.375, 0, 100), (0.76, 10, 62), (2, 30, 20)))
+    assert clean == {"fidelity_weight": 1.0, "added_noise_level": 700, "controlnet_conditioning_scale": 1.0}
+    assert heavy == {"fidelity_weight": 0.25, "added_noise_level": 999, "controlnet_conditioning_scale": 0.8}
+    assert typical["fidelity_weight"] == pytest.approx(0.5, abs=0.02)
+    assert typical["added_noise_level"] in range(880, 921)
+    weights = [auto_fidelity_knobs(estimate(noise=n))["fidelity_weight"] for n in range(0, 30, 3)]
+    assert weights == sorted(weights, reverse=True)
+    levels = [auto_fidelity_knobs(estimate(noise=n))["added_noise_level"] for n in range(0, 30, 3)]
+    assert levels == sorted(levels) and isinstance(levels[0], int)
+    assert set(AUTO_KNOBS) == set(clean)
+
+
+def test_resolver_fills_only_unset_knobs_and_checks_its_arguments():
+    images = torch.rand(2, 3, 16, 16)
+    estimator = constant_estimator(0.375, 0.0, 100.0)  # clean
+    out = resolve_auto_fidelity({"added_noise_level": None, "controlnet_conditioning_scale": 0.3}, images, estimator)
+    assert out == {"added_noise_level": 700, "controlnet_conditioning_scale": 0.3}
+    unchanged = resolve_auto_fidelity({"fidelity_weight": None}, images, estimator, fidelity=None)
+    assert unchanged == {"fidelity_weight": None}
+    with pytest.raises(ValueError, match="fidelity must be None or 'auto'"):
+        resolve_auto_fidelity({"fidelity_weight": None}, images, estimator, fidelity="high")
+    with pytest.raises(ValueError, match="cannot set"):
+        resolve_auto_fidelity({"guidance_scale": None}, images, estimator)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        resolve_auto_fidelity({"fidelity_weight": None}, torch.rand(1, 3, 8, 8), estimator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# StableSR
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_pipe(estimator=None) -> StableSRPipeline:
+    pipe = StableSRPipeline(**tiny_components(), degradation_estimator=estimator)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def decoded_weight(pipe, monkeypatch, **kwargs) -> float:
+    """The ``fidelity_weight`` the pipeline decodes with."""
+    seen = []
+    decode = pipe.decode_latents
+
+    def spy(latents, cfw_features=None, fidelity_weight=0.0):
+        seen.append(fidelity_weight)
+        return decode(latents, cfw_features, fidelity_weight)
+
+    monkeypatch.setattr(pipe, "decode_latents", spy)
+    image = lr_image(0, size=(16, 16))
+    pipe(image, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
+    return seen[0]
+
+
+def test_stablesr_fidelity_auto_picks_the_mapped_weight_and_a_given_weight_wins(monkeypatch):
+    heavy = make_pipe(constant_estimator(2.0, 30.0, 20.0))
+    assert decoded_weight(heavy, monkeypatch, fidelity="auto") == pytest.approx(0.25)
+    clean = make_pipe(constant_estimator(0.375, 0.0, 100.0))
+    assert decoded_weight(clean, monkeypatch, fidelity="auto") == pytest.approx(1.0)
+    assert decoded_weight(clean, monkeypatch) == 0.5  # the original's default without "auto"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the estimator must not run when the weight is given")
+
+    monkeypatch.setattr(clean.degradation_estimator, "forward", fail)
+    assert decoded_weight(clean, monkeypatch, fidelity="auto", fidelity_weight=0.3) == 0.3
+    with pytest.raises(ValueError, match="fidelity must be None or 'auto'"):
+        clean(lr_image(0, size=(16, 16)), num_inference_steps=1, fidelity="max")
+
+
+def test_stablesr_fidelity_auto_uses_the_shipped_estimator_without_a_component(monkeypatch):
+    pipe = make_pipe()
+    weight = decoded_weight(pipe, monkeypatch, fidelity="auto")
+    assert 0.25 <= weight <= 1.0
+    with pytest.raises(ValueError, match="at least 16x16"):
+        pipe(lr_image(0), num_inference_steps=1, fidelity="auto")  # 8x8
+
+
+def test_stablesr_saves_and_loads_its_estimator(tmp_path):
+    pipe = make_pipe(constant_estimator(1.0, 5.0, 60.0))
+    pipe.save_pretrained(tmp_path / "with")
+    loaded = StableSRPipeline.from_pretrained(tmp_path / "with")
+    assert isinstance(loaded.degradation_estimator, DegradationEstimator)
+    assert loaded.degradation_estimator.config.target_mean == [1.0, 5.0, 60.0]
+    make_pipe().save_pretrained(tmp_path / "without")
+    assert StableSRPipeline.from_pretrained(tmp_path / "without").degradation_estimator is None
