@@ -4,13 +4,19 @@ Each of them takes any SD 1.x / 2.x diffusers folder (``vae/``, ``text_encoder/`
 ``scheduler/``) plus its own add-on modules, each a ``ModelMixin`` in its own subfolder, so one base model on disk
 serves all three. :class:`StableDiffusionSRMixin` holds what they do alike:
 
-- loading: :meth:`~StableDiffusionSRMixin.load_sd_base` (the base parts of a folder, with a clear error for a folder
-  of another kind), :meth:`~StableDiffusionSRMixin.check_saved_folder` (a saved pipeline has its add-on subfolders);
+- construction and loading: :meth:`~StableDiffusionSRMixin.register_sd_components` (what every ``__init__`` does),
+  :meth:`~StableDiffusionSRMixin.load_sd_base` (the base parts of a folder, with a clear error for a folder of another
+  kind), :meth:`~StableDiffusionSRMixin.from_sd_base_parts` (a pipeline on a base folder with its add-ons),
+  :meth:`~StableDiffusionSRMixin.check_saved_folder` (a saved pipeline has its add-on subfolders);
 - the base's family checks (:meth:`~StableDiffusionSRMixin.check_sd_base`: an SD 1.x/2.x text-to-image UNet, VAE and
-  a text encoder of the same width);
+  a text encoder of the same width), and the checks of inputs and add-ons the pipelines share (guidance and ControlNet
+  scales, one dtype for what runs in one call, a ControlNet made from the UNet, the prompt extractor);
 - geometry: ``upscale``, the VAE factor ``f``, the LR multiple, the latent shape;
-- text: prompt checks (never truncated silently) and embeddings, negative prompts for classifier-free guidance;
-- VAE: latent scaling (``scaling_factor`` / ``shift_factor``);
+- text: prompt checks (never truncated silently) and embeddings, negative prompts for classifier-free guidance, the
+  user's prompts merged with a prompt extractor's (:meth:`~StableDiffusionSRMixin.resolve_text_prompts`);
+- VAE: latent scaling (``scaling_factor`` / ``shift_factor``), encoding an image to a posterior sample, decoding;
+- the ControlNet condition (the LR image padded and bicubic-upsampled to the output size) and classifier-free guidance
+  with a condition shared by both halves (:meth:`~StableDiffusionSRMixin.guided_noise_pred`);
 - latent tiling with Gaussian-weighted overlap (:func:`gaussian_tile_weights`, :meth:`~StableDiffusionSRMixin.
   blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``);
 - LoRA: diffusers' ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights`` / ``fuse_lora`` / ``unload_lora_weights``
@@ -21,15 +27,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from sr_diffusion.image_processor import SRImageProcessor, pad_to_multiple
+from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
+from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid
 
 __all__ = ["SD_BASE_PARTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
@@ -54,13 +63,32 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     """Shared loading, checks, text, VAE and tiling of the SR pipelines on an SD 1.x/2.x base (module docstring).
 
     A pipeline using it registers ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``, an ``upscale``
-    config entry, and names its add-ons in :attr:`ADD_ON_SUBFOLDERS` (``{subfolder: what it is}``) and its method in
-    :attr:`METHOD`.
+    config entry, and names its add-ons in :attr:`ADD_ON_SUBFOLDERS` (``{subfolder: what it is}``), its optional ones in
+    :attr:`OPTIONAL_ADD_ONS`, its method in :attr:`METHOD` and the base it was released on in :attr:`BASE_EXAMPLE`.
     """
 
     METHOD = "this method"
+    #: an SD base the method was released on, named in the error for a folder that is not an SD base
+    BASE_EXAMPLE = "stabilityai/stable-diffusion-2-1-base"
     #: the add-on subfolders a saved pipeline must have (``{name: description}``)
     ADD_ON_SUBFOLDERS: dict[str, str] = {}
+    #: optional components a saved pipeline must have a subfolder for when its ``model_index.json`` names them
+    OPTIONAL_ADD_ONS: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def register_sd_components(self, upscale: int, **components: Any) -> None:
+        """What a pipeline's ``__init__`` does after ``super().__init__()``: ``register_modules(**components)`` (the
+        base parts, the scheduler and the add-ons), the ``upscale`` config entry (a positive int), the image processor,
+        and :meth:`check_components`."""
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+        self.register_modules(**components)
+        self.register_to_config(upscale=upscale)
+        self.image_processor = SRImageProcessor()
+        self.check_components()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loading
@@ -77,7 +105,7 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         if missing:
             raise FileNotFoundError(
                 f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); "
-                f"{cls.METHOD} needs an SD 1.x/2.x base such as stabilityai/stable-diffusion-2-1-base"
+                f"{cls.METHOD} needs an SD 1.x/2.x base such as {cls.BASE_EXAMPLE}"
             )
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         prediction_type = "epsilon"
@@ -93,9 +121,33 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         }
 
     @classmethod
+    def from_sd_base_parts(
+        cls,
+        base: str | Path,
+        scheduler: SchedulerMixin,
+        upscale: int,
+        torch_dtype: torch.dtype | None = None,
+        **components: Any,
+    ):
+        """``cls`` on the base parts of the SD folder ``base`` (:meth:`load_sd_base`) with ``scheduler`` and the other
+        ``components``; the add-ons (:attr:`ADD_ON_SUBFOLDERS`) are cast to ``torch_dtype`` with the base."""
+        parts = cls.load_sd_base(base, torch_dtype)
+        parts.pop("prediction_type")
+        if torch_dtype is not None:
+            components = {
+                name: module.to(torch_dtype) if name in cls.ADD_ON_SUBFOLDERS else module
+                for name, module in components.items()
+            }
+        return cls(**parts, scheduler=scheduler, **components, upscale=upscale)
+
+    @classmethod
     def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
-        """Add-on subfolders required only when the saved ``model_index`` names them (override for optional ones)."""
-        return {}
+        """The :attr:`OPTIONAL_ADD_ONS` that the saved ``model_index`` names (an unsaved one is ``[null, null]``)."""
+        return {
+            name: what
+            for name, what in cls.OPTIONAL_ADD_ONS.items()
+            if isinstance(model_index.get(name), list) and model_index[name] and model_index[name][0] is not None
+        }
 
     @classmethod
     def check_saved_folder(cls, folder: str | Path) -> None:
@@ -196,14 +248,15 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
                 f"{uc.cross_attention_dim} (SD 1.x: 768, SD 2.x: 1024): text encoder and UNet are of different bases"
             )
 
-    def _prompt_list(self, prompt: Any, batch_size: int, name: str) -> list[str]:
-        """``prompt`` as one string per image, after checking its type, count and token length."""
-        if isinstance(prompt, str):
+    def _prompt_list(self, prompt: Any, batch_size: int, name: str, allow_none: bool = False) -> list[str | None]:
+        """``prompt`` as one entry per image, after checking its type, count and token length (the user's words are
+        never truncated). With ``allow_none``, ``None`` (and ``None`` entries) stand for "no prompt given"."""
+        if isinstance(prompt, str) or (allow_none and prompt is None):
             prompts = [prompt] * batch_size
         elif isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise ValueError(f"{name} is an empty list: pass a string ('' for no prompt) or one string per image")
-            if not all(isinstance(p, str) for p in prompt):
+            if not all(isinstance(p, str) or (allow_none and p is None) for p in prompt):
                 raise ValueError(
                     f"{name} must be a string or a list of strings, got {[type(p).__name__ for p in prompt]}"
                 )
@@ -214,16 +267,57 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
             prompts = list(prompt) * (batch_size if len(prompt) == 1 else 1)
         else:
             raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+        self._check_token_lengths([text for text in prompts if text], name)
+        return prompts
+
+    def _check_token_lengths(self, texts: list[str], name: str) -> None:
+        if not texts:
+            return
         max_length = int(self.tokenizer.model_max_length)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
-        for text, length in zip(prompts, lengths):
+        for text, ids in zip(texts, self.tokenizer(texts, truncation=False, verbose=False).input_ids):
+            length = len(ids)
             if length > max_length:
                 shown = text if len(text) <= 60 else text[:57] + "..."
                 raise ValueError(
                     f"{name} {shown!r} is {length - 2} tokens long; the text encoder takes at most {max_length - 2} "
                     "(it is not truncated silently): shorten it"
                 )
-        return prompts
+
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Classifier-free guidance's ``w``: a number >= 1 (1: no guidance)."""
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+            raise ValueError(
+                f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
+            )
+
+    def check_controlnet_conditioning_scale(self, scale: float) -> None:
+        """The factor of a ControlNet's residuals: a finite number >= 0 (0: the ControlNet has no effect)."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
+
+    def check_same_dtype(self, names: Sequence[str]) -> None:
+        """Raise a ``ValueError`` unless the components ``names`` (which run in one call) share one dtype."""
+        dtypes = {name: getattr(self, name).dtype for name in names}
+        if len(set(dtypes.values())) > 1:
+            found = ", ".join(f"{k}={v}" for k, v in dtypes.items())
+            raise ValueError(
+                f"{', '.join(names[:-1])} and {names[-1]} must share one dtype (they run in one call), but have "
+                f"different dtypes ({found}): cast them together, e.g. pipe.to(torch.float16)"
+            )
+
+    @staticmethod
+    def config_mismatch(config: Any, reference: Any, keys: Sequence[str]) -> tuple[str, Any, Any] | None:
+        """The first ``(key, value, reference value)`` among ``keys`` where two model configs differ (a value and a
+        one-element list of it, lists and tuples compare alike), or ``None``."""
+
+        def as_list(value: Any) -> list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+
+        for key in keys:
+            mine, theirs = getattr(config, key), getattr(reference, key)
+            if as_list(mine) != as_list(theirs):
+                return key, mine, theirs
+        return None
 
     # ------------------------------------------------------------------------------------------------------------------
     # Text, VAE, latents
@@ -236,6 +330,16 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
             return_tensors="pt",
         ).input_ids  # fmt: skip
         return self.text_encoder(ids.to(device))[0].to(self.unet.dtype)
+
+    def embed_for_guidance(
+        self, prompts: list[str], negative_prompts: list[str], device: torch.device, do_classifier_free_guidance: bool
+    ) -> torch.Tensor:
+        """Text embeddings ``(N, L, D)`` of ``prompts``, preceded by those of ``negative_prompts`` (``(2N, L, D)``)
+        when guiding."""
+        prompt_embeds = self.embed_prompts(prompts, device)
+        if do_classifier_free_guidance:
+            prompt_embeds = torch.cat([self.embed_prompts(negative_prompts, device), prompt_embeds])
+        return prompt_embeds
 
     def encode_prompt(
         self,
@@ -253,6 +357,36 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
             negative_embeds = self.embed_prompts(self._prompt_list(negative, batch_size, "negative_prompt"), device)
         return prompt_embeds, negative_embeds
 
+    def resolve_text_prompts(
+        self,
+        rgb: torch.Tensor,
+        prompt: Any,
+        negative_prompt: Any,
+        added_prompt: str | None,
+        default_negative_prompt: str | None,
+    ) -> ResolvedPrompts:
+        """The prompts for the LR images ``rgb`` ``(N, 3, h, w)`` in [0, 1]: the user's (checked, one per image;
+        ``None`` or ``"auto"``: none), then the pipeline's ``prompt_extractor``'s tags when it has one, then
+        ``added_prompt``; the negative prompt is the user's, else ``default_negative_prompt``
+        (:func:`~sr_diffusion.prompts.resolve_prompts`; the extractor's soft prompts are passed on)."""
+        n = rgb.shape[0]
+        return resolve_prompts(
+            self._prompt_list(prompt, n, "prompt", allow_none=True),
+            rgb,
+            getattr(self, "prompt_extractor", None),
+            self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True),
+            added_prompt=added_prompt or None,
+            default_negative_prompt=default_negative_prompt,
+        )
+
+    def check_prompt_extractor(self, what: str) -> PromptExtractor | None:
+        """The ``prompt_extractor`` component (``None`` or a :class:`~sr_diffusion.prompts.PromptExtractor`, ``what``
+        describing it in the error)."""
+        extractor = getattr(self, "prompt_extractor", None)
+        if extractor is not None and not isinstance(extractor, PromptExtractor):
+            raise ValueError(f"prompt_extractor must be a {what} or None, got {type(extractor).__name__}")
+        return extractor
+
     def _latent_scale(self) -> tuple[float, float]:
         """``(shift, scale)``: latents for the UNet are ``(z - shift) · scale``."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -267,6 +401,24 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         """The UNet's latent → the VAE's, in the VAE's dtype."""
         shift, scale = self._latent_scale()
         return (latents.float() / scale + shift).to(self.vae.dtype)
+
+    def encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
+        """``z = E(x) · scaling_factor``: a posterior sample for ``x`` ``(N, 3, H, W)`` in [-1, 1], in the UNet's latent
+        space (float32)."""
+        posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+        return self.scale_latents(posterior.sample(generator=generator))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``z_0`` ``(N, C_z, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1] (float32)."""
+        return self.vae.decode(self.unscale_latents(latents)).sample.float()
+
+    def upsample_lr(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The ControlNet condition: the LR images ``(N, 3, h, w)`` in [0, 1] padded (reflect, bottom/right) to a
+        multiple of :attr:`lr_multiple` and bicubic-upsampled ×``upscale`` to ``(N, 3, s·h', s·w')``, clamped to
+        [0, 1]."""
+        s = self.upscale
+        lr, _ = pad_to_multiple(rgb, self.lr_multiple)
+        return resize(lr, size=(lr.shape[-2] * s, lr.shape[-1] * s), mode="bicubic").clamp(0.0, 1.0)
 
     def prepare_latents(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
@@ -305,3 +457,38 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
                 total[region] += predict(region).float() * weight
                 weight_sum[region] += weight
         return (total / weight_sum).to(latents.dtype)
+
+    def pixel_region(self, region: tuple[slice, ...]) -> tuple[slice, ...]:
+        """The index of the image-space region (``f`` times larger) under the latent ``region`` that
+        :meth:`blend_latent_tiles` hands to ``predict`` (the whole image for the whole latent)."""
+        ys, xs = region[2], region[3]
+        if ys.start is None:  # one tile covering everything: the whole latent
+            return (slice(None), slice(None))
+        f = self.vae_scale_factor
+        return (slice(None), slice(None), slice(ys.start * f, ys.stop * f), slice(xs.start * f, xs.stop * f))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Guidance
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def guided_noise_pred(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The (guided) model output for ``z_t`` ``(N, C_z, h, w)`` (or a tile of it): ``model(x, condition)`` on
+        ``x = scheduler.scale_model_input(z_t, t)``; with ``guidance_scale`` ``w > 1`` on both halves at once (the text
+        embeddings the model uses hold the negative ones first; the condition ``(N, …)`` is repeated for both, as the
+        originals do) and ``eps_u + w (eps_c - eps_u)``."""
+        do_cfg = guidance_scale > 1
+        scaled = self.scheduler.scale_model_input(latents, t)
+        if do_cfg:
+            scaled, condition = torch.cat([scaled, scaled]), torch.cat([condition, condition])
+        out = model(scaled, condition)
+        if do_cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out

@@ -1,7 +1,8 @@
 """Tiny PASD components for the tests: StableSR's tiny SD base (tests/stablesr_tiny.py) plus a PASD ControlNet made
 from its UNet, the pixel-aware cross-attention add-on, a UniPC scheduler (the original's), and the released layout of
-PASD's extra keys written from the original architecture (``pasd/models/pasd/controlnet.py`` and
-``unet_2d_blocks.py``), independently of our builders."""
+PASD's extra keys and its UNet forward (:func:`reference_pasd_unet`) written from the original architecture
+(``pasd/models/pasd/controlnet.py``, ``unet_2d_condition.py`` and ``unet_2d_blocks.py``), independently of our
+builders and hooks."""
 
 from __future__ import annotations
 
@@ -67,6 +68,35 @@ def tiny_components(**overrides) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # The released layout, from the original architectures
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def reference_pasd_unet(unet, extra, sample, t, text, residuals, mid_residual):
+    """PASD's ``UNet2DConditionModel.forward`` / ``CrossAttnUpBlock2D`` / ``UpBlock2D`` written against the diffusers
+    modules: the residuals are added to the skips, and each up layer's PACA attends to the residual its skip pops."""
+    emb = unet.time_embedding(unet.time_proj(t.expand(sample.shape[0])).to(sample.dtype))
+    h = unet.conv_in(sample)
+    skips = [h]
+    for block in unet.down_blocks:
+        for j, resnet in enumerate(block.resnets):
+            h = resnet(h, emb)
+            if getattr(block, "attentions", None):
+                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
+            skips.append(h)
+        for down in block.downsamplers or []:
+            skips.append(h := down(h))
+    skips = [s + r for s, r in zip(skips, residuals)]
+    pixelwise = list(residuals)
+    h = unet.mid_block(h, emb, encoder_hidden_states=text) + mid_residual
+    for i, block in enumerate(unet.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if getattr(block, "attentions", None):
+                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
+            context = pixelwise.pop().flatten(2).transpose(1, 2)  # 'b c h w -> b (h w) c'
+            h = extra.up_blocks[i].pixel_attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
+        for up in block.upsamplers or []:
+            h = up(h)
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
 
 
 def original_pixel_attention_shapes(

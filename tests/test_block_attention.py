@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import ControlNetModel
+from pasd_tiny import reference_pasd_unet
 from stablesr_tiny import TEXT_DIM, tiny_unet
 
 from sr_diffusion.models.block_attention import BlockAttentions
@@ -53,9 +54,13 @@ def test_pasd_layout_follows_the_original_up_blocks():
     # up block 0 (CrossAttnUpBlock2D, 64 channels): skips of 64 then 32 channels (the last layer takes the skip from
     # the level above); up block 1 (UpBlock2D, 32 channels): context width = its output channels
     assert extra.positions == [f"up_blocks.{i}.pixel_attentions.{j}" for i in (0, 1) for j in (0, 1)]
-    dims = [s["cross_attention_dim"] for s in extra._ordered_specs()]
+    dims = [s["cross_attention_dim"] for s in extra.layer_specs]
     assert dims == [64, 32, 32, 32]
-    assert [s["after"] for s in extra._ordered_specs()] == ["attentions", "attentions", "resnets", "resnets"]
+    assert [s["after"] for s in extra.layer_specs] == ["attentions", "attentions", "resnets", "resnets"]
+    specs = extra.layer_specs  # copies, aligned with positions: the layout cannot be changed through them
+    assert [f"{s['block']}.pixel_attentions.{s['index']}" for s in specs] == extra.positions
+    specs[0]["cross_attention_dim"] = 1
+    assert extra.layer_specs[0]["cross_attention_dim"] == 64
     k = "up_blocks.1.pixel_attentions.1.transformer_blocks.0.attn2.to_k.weight"
     assert extra.state_dict()[k].shape == (32, 32)
     # the plain block's layer: 8 heads (attention_head_dim=8 is diffusers' name for the head count), 32/8 per head
@@ -81,42 +86,12 @@ def test_attached_unet_equals_the_original_block_order_written_out():
     with torch.no_grad():
         with extra.attach(unet, contexts):
             got = unet(sample, t, text, **control, return_dict=False)[0]
-        expected = reference_pasd_forward(unet, extra, sample, t, text, residuals, mid)
+        expected = reference_pasd_unet(unet, extra, sample, t, text, residuals, mid)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # and the layers matter: without them the output differs
     with torch.no_grad():
         plain = unet(sample, t, text, **control, return_dict=False)[0]
     assert (plain - got).abs().max() > 1e-3
-
-
-def reference_pasd_forward(unet, extra, sample, t, text, residuals, mid_residual):
-    """The original ``UNet2DConditionModel.forward`` of PASD, written against the diffusers modules directly."""
-    emb = unet.time_embedding(unet.time_proj(t.expand(sample.shape[0])).to(sample.dtype))
-    h = unet.conv_in(sample)
-    skips = [h]
-    for block in unet.down_blocks:
-        for j, resnet in enumerate(block.resnets):
-            h = resnet(h, emb)
-            if getattr(block, "attentions", None):
-                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
-            skips.append(h)
-        for down in block.downsamplers or []:
-            h = down(h)
-            skips.append(h)
-    skips = [s + r for s, r in zip(skips, residuals)]
-    pix = list(residuals)
-    h = unet.mid_block(h, emb, encoder_hidden_states=text) + mid_residual
-    for i, block in enumerate(unet.up_blocks):
-        for j, resnet in enumerate(block.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
-            if getattr(block, "attentions", None):
-                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
-            ctx = pix.pop().flatten(2).transpose(1, 2)
-            h = extra.up_blocks[i].pixel_attentions[j](h, encoder_hidden_states=ctx, return_dict=False)[0]
-        for up in block.upsamplers or []:
-            h = up(h)
-    h = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
-    return h
 
 
 def test_seesr_controlnet_layers_hook_and_repeat_for_guidance():

@@ -1,7 +1,7 @@
-"""PASDPipeline: the shared pipeline checks on a tiny random SD base, then PASD's own: the denoiser call is the
-original's block order, the adjustable noise schedule's start, the ControlNet conditioning scale, latent tiling,
-prompts (the original's defaults, prompt="auto" with an extractor, the user's words first), loading from an SD base
-folder, and the errors for incomplete folders, other model families, mismatched dtypes and bad prompts."""
+"""PASDPipeline: the shared pipeline checks (and the SD-base ones) on a tiny random SD base, then PASD's own: the
+denoiser call is the original's block order, the adjustable noise schedule's start, the ControlNet conditioning scale,
+latent tiling, prompts (the original's defaults, prompt="auto" with an extractor, the user's words first), loading from
+an SD base folder, and the errors for incomplete folders, other model families, mismatched dtypes and bad prompts."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from diffusers import ControlNetModel
 from pasd_tiny import (
     lr_image,
     perturb,
+    reference_pasd_unet,
     tiny_components,
     tiny_controlnet,
     tiny_pixel_attentions,
@@ -21,6 +22,7 @@ from pasd_tiny import (
     tiny_unet,
 )
 from pipeline_common import SRPipelineTesterMixin
+from sd_pipeline_common import SDPipelineTesterMixin
 
 from sr_diffusion.pipelines import AutoSRPipeline
 from sr_diffusion.pipelines.pasd import PASD_NEGATIVE_PROMPT, PASDPipeline, pasd_noise_pred
@@ -41,7 +43,7 @@ def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
     return pipe(image, **kwargs).images
 
 
-class TestPASDPipeline(SRPipelineTesterMixin):
+class TestPASDPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = PASDPipeline
 
     def get_dummy_components(self) -> dict:
@@ -65,48 +67,19 @@ class FixedExtractor(PromptExtractor):
 def record_prompts(pipe, monkeypatch) -> list[list[str]]:
     """Every prompt list the pipeline embeds, in order (negative prompts after the prompts)."""
     seen: list[list[str]] = []
-    original = pipe.encode_prompt
+    original = pipe.embed_prompts
 
     def spy(prompts, device):
         seen.append(list(prompts))
         return original(prompts, device)
 
-    monkeypatch.setattr(pipe, "encode_prompt", spy)
+    monkeypatch.setattr(pipe, "embed_prompts", spy)
     return seen
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the denoiser call
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def reference_pasd_unet(unet, extra, sample, t, text, residuals, mid_residual):
-    """PASD's ``UNet2DConditionModel.forward`` / ``CrossAttnUpBlock2D`` / ``UpBlock2D`` written against the diffusers
-    modules: the residuals are added to the skips, and each up layer's PACA attends to the residual its skip pops."""
-    emb = unet.time_embedding(unet.time_proj(t.expand(sample.shape[0])).to(sample.dtype))
-    h = unet.conv_in(sample)
-    skips = [h]
-    for block in unet.down_blocks:
-        for j, resnet in enumerate(block.resnets):
-            h = resnet(h, emb)
-            if getattr(block, "attentions", None):
-                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
-            skips.append(h)
-        for down in block.downsamplers or []:
-            skips.append(h := down(h))
-    skips = [s + r for s, r in zip(skips, residuals)]
-    pixelwise = list(residuals)
-    h = unet.mid_block(h, emb, encoder_hidden_states=text) + mid_residual
-    for i, block in enumerate(unet.up_blocks):
-        for j, resnet in enumerate(block.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
-            if getattr(block, "attentions", None):
-                h = block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
-            context = pixelwise.pop().flatten(2).transpose(1, 2)  # 'b c h w -> b (h w) c'
-            h = extra.up_blocks[i].pixel_attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
-        for up in block.upsamplers or []:
-            h = up(h)
-    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
 
 
 def test_the_denoiser_call_is_the_original_block_order():
@@ -132,7 +105,7 @@ def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise
     pipe.scheduler.set_timesteps(4)
     timesteps = pipe.scheduler.timesteps
     cond = torch.nn.functional.interpolate(lr_image(0), scale_factor=4, mode="bicubic").clamp(0, 1)
-    start = pipe.prepare_latents(cond, timesteps, 900, torch.Generator().manual_seed(3), None)
+    start = pipe.prepare_start_latents(cond, timesteps, 900, torch.Generator().manual_seed(3), None)
     # by hand, with the same draws in the same order: posterior sample, then the two noises
     g = torch.Generator().manual_seed(3)
     z_lr = pipe.vae.encode(cond * 2 - 1).latent_dist.sample(g) * pipe.vae.config.scaling_factor
@@ -143,9 +116,9 @@ def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise
     z = abar[900].sqrt() * z + (1 - abar[900]).sqrt() * n2.double()
     torch.testing.assert_close(start.double(), z, rtol=1e-5, atol=1e-5)
     # None: pure noise; another level, another start
-    pure = pipe.prepare_latents(cond, timesteps, None, torch.Generator().manual_seed(3), None)
+    pure = pipe.prepare_start_latents(cond, timesteps, None, torch.Generator().manual_seed(3), None)
     torch.testing.assert_close(pure, torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(3)))
-    low = pipe.prepare_latents(cond, timesteps, 100, torch.Generator().manual_seed(3), None)
+    low = pipe.prepare_start_latents(cond, timesteps, 100, torch.Generator().manual_seed(3), None)
     assert (low - start).abs().max() > 1e-2
     # and the pipeline's output follows the start
     assert (run(pipe, added_noise_level=900) - run(pipe, added_noise_level=None)).abs().max() > 1e-3
@@ -276,7 +249,12 @@ def test_from_sd_base_builds_the_same_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     torch.testing.assert_close(run(pipe), run(make_pipe()), rtol=0, atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="not a Stable Diffusion diffusers folder"):
+    # torch_dtype casts the add-ons with the base (they run in one call with the UNet)
+    low = PASDPipeline.from_sd_base(
+        tmp_path / "base", tiny_controlnet(), tiny_pixel_attentions(), torch_dtype=torch.bfloat16
+    )
+    assert {low.unet.dtype, low.controlnet.dtype, low.pixel_attentions.dtype} == {torch.bfloat16}
+    with pytest.raises(FileNotFoundError, match="not a Stable Diffusion diffusers folder.*stable-diffusion-v1-5"):
         PASDPipeline.from_sd_base(tmp_path, controlnet=parts["controlnet"], pixel_attentions=parts["pixel_attentions"])
 
 

@@ -45,8 +45,6 @@ Not carried over: the VAE's own tiling (``_init_tiled_vae``), the original's aut
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,15 +61,13 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput
 from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
-from sr_diffusion.prompts.base import PromptExtractor, resolve_prompts
-from sr_diffusion.resize import resize
-from sr_diffusion.tiling import tile_grid
+from sr_diffusion.prompts.base import PromptExtractor
 
 from ..pipeline_utils import SRSamplingMixin
-from ..stablesr.pipeline_stablesr import stablesr_tile_weights
+from ..sd_base import StableDiffusionSRMixin
 
 __all__ = [
     "PASD_ADDED_PROMPT",
@@ -86,8 +82,6 @@ __all__ = [
 PASD_ADDED_PROMPT = "clean, high-resolution, 8k"
 #: ``test_pasd.py``'s ``--negative_prompt``
 PASD_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
-#: subfolders a saved PASD pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
-ADD_ON_SUBFOLDERS = {"controlnet": "PASD's ControlNet", "pixel_attentions": "the pixel-aware cross-attention layers"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -172,7 +166,7 @@ def _q_sample(scheduler: SchedulerMixin, x: torch.Tensor, noise: torch.Tensor, t
     return (abar.sqrt() * x.double() + (1 - abar).sqrt() * noise.double()).to(x.dtype)
 
 
-class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
+class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     r"""Super-resolution with PASD (Yang et al., ECCV 2024) on a Stable Diffusion 1.x/2.x base.
 
     Args:
@@ -191,9 +185,19 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
             the output size first).
 
     Build one from any SD diffusers folder with :meth:`from_sd_base`, or from the released model with
-    :func:`sr_diffusion.conversion.pasd.convert_pasd` (``sr-diffusion convert --arch pasd``).
+    :func:`sr_diffusion.conversion.pasd.convert_pasd` (``sr-diffusion convert --arch pasd``). Loading, geometry, the
+    SD-base checks, text, VAE, tiling and LoRA loading are :class:`~sr_diffusion.pipelines.sd_base.
+    StableDiffusionSRMixin`'s.
     """
 
+    METHOD = "PASD"
+    BASE_EXAMPLE = "stable-diffusion-v1-5"
+    #: subfolders a saved PASD pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
+    ADD_ON_SUBFOLDERS = {
+        "controlnet": "PASD's ControlNet",
+        "pixel_attentions": "the pixel-aware cross-attention layers",
+    }
+    OPTIONAL_ADD_ONS = {"prompt_extractor": "the prompt extractor"}
     model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
     _optional_components = ["prompt_extractor"]
     # the PACA layers run inside the UNet's call (hooks): they stay on the execution device
@@ -214,9 +218,8 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         upscale: int = 4,
     ):
         super().__init__()
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
-        self.register_modules(
+        self.register_sd_components(
+            upscale,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -226,13 +229,18 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
             pixel_attentions=pixel_attentions,
             prompt_extractor=prompt_extractor,
         )
-        self.register_to_config(upscale=upscale)
-        self.image_processor = SRImageProcessor()
-        self.check_components()
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading (check_saved_folder, from_pretrained: StableDiffusionSRMixin)
     # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def base_scheduler(cls, base: str | Path) -> UniPCMultistepScheduler:
+        """The original's sampler for the SD base in the diffusers folder ``base``: UniPC with the base's
+        ``scheduler/`` config (``test_pasd.py``), or :func:`pasd_scheduler` when the base has none."""
+        if (Path(base) / "scheduler" / "scheduler_config.json").is_file():
+            return UniPCMultistepScheduler.from_pretrained(base, subfolder="scheduler")
+        return pasd_scheduler()
 
     @classmethod
     def from_sd_base(
@@ -246,144 +254,29 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         torch_dtype: torch.dtype | None = None,
     ) -> PASDPipeline:
         """A PASD pipeline on the SD base in the diffusers folder ``base`` (``vae/``, ``text_encoder/``,
-        ``tokenizer/``, ``unet/``) with the given add-ons; the scheduler defaults to UniPC on the base's schedule
-        (the original's), or :func:`pasd_scheduler` when the base has no ``scheduler/``."""
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        base = Path(base)
-        missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet") if not (base / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); PASD "
-                "needs an SD 1.x/2.x base such as stable-diffusion-v1-5"
-            )
-        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        if scheduler is None:
-            if (base / "scheduler" / "scheduler_config.json").is_file():
-                scheduler = UniPCMultistepScheduler.from_pretrained(base, subfolder="scheduler")
-            else:
-                scheduler = pasd_scheduler()
-        return cls(
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs),
-            scheduler=scheduler,
+        ``tokenizer/``, ``unet/``) with the given add-ons (cast to ``torch_dtype`` with the base); the scheduler
+        defaults to :meth:`base_scheduler` (the original's)."""
+        return cls.from_sd_base_parts(
+            base,
+            scheduler=cls.base_scheduler(base) if scheduler is None else scheduler,
+            upscale=upscale,
+            torch_dtype=torch_dtype,
             controlnet=controlnet,
             pixel_attentions=pixel_attentions,
             prompt_extractor=prompt_extractor,
-            upscale=upscale,
         )
 
-    @classmethod
-    def check_saved_folder(cls, folder: str | Path) -> None:
-        """Raise a clear error for a local folder that is not a complete saved PASD pipeline."""
-        folder = Path(folder)
-        index = folder / "model_index.json"
-        if not index.is_file():
-            return  # diffusers says what is wrong (or it is a Hub id)
-        try:
-            model_index = json.loads(index.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{index}: corrupt model_index.json ({err})") from err
-        class_name = model_index.get("_class_name")
-        if class_name != cls.__name__:
-            raise ValueError(
-                f"{folder} holds a {class_name}, not a {cls.__name__}: the Stable Diffusion base alone lacks PASD's "
-                "add-ons; build one with PASDPipeline.from_sd_base(base, controlnet=..., pixel_attentions=...) or "
-                "`sr-diffusion convert --arch pasd` (the released checkpoint folder with unet/ and controlnet/)"
-            )
-        for name, what in ADD_ON_SUBFOLDERS.items():
-            if not (folder / name / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{folder}: the PASD add-on subfolder {name}/ ({what}) is missing or has no config.json; the "
-                    "folder is incomplete (re-save it, or convert the released model again)"
-                )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """``DiffusionPipeline.from_pretrained``, after checking that a local folder has PASD's add-ons."""
-        if Path(pretrained_model_name_or_path).is_dir():
-            cls.check_saved_folder(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     # ------------------------------------------------------------------------------------------------------------------
-    # Geometry
-    # ------------------------------------------------------------------------------------------------------------------
-
-    @property
-    def upscale(self) -> int:
-        """The SR factor ``s``."""
-        return int(self.config.upscale)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """``f``: the VAE's downsampling factor (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def unet_input_multiple(self) -> int:
-        """The UNet (and the ControlNet) need latent H and W to be multiples of this."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · unet_input_multiple``."""
-        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
-        return hr_multiple // math.gcd(hr_multiple, self.upscale)
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of ``z_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before padding)."""
-        m, s, f = self.lr_multiple, self.upscale, self.vae_scale_factor
-        height, width = height + (-height) % m, width + (-width) % m
-        return (batch_size, int(self.vae.config.latent_channels), height * s // f, width * s // f)
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Checks
+    # Checks (geometry: upscale, vae_scale_factor, lr_multiple, latent_shape: StableDiffusionSRMixin)
     # ------------------------------------------------------------------------------------------------------------------
 
     def check_components(self) -> None:
         """Raise a ``ValueError`` for components that cannot work together (or are not an SD 1.x/2.x base)."""
-        if not isinstance(self.unet, UNet2DConditionModel):
-            raise ValueError(f"unet must be a Stable Diffusion UNet2DConditionModel, got {type(self.unet).__name__}")
-        if not isinstance(self.vae, AutoencoderKL):
-            raise ValueError(f"vae must be a Stable Diffusion AutoencoderKL, got {type(self.vae).__name__}")
-        uc, vc = self.unet.config, self.vae.config
-        family = "PASD builds on a Stable Diffusion 1.x/2.x text-to-image base"
-        if getattr(uc, "addition_embed_type", None) is not None:
-            raise ValueError(f"the UNet has addition_embed_type={uc.addition_embed_type!r} (SDXL-like); {family}")
-        if getattr(uc, "class_embed_type", None) is not None or getattr(uc, "num_class_embeds", None) is not None:
-            raise ValueError(f"the UNet has class embeddings (e.g. the SD x4 upscaler's noise level); {family}")
-        if uc.in_channels != vc.latent_channels or uc.out_channels != vc.latent_channels:
-            raise ValueError(
-                f"the UNet maps {uc.in_channels} to {uc.out_channels} channels but the VAE latent has "
-                f"{vc.latent_channels} (an inpainting or upscaler UNet?); {family}"
-            )
-        if vc.in_channels != 3 or vc.out_channels != 3:
-            raise ValueError(f"vae must map RGB images (in/out_channels 3), got {vc.in_channels}/{vc.out_channels}")
-        hidden = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
-        if hidden is None:
-            raise ValueError(
-                f"text_encoder must be a transformers CLIPTextModel, got {type(self.text_encoder).__name__}"
-            )
-        if hidden != uc.cross_attention_dim:
-            raise ValueError(
-                f"the text encoder gives {hidden}-d embeddings but the UNet's cross-attention takes "
-                f"{uc.cross_attention_dim} (SD 1.x: 768, SD 2.x: 1024): text encoder and UNet are of different bases"
-            )
+        self.check_sd_base()
         self._check_controlnet()
         self._check_pixel_attentions()
-        dtypes = {name: getattr(self, name).dtype for name in ("unet", "controlnet", "pixel_attentions")}
-        if len(set(dtypes.values())) > 1:
-            raise ValueError(
-                f"unet, controlnet and pixel_attentions must share one dtype (they run in one call), got "
-                f"{', '.join(f'{k}={v}' for k, v in dtypes.items())}: cast them together, e.g. pipe.to(torch.float16)"
-            )
-        if self.prompt_extractor is not None and not isinstance(self.prompt_extractor, PromptExtractor):
-            raise ValueError(
-                "prompt_extractor must be a sr_diffusion.prompts.PromptExtractor (images -> PromptExtraction) or None, "
-                f"got {type(self.prompt_extractor).__name__}"
-            )
+        self.check_same_dtype(["unet", "controlnet", "pixel_attentions"])
+        self.check_prompt_extractor("sr_diffusion.prompts.PromptExtractor (images -> PromptExtraction)")
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("PASD", epsilon_only=False)
 
@@ -396,12 +289,14 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
                 "`sr-diffusion convert --arch pasd`"
             )
         cc = controlnet.config
-        for key in ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim"):
-            if list(_as_list(getattr(cc, key))) != list(_as_list(getattr(uc, key))):
-                raise ValueError(
-                    f"the ControlNet was built for a UNet with {key}={getattr(cc, key)!r}, the UNet has "
-                    f"{getattr(uc, key)!r}: ControlNet and UNet are of different bases"
-                )
+        keys = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+        mismatch = self.config_mismatch(cc, uc, keys)
+        if mismatch is not None:
+            key, mine, theirs = mismatch
+            raise ValueError(
+                f"the ControlNet was built for a UNet with {key}={mine!r}, the UNet has {theirs!r}: ControlNet and "
+                "UNet are of different bases"
+            )
         if cc.in_channels != uc.in_channels:
             raise ValueError(f"the ControlNet takes {cc.in_channels}-channel latents, the UNet {uc.in_channels}")
         factor = 2 ** (len(cc.conditioning_embedding_out_channels) - 1)
@@ -422,7 +317,7 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
             )
         extra.check_model(self.unet)
         widths = [int(block.out_channels) for block in self.controlnet.controlnet_down_blocks]
-        specs = extra._ordered_specs()
+        specs = extra.layer_specs
         if len(specs) != len(widths):
             raise ValueError(
                 f"the ControlNet gives {len(widths)} residuals but there are {len(specs)} pixel-aware attention layers"
@@ -433,42 +328,6 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
                     f"{spec['block']}.pixel_attentions.{spec['index']} attends to "
                     f"{spec['cross_attention_dim']}-channel maps but its ControlNet residual has {widths[-1 - k]} "
                     "channels"
-                )
-
-    def _check_prompts(self, prompt: Any, negative_prompt: Any, added_prompt: Any, batch_size: int) -> None:
-        """Types, counts and token lengths of the user's texts (the merged prompt may be truncated: only the extracted
-        tags and ``added_prompt`` are cut, never the user's words)."""
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if value is None or isinstance(value, str):
-                texts = [value]
-            elif isinstance(value, (list, tuple)):
-                if not value:
-                    raise ValueError(f"{name} is an empty list: pass a string or one string per image")
-                if len(value) not in (1, batch_size):
-                    raise ValueError(
-                        f"got {len(value)} {name}s for a batch of {batch_size} images: pass one or one per image"
-                    )
-                texts = list(value)
-            else:
-                raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
-            if not all(t is None or isinstance(t, str) for t in texts):
-                raise ValueError(
-                    f"{name} must be a string or a list of strings, got {[type(t).__name__ for t in texts]}"
-                )
-            self._check_token_length([t for t in texts if t], name)
-        if added_prompt is not None and not isinstance(added_prompt, str):
-            raise ValueError(f"added_prompt must be a string or None, got {type(added_prompt).__name__}")
-
-    def _check_token_length(self, texts: list[str], name: str) -> None:
-        if not texts:
-            return
-        max_length = int(self.tokenizer.model_max_length)
-        for text, ids in zip(texts, self.tokenizer(texts, truncation=False, verbose=False).input_ids):
-            if len(ids) > max_length:
-                shown = text if len(text) <= 60 else text[:57] + "..."
-                raise ValueError(
-                    f"{name} {shown!r} is {len(ids) - 2} tokens long; the text encoder takes at most {max_length - 2} "
-                    "(it is not truncated silently): shorten it"
                 )
 
     def check_inputs(
@@ -491,13 +350,8 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
     ) -> None:
         self.check_components()
         self.check_num_inference_steps(num_inference_steps)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
-            raise ValueError(
-                f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
-            )
-        scale = controlnet_conditioning_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-            raise ValueError(f"controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
+        self.check_guidance_scale(guidance_scale)
+        self.check_controlnet_conditioning_scale(controlnet_conditioning_scale)
         num_train = int(self.scheduler.config.num_train_timesteps)
         if added_noise_level is not None and (
             isinstance(added_noise_level, bool)
@@ -508,45 +362,20 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
                 f"added_noise_level must be None (start from pure noise) or an int in [0, {num_train}), got "
                 f"{added_noise_level!r}"
             )
-        self._check_prompts(prompt, negative_prompt, added_prompt, rgb.shape[0])
+        # the user's texts (the merged prompt may be truncated: only the extracted tags and added_prompt are cut)
+        n = rgb.shape[0]
+        self._prompt_list(prompt, n, "prompt", allow_none=True)
+        self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True)
+        if added_prompt is not None and not isinstance(added_prompt, str):
+            raise ValueError(f"added_prompt must be a string or None, got {type(added_prompt).__name__}")
         self.check_output_options(color_fix, lr_consistency)
         self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Text, VAE
+    # Sampling (text, VAE: StableDiffusionSRMixin)
     # ------------------------------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """Text embeddings ``(N, L, D)`` of one prompt per image (truncated at the tokenizer's limit)."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(device))[0].float()
-
-    def _latent_scale(self) -> tuple[float, float]:
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return float(shift), float(self.vae.config.scaling_factor)
-
-    def encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
-        """``z = E(x) · scaling_factor``: a posterior sample for ``x`` ``(N, 3, H, W)`` in [-1, 1] (float32)."""
-        posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        shift, scale = self._latent_scale()
-        return (posterior.sample(generator=generator).float() - shift) * scale
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """``z_0`` ``(N, 4, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1]."""
-        shift, scale = self._latent_scale()
-        return self.vae.decode((latents.float() / scale + shift).to(self.vae.dtype)).sample.float()
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Sampling
-    # ------------------------------------------------------------------------------------------------------------------
-
-    def prepare_latents(
+    def prepare_start_latents(
         self,
         cond_image: torch.Tensor,
         timesteps: torch.Tensor,
@@ -554,22 +383,20 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         generator,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The start of the chain (see the module docstring): the given ``latents``, pure noise
-        (``added_noise_level=None``), or ``q(q(z_lr, t_1), added_noise_level)``; times ``init_noise_sigma``."""
+        """The start of the chain (see the module docstring) for ``y_up`` ``(N, 3, H, W)`` in [0, 1]: the given
+        ``latents``, pure noise (``added_noise_level=None``), or ``q(q(z_lr, t_1), added_noise_level)``; times
+        ``init_noise_sigma``."""
         device = cond_image.device
         n, _, height, width = cond_image.shape
         f = self.vae_scale_factor
         shape = (n, int(self.vae.config.latent_channels), height // f, width // f)
-        if latents is not None:
-            latents = latents.to(device=device, dtype=torch.float32)
-        elif added_noise_level is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            z_lr = self.encode_image(cond_image * 2.0 - 1.0, generator)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            latents = _q_sample(self.scheduler, z_lr, noise, int(timesteps[0]))
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            latents = _q_sample(self.scheduler, latents, noise, added_noise_level)
+        if latents is not None or added_noise_level is None:
+            return self.prepare_latents(shape, torch.float32, device, generator, latents)
+        z_lr = self.encode_image(cond_image * 2.0 - 1.0, generator)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = _q_sample(self.scheduler, z_lr, noise, int(timesteps[0]))
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = _q_sample(self.scheduler, latents, noise, added_noise_level)
         return latents * self.scheduler.init_noise_sigma
 
     def predict_noise(
@@ -583,17 +410,13 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
     ) -> torch.Tensor:
         """The (guided) model output for ``z_t`` (or a tile of it) and the matching condition image; ``prompt_embeds``
         holds the negative embeddings first when guiding (both halves go through the ControlNet, as the original)."""
-        do_cfg = guidance_scale > 1
-        scaled = self.scheduler.scale_model_input(latents, t)
-        if do_cfg:
-            scaled, cond_image = torch.cat([scaled, scaled]), torch.cat([cond_image, cond_image])
-        out, _ = pasd_noise_pred(
-            self.unet, self.controlnet, self.pixel_attentions, scaled, t, prompt_embeds, cond_image, conditioning_scale
-        )
-        if do_cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
+
+        def model(scaled: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return pasd_noise_pred(
+                self.unet, self.controlnet, self.pixel_attentions, scaled, t, prompt_embeds, cond, conditioning_scale
+            )[0]
+
+        return self.guided_noise_pred(model, latents, t, cond_image, guidance_scale)
 
     def predict_noise_tiled(
         self,
@@ -607,24 +430,12 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         overlap: int,
     ) -> torch.Tensor:
         """:meth:`predict_noise` on overlapping latent tiles (the condition image cropped to each), Gaussian-blended."""
-        height, width = latents.shape[-2:]
-        tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
-        if len(ys) * len(xs) == 1:
-            return self.predict_noise(latents, t, cond_image, prompt_embeds, guidance_scale, conditioning_scale)
-        f = self.vae_scale_factor
-        weight = stablesr_tile_weights(tile_h, tile_w, device=latents.device)
-        total = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
-        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
-        for y in ys:
-            for x in xs:
-                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                pixels = (slice(None), slice(None), slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
-                out = self.predict_noise(
-                    latents[region], t, cond_image[pixels], prompt_embeds, guidance_scale, conditioning_scale
-                )
-                total[region] += out.float() * weight
-                weight_sum[region] += weight
-        return (total / weight_sum).to(latents.dtype)
+
+        def predict(region):
+            cond = cond_image[self.pixel_region(region)]
+            return self.predict_noise(latents[region], t, cond, prompt_embeds, guidance_scale, conditioning_scale)
+
+        return self.blend_latent_tiles(predict, latents, tile, overlap)
 
     @torch.no_grad()
     def __call__(
@@ -716,26 +527,15 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        n = rgb.shape[0]
         s, f = self.upscale, self.vae_scale_factor
         do_cfg = guidance_scale > 1
 
         # 2. Prompts (user's, extracted tags, added prompt) and their embeddings (negative first when guiding)
-        resolved = resolve_prompts(
-            _broadcast(prompt, n),
-            rgb,
-            self.prompt_extractor,
-            _broadcast(negative_prompt, n),
-            added_prompt=added_prompt or None,
-            default_negative_prompt=PASD_NEGATIVE_PROMPT,
-        )
-        prompt_embeds = self.encode_prompt(resolved.prompts, device)
-        if do_cfg:
-            prompt_embeds = torch.cat([self.encode_prompt(resolved.negative_prompts, device), prompt_embeds])
+        resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, added_prompt, PASD_NEGATIVE_PROMPT)
+        prompt_embeds = self.embed_for_guidance(resolved.prompts, resolved.negative_prompts, device, do_cfg)
 
         # 3. The condition: the LR image padded (reflect) and bicubic-upsampled to the output size, in [0, 1]
-        lr, _ = pad_to_multiple(rgb, self.lr_multiple)
-        cond_image = resize(lr, size=(lr.shape[-2] * s, lr.shape[-1] * s), mode="bicubic").clamp(0.0, 1.0)
+        cond_image = self.upsample_lr(rgb)
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -743,7 +543,7 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         self._num_timesteps = len(timesteps)
 
         # 5. The start: the LR latent noised to t_1, then to added_noise_level (or pure noise, or the given latents)
-        latents = self.prepare_latents(cond_image, timesteps, added_noise_level, generator, latents)
+        latents = self.prepare_start_latents(cond_image, timesteps, added_noise_level, generator, latents)
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)
 
         # 6. Denoising loop; tiled, every step blends the tiles' noise predictions and steps the whole latent
@@ -771,14 +571,3 @@ class PASDPipeline(SRSamplingMixin, DiffusionPipeline):
         # 7. Decode, then crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha
         hr = self.decode_latents(latents)
         return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
-
-
-def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _broadcast(value: Any, batch_size: int) -> Any:
-    """A one-element list given for a batch → that element for every image (resolve_prompts wants one or all)."""
-    if isinstance(value, (list, tuple)) and len(value) == 1 and batch_size != 1:
-        return value[0]
-    return value

@@ -35,7 +35,6 @@ Not carried over: the tiled VAE (``_init_tiled_vae``), guess mode and multi-Cont
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,10 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 import sr_diffusion.prompts.dape  # noqa: F401  (the DAPE prompt extractor, an optional component)
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput
 from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.seesr import SEESR_IMAGE_ATTENTIONS, null_image_prompt, seesr_noise_pred
-from sr_diffusion.prompts import SEESR_ADDED_PROMPT, SEESR_NEGATIVE_PROMPT, PromptExtractor, resolve_prompts
-from sr_diffusion.resize import resize
+from sr_diffusion.prompts import SEESR_ADDED_PROMPT, SEESR_NEGATIVE_PROMPT, PromptExtractor
 
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin
@@ -144,12 +142,14 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     """
 
     METHOD = "SeeSR"
+    BASE_EXAMPLE = "stabilityai/stable-diffusion-2-base"
     #: subfolders a saved SeeSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
     ADD_ON_SUBFOLDERS = {
         "controlnet": "the LR ControlNet",
         "unet_image_attentions": "the UNet's image cross-attention layers",
         "controlnet_image_attentions": "the ControlNet's image cross-attention layers",
     }
+    OPTIONAL_ADD_ONS = {"prompt_extractor": "the prompt extractor (DAPE)"}
     model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
     _optional_components = ["prompt_extractor"]
     # the image cross-attention layers run inside the UNet's and the ControlNet's calls (hooks)
@@ -171,9 +171,8 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         upscale: int = 4,
     ):
         super().__init__()
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
-        self.register_modules(
+        self.register_sd_components(
+            upscale,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -184,13 +183,18 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             controlnet_image_attentions=controlnet_image_attentions,
             prompt_extractor=prompt_extractor,
         )
-        self.register_to_config(upscale=upscale)
-        self.image_processor = SRImageProcessor()
-        self.check_components()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loading
     # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def base_scheduler(cls, base: str | Path) -> DDPMScheduler:
+        """The original's sampler for the SD base in the diffusers folder ``base``: a ``DDPMScheduler`` with the base's
+        ``scheduler/`` config (``test_seesr.py``), or :func:`seesr_scheduler` when the base has none."""
+        if (Path(base) / "scheduler" / "scheduler_config.json").is_file():
+            return DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        return seesr_scheduler()
 
     @classmethod
     def from_sd_base(
@@ -205,35 +209,18 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         torch_dtype: torch.dtype | None = None,
     ) -> SeeSRPipeline:
         """A SeeSR pipeline on the SD base in the diffusers folder ``base`` (``vae/``, ``text_encoder/``,
-        ``tokenizer/``, ``unet/``) with the given add-ons; the scheduler defaults to the original's: a
-        ``DDPMScheduler`` with the base's ``scheduler/`` config (else :func:`seesr_scheduler`)."""
-        parts = cls.load_sd_base(base, torch_dtype)
-        prediction_type = parts.pop("prediction_type")
-        if scheduler is None:
-            if (Path(base) / "scheduler" / "scheduler_config.json").is_file():
-                scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")  # as test_seesr.py
-            else:
-                scheduler = seesr_scheduler(prediction_type)
-        addons = [controlnet, unet_image_attentions, controlnet_image_attentions]
-        if torch_dtype is not None:
-            addons = [m.to(torch_dtype) for m in addons]
-        return cls(
-            **parts,
-            scheduler=scheduler,
-            controlnet=addons[0],
-            unet_image_attentions=addons[1],
-            controlnet_image_attentions=addons[2],
-            prompt_extractor=prompt_extractor,
+        ``tokenizer/``, ``unet/``) with the given add-ons (cast to ``torch_dtype`` with the base); the scheduler
+        defaults to :meth:`base_scheduler` (the original's)."""
+        return cls.from_sd_base_parts(
+            base,
+            scheduler=cls.base_scheduler(base) if scheduler is None else scheduler,
             upscale=upscale,
+            torch_dtype=torch_dtype,
+            controlnet=controlnet,
+            unet_image_attentions=unet_image_attentions,
+            controlnet_image_attentions=controlnet_image_attentions,
+            prompt_extractor=prompt_extractor,
         )
-
-    @classmethod
-    def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
-        """The prompt extractor's subfolder, when the saved pipeline has one."""
-        extractor = model_index.get("prompt_extractor")
-        if isinstance(extractor, list) and extractor and extractor[0] is not None:
-            return {"prompt_extractor": "the prompt extractor (DAPE)"}
-        return {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Geometry (upscale, vae_scale_factor, lr_multiple, latent_shape: StableDiffusionSRMixin)
@@ -255,15 +242,14 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         if not isinstance(self.controlnet, ControlNetModel):
             raise ValueError(f"controlnet must be a diffusers ControlNetModel, got {type(self.controlnet).__name__}")
         cc = self.controlnet.config
-        for key in ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types"):
-            mine, theirs = getattr(cc, key), getattr(uc, key)
-            if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
-                list(theirs) if isinstance(theirs, (list, tuple)) else theirs
-            ):
-                raise ValueError(
-                    f"the ControlNet has {key}={mine!r} but the UNet {theirs!r}: it was made from another UNet "
-                    "(SeeSR's ControlNet is ControlNetModel.from_unet(unet))"
-                )
+        keys = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types")
+        mismatch = self.config_mismatch(cc, uc, keys)
+        if mismatch is not None:
+            key, mine, theirs = mismatch
+            raise ValueError(
+                f"the ControlNet has {key}={mine!r} but the UNet {theirs!r}: it was made from another UNet "
+                "(SeeSR's ControlNet is ControlNetModel.from_unet(unet))"
+            )
         if cc.conditioning_channels != 3:
             raise ValueError(f"the ControlNet must take the RGB LR image (conditioning_channels 3), got {cc}")
         factor = 2 ** (len(cc.conditioning_embedding_out_channels) - 1)
@@ -281,62 +267,16 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 f"the UNet's image cross-attention takes {dim}-d soft prompts, the ControlNet's {cdim}-d: they must "
                 "attend to the same soft prompts"
             )
-        dtypes = {
-            name: getattr(self, name).dtype
-            for name in ("unet", "controlnet", "unet_image_attentions", "controlnet_image_attentions")
-        }
-        if len(set(dtypes.values())) > 1:
-            found = ", ".join(f"{k}: {v}" for k, v in dtypes.items())
+        self.check_same_dtype(["unet", "controlnet", "unet_image_attentions", "controlnet_image_attentions"])
+        extractor = self.check_prompt_extractor("PromptExtractor (e.g. DAPE)")
+        width = getattr(getattr(extractor, "config", None), "cross_attention_dim", None)
+        if width is not None and int(width) != dim:
             raise ValueError(
-                f"the denoiser's parts have different dtypes ({found}): move the "
-                "pipeline to one dtype with pipe.to(dtype)"
+                f"the prompt extractor makes {width}-d soft prompts but the image cross-attention takes {dim}-d "
+                "ones: build the DAPE with cross_attention_dim={dim}"
             )
-        extractor = self.prompt_extractor
-        if extractor is not None:
-            if not isinstance(extractor, PromptExtractor):
-                raise ValueError(
-                    f"prompt_extractor must be a PromptExtractor (e.g. DAPE), got {type(extractor).__name__}"
-                )
-            width = getattr(getattr(extractor, "config", None), "cross_attention_dim", None)
-            if width is not None and int(width) != dim:
-                raise ValueError(
-                    f"the prompt extractor makes {width}-d soft prompts but the image cross-attention takes {dim}-d "
-                    "ones: build the DAPE with cross_attention_dim={dim}"
-                )
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("SeeSR", epsilon_only=False)
-
-    def _user_prompts(self, prompt: Any, batch_size: int, name: str) -> list[str | None]:
-        """``prompt`` as one entry per image (``None``: none given), after checking type, count and token length (the
-        user's words are never truncated; the extracted tags after them may be)."""
-        if prompt is None or isinstance(prompt, str):
-            prompts = [prompt] * batch_size
-        elif isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise ValueError(f"{name} is an empty list: pass a string ('' for no prompt) or one string per image")
-            if not all(p is None or isinstance(p, str) for p in prompt):
-                raise ValueError(
-                    f"{name} must be a string or a list of strings, got {[type(p).__name__ for p in prompt]}"
-                )
-            if len(prompt) not in (1, batch_size):
-                raise ValueError(
-                    f"got {len(prompt)} {name}s for a batch of {batch_size} images: pass one or one per image"
-                )
-            prompts = list(prompt) * (batch_size if len(prompt) == 1 else 1)
-        else:
-            raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
-        max_length = int(self.tokenizer.model_max_length)
-        for text in prompts:
-            if not text:
-                continue
-            length = len(self.tokenizer(text, truncation=False, verbose=False).input_ids)
-            if length > max_length:
-                shown = text if len(text) <= 60 else text[:57] + "..."
-                raise ValueError(
-                    f"{name} {shown!r} is {length - 2} tokens long; the text encoder takes at most {max_length - 2} "
-                    "(it is not truncated silently): shorten it"
-                )
-        return prompts
 
     def check_inputs(
         self,
@@ -359,18 +299,13 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     ) -> None:
         self.check_components()
         self.check_steps_and_eta(num_inference_steps, eta)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
-            raise ValueError(
-                f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
-            )
-        scale = controlnet_conditioning_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
+        self.check_guidance_scale(guidance_scale)
+        self.check_controlnet_conditioning_scale(controlnet_conditioning_scale)
         if start_point not in START_POINTS:
             raise ValueError(f"start_point must be one of {', '.join(map(repr, START_POINTS))}, got {start_point!r}")
         n = rgb.shape[0]
-        self._user_prompts(prompt, n, "prompt")
-        self._user_prompts(negative_prompt, n, "negative_prompt")
+        self._prompt_list(prompt, n, "prompt", allow_none=True)
+        self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True)
         if image_prompt_embeds is not None:
             self._check_image_prompt_embeds(image_prompt_embeds, n, "image_prompt_embeds")
         self.check_output_options(color_fix, lr_consistency)
@@ -410,14 +345,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         SeeSR's. Soft prompts: ``image_prompt_embeds`` when given (the caller's win), else the extractor's, else
         :func:`~sr_diffusion.models.seesr.null_image_prompt`."""
         n = rgb.shape[0]
-        resolved = resolve_prompts(
-            self._user_prompts(prompt, n, "prompt"),
-            rgb,
-            self.prompt_extractor,
-            self._user_prompts(negative_prompt, n, "negative_prompt"),
-            added_prompt=added_prompt,
-            default_negative_prompt=SEESR_NEGATIVE_PROMPT,
-        )
+        resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, added_prompt, SEESR_NEGATIVE_PROMPT)
         soft = image_prompt_embeds
         if soft is None and resolved.soft_prompts is not None:
             soft = resolved.soft_prompts
@@ -432,12 +360,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def encode_lr(self, condition: torch.Tensor, generator) -> torch.Tensor:
         """``z_lr``: a posterior sample of ``2 x_lr - 1`` (``x_lr`` ``(N, 3, H, W)`` in [0, 1]), times the scaling
         factor (the original's LR embedding)."""
-        posterior = self.vae.encode((condition * 2.0 - 1.0).to(self.vae.dtype)).latent_dist
-        return self.scale_latents(posterior.sample(generator=generator))
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """``z_0`` ``(N, 4, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1]."""
-        return self.vae.decode(self.unscale_latents(latents)).sample.float()
+        return self.encode_image(condition * 2.0 - 1.0, generator)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -478,26 +401,22 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     ) -> torch.Tensor:
         """The (guided) model output for ``z_t`` (or a tile of it) and the matching ``x_lr``; ``prompt_embeds`` holds
         the negative embeddings first when guiding; both halves share the soft prompts and the condition."""
-        do_cfg = guidance_scale > 1
-        scaled = self.scheduler.scale_model_input(latents, t)
-        if do_cfg:
-            scaled, condition = torch.cat([scaled, scaled]), torch.cat([condition, condition])
-        out = seesr_noise_pred(
-            self.unet,
-            self.controlnet,
-            self.unet_image_attentions,
-            self.controlnet_image_attentions,
-            scaled,
-            t,
-            prompt_embeds,
-            condition,
-            image_prompt_embeds,
-            conditioning_scale,
-        )
-        if do_cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
+
+        def model(scaled: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return seesr_noise_pred(
+                self.unet,
+                self.controlnet,
+                self.unet_image_attentions,
+                self.controlnet_image_attentions,
+                scaled,
+                t,
+                prompt_embeds,
+                cond,
+                image_prompt_embeds,
+                conditioning_scale,
+            )
+
+        return self.guided_noise_pred(model, latents, t, condition, guidance_scale)
 
     def predict_noise_tiled(
         self,
@@ -512,17 +431,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         overlap: int,
     ) -> torch.Tensor:
         """:meth:`predict_noise` on overlapping latent tiles (the condition cropped alike), Gaussian-blended."""
-        f = self.vae_scale_factor
 
         def predict(region):
-            ys, xs = region[2], region[3]
-            pixels = (slice(None), slice(None))
-            if ys.start is not None:  # a tile (one tile covering everything is the whole latent)
-                pixels += (slice(ys.start * f, ys.stop * f), slice(xs.start * f, xs.stop * f))
             return self.predict_noise(
                 latents[region],
                 t,
-                condition[pixels],
+                condition[self.pixel_region(region)],
                 prompt_embeds,
                 image_prompt_embeds,
                 guidance_scale,
@@ -627,14 +541,10 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         prompts, negatives, soft_prompts = self.resolve_prompts(
             rgb, prompt, negative_prompt, added_prompt, image_prompt_embeds
         )
-        prompt_embeds = self.embed_prompts(prompts, device)
-        if do_cfg:
-            prompt_embeds = torch.cat([self.embed_prompts(negatives, device), prompt_embeds])
+        prompt_embeds = self.embed_for_guidance(prompts, negatives, device, do_cfg)
 
         # 3. The ControlNet condition: the LR image padded (reflect) and bicubic-upsampled to the output size
-        lr, _ = pad_to_multiple(rgb, self.lr_multiple)
-        condition = resize(lr, size=(lr.shape[-2] * s, lr.shape[-1] * s), mode="bicubic").clamp(0.0, 1.0)
-        condition = condition.to(self.controlnet.dtype)
+        condition = self.upsample_lr(rgb).to(self.controlnet.dtype)
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)

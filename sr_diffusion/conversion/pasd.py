@@ -27,7 +27,6 @@ strict: missing keys, unexpected keys and shape mismatches raise a
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,9 +35,10 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..checkpoints import CheckpointError, check_keys_and_shapes, load_state_dict, preview
+from ..checkpoints import CheckpointError, preview
 from ..models.block_attention import BlockAttentions
 from ..models.pasd_controlnet import PASDControlNetModel
+from .common import build_and_load, check_sd_folder, load_sd_parts, load_strict, read_diffusers_folder
 
 __all__ = [
     "convert_pasd",
@@ -50,40 +50,11 @@ __all__ = [
 
 PIXEL_ATTENTION_KEY = ".pixel_attentions."
 LIGHT_KEYS = ("attn2_plus", "norm2_plus", "proj_in_plus")
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """``(config, state dict, description)`` of a folder written by diffusers' ``save_pretrained``: ``config.json``
-    and ``diffusion_pytorch_model.safetensors`` / ``.bin`` (or their sharded ``*.index.json`` form), read safely."""
-    folder = Path(folder)
-    source = f"{folder}"
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder} is not a diffusers model folder: it has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}: corrupt config.json ({err})") from err
-    for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return config, load_state_dict(folder / name), source
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise CheckpointError(f"{index}: corrupt shard index ({err})") from err
-            state_dict: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state_dict.update(load_state_dict(folder / shard))
-            return config, state_dict, source
-    raise CheckpointError(f"{folder} has config.json but no weights ({' or '.join(WEIGHT_NAMES)})")
 
 
 def split_pasd_unet_state_dict(
@@ -110,16 +81,6 @@ def split_pasd_unet_state_dict(
     return base, pixel
 
 
-def _as_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, target: str):
-    check_keys_and_shapes(model.state_dict(), state_dict, source, target)
-    model.load_state_dict(_as_float32(state_dict), strict=True)
-    return model.eval()
-
-
 def _init_kwargs(cls, config: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of a saved config that ``cls.__init__`` takes (diffusers' own filtering: newer or older versions
     write other keys)."""
@@ -138,10 +99,12 @@ def convert_pasd_unet(folder: str | os.PathLike) -> tuple[UNet2DConditionModel, 
     docstring)."""
     config, state_dict, source = read_diffusers_folder(folder)
     base, pixel = split_pasd_unet_state_dict(state_dict, source)
-    unet = UNet2DConditionModel.from_config(_init_kwargs(UNet2DConditionModel, config))
-    unet = _load_strict(unet, base, source, "a diffusers UNet2DConditionModel of its config.json")
+    unet_config = _init_kwargs(UNet2DConditionModel, config)
+    unet = build_and_load(
+        UNet2DConditionModel, unet_config, base, source, "a diffusers UNet2DConditionModel of its config.json"
+    )
     pixel_attentions = BlockAttentions.pasd_pixel_attentions(unet)
-    pixel_attentions = _load_strict(
+    pixel_attentions = load_strict(
         pixel_attentions, pixel, source, "PASD's pixel-aware cross-attention layers for that UNet"
     )
     return unet, pixel_attentions
@@ -157,7 +120,7 @@ def convert_pasd_controlnet(folder: str | os.PathLike) -> PASDControlNetModel:
         )
     controlnet = PASDControlNetModel.from_config(_init_kwargs(PASDControlNetModel, config))
     target = f"PASDControlNetModel(use_rrdb={controlnet.config.use_rrdb}, return_rgbs={controlnet.config.return_rgbs})"
-    return _load_strict(controlnet, state_dict, source, target)
+    return load_strict(controlnet, state_dict, source, target)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,29 +147,27 @@ def convert_pasd(
     Raises:
         CheckpointError: unreadable or unsafe files, a folder that is not PASD's (or is PASD-light), a base whose text
             width differs from the UNet's, or any missing / unexpected key or shape mismatch (named).
-        FileNotFoundError: ``pasd_folder`` lacks ``unet/`` or ``controlnet/``, or ``base`` is not an SD folder.
+        FileNotFoundError: ``pasd_folder`` lacks ``unet/`` or ``controlnet/`` (or they lack ``config.json`` or
+            weights), or ``base`` is not an SD folder.
     """
-    from diffusers import AutoencoderKL, UniPCMultistepScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from sr_diffusion.pipelines.pasd import PASDPipeline
 
-    from sr_diffusion.pipelines.pasd import PASDPipeline, pasd_scheduler
-
-    pasd_folder, base = Path(pasd_folder), Path(base)
+    pasd_folder = Path(pasd_folder)
     missing = [name for name in ("unet", "controlnet") if not (pasd_folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{pasd_folder}: not a PASD model folder (no {', '.join(f'{m}/' for m in missing)}); pass the released "
             "checkpoint folder, e.g. runs/pasd/checkpoint-100000 from pasd.zip"
         )
-    missing = [name for name in ("vae", "text_encoder", "tokenizer") if not (base / name).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); pass the SD "
-            "base PASD was trained on (a local copy of stable-diffusion-v1-5)"
-        )
+    base = check_sd_folder(
+        base,
+        ("vae", "text_encoder", "tokenizer"),
+        "pass the SD base PASD was trained on (a local copy of stable-diffusion-v1-5)",
+    )
     unet, pixel_attentions = convert_pasd_unet(pasd_folder / "unet")
     controlnet = convert_pasd_controlnet(pasd_folder / "controlnet")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    parts = load_sd_parts(base, ("vae", "text_encoder", "tokenizer"))
+    text_encoder = parts["text_encoder"]
     if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
         families = {768: "SD 1.x", 1024: "SD 2.x"}
         raise CheckpointError(
@@ -214,17 +175,10 @@ def convert_pasd(
             f"({families.get(text_encoder.config.hidden_size, '?')}) but PASD's UNet cross-attends to "
             f"{unet.config.cross_attention_dim}-d ones: pass the SD base the model was trained on (SD 1.5)"
         )
-    scheduler_config = base / "scheduler"
-    if (scheduler_config / "scheduler_config.json").is_file():
-        scheduler = UniPCMultistepScheduler.from_pretrained(base, subfolder="scheduler")
-    else:
-        scheduler = pasd_scheduler()
     return PASDPipeline(
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae").eval(),
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        **parts,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=PASDPipeline.base_scheduler(base),
         controlnet=controlnet,
         pixel_attentions=pixel_attentions,
         prompt_extractor=prompt_extractor,

@@ -25,7 +25,6 @@ attends to a null soft prompt.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,10 +33,10 @@ from typing import Any
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from ..checkpoints import CheckpointError, check_keys_and_shapes, load_state_dict, preview
+from ..checkpoints import CheckpointError, check_keys_and_shapes, preview
 from ..models.block_attention import BlockAttentions
 from ..models.seesr import SEESR_IMAGE_ATTENTIONS, seesr_image_attentions
-from .stablesr import _as_float32, _build_and_load
+from .common import as_float32, build_and_load, check_sd_folder, load_sd_parts, read_diffusers_folder
 
 __all__ = [
     "convert_seesr",
@@ -46,26 +45,8 @@ __all__ = [
     "split_image_attentions",
 ]
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 #: config keys of SeeSR's classes that diffusers' do not take (or that are bookkeeping)
 DROPPED_CONFIG_KEYS = ("use_image_cross_attention", "_class_name", "_diffusers_version", "_name_or_path")
-
-
-def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """``(config, state dict, source)`` of a diffusers model folder (``config.json`` + one weight file), read safely
-    (safetensors, else ``torch.load(weights_only=True)``)."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a diffusers model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}: corrupt config.json ({err})") from err
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"{folder}: no weight file ({' or '.join(WEIGHT_FILES)})")
-    return config, load_state_dict(weights), f"checkpoint {weights}"
 
 
 def split_image_attentions(
@@ -114,14 +95,14 @@ def convert_seesr_model(
     unknown = sorted(set(base_config) - set(inspect.signature(cls.__init__).parameters))
     if unknown:
         raise CheckpointError(f"{Path(folder) / 'config.json'}: unknown {cls.__name__} settings {unknown}")
-    model = _build_and_load(cls, base_config, base_sd, source, f"diffusers' {cls.__name__} of its config")
+    model = build_and_load(cls, base_config, base_sd, source, f"diffusers' {cls.__name__} of its config")
     context_dim = _context_dim(extra_sd, source)
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         extra = seesr_image_attentions(model, context_dim)
     check_keys_and_shapes(extra.state_dict(), extra_sd, source, f"SeeSR's {kind} image attentions of its config")
-    extra.load_state_dict(_as_float32(extra_sd), strict=True, assign=True)
+    extra.load_state_dict(as_float32(extra_sd), strict=True, assign=True)
     return model.eval(), extra.eval()
 
 
@@ -141,35 +122,25 @@ def convert_seesr(
             (512); the released ``DAPE.pth`` (RAM) is not convertible (see the module docstring).
         upscale: the pipeline's SR factor (the released model: 4).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from sr_diffusion.pipelines.seesr import SeeSRPipeline
 
-    from sr_diffusion.pipelines.seesr import SeeSRPipeline, seesr_scheduler
-
-    seesr_folder, base = Path(seesr_folder), Path(base)
+    seesr_folder = Path(seesr_folder)
     missing = [name for name in ("unet", "controlnet") if not (seesr_folder / name / "config.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"{seesr_folder}: not a released SeeSR folder (no {', '.join(f'{m}/config.json' for m in missing)})"
         )
-    missing = [name for name in ("vae", "text_encoder", "tokenizer") if not (base / name).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); pass the SD "
-            "base SeeSR was trained on (a local copy of stabilityai/stable-diffusion-2-base)"
-        )
+    base = check_sd_folder(
+        base,
+        ("vae", "text_encoder", "tokenizer"),
+        "pass the SD base SeeSR was trained on (a local copy of stabilityai/stable-diffusion-2-base)",
+    )
     unet, unet_image_attentions = convert_seesr_model(seesr_folder / "unet", "unet")
     controlnet, controlnet_image_attentions = convert_seesr_model(seesr_folder / "controlnet", "controlnet")
-    if (base / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")  # as test_seesr.py
-    else:
-        scheduler = seesr_scheduler()
     return SeeSRPipeline(
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae").eval(),
-        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        **load_sd_parts(base, ("vae", "text_encoder", "tokenizer")),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=SeeSRPipeline.base_scheduler(base),  # as test_seesr.py
         controlnet=controlnet,
         unet_image_attentions=unet_image_attentions,
         controlnet_image_attentions=controlnet_image_attentions,

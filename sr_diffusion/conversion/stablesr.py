@@ -46,10 +46,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from ..checkpoints import CheckpointError, check_keys_and_shapes, preview, unwrap_state_dict
+from ..checkpoints import CheckpointError, preview, unwrap_state_dict
 from ..models.stablesr_cfw import StableSRCFW
 from ..models.stablesr_encoder import StableSRTimeAwareEncoder
 from ..models.stablesr_sft import StableSRSFT
+from .common import build_and_load, check_sd_folder, load_sd_parts, load_strict
 from .resshift import indices, read_flat_state_dict
 
 __all__ = [
@@ -147,30 +148,6 @@ def split_stablesr_state_dict(
     return parts
 
 
-def _as_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, target: str):
-    check_keys_and_shapes(model.state_dict(), state_dict, source, target)
-    model.load_state_dict(_as_float32(state_dict), strict=True)
-    return model.eval()
-
-
-def _build_and_load(cls, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str, target: str):
-    """``cls.from_config(config)`` with the weights of ``state_dict`` (strict); built without random initialisation
-    (on the meta device, then the tensors are assigned) when nothing is left on the meta device."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = cls.from_config(config)
-    check_keys_and_shapes(model.state_dict(), state_dict, source, target)
-    model.load_state_dict(_as_float32(state_dict), strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = _load_strict(cls.from_config(config), state_dict, source, target)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The add-ons
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,7 +222,7 @@ def convert_time_aware_encoder(
         raise TypeError(f"StableSRTimeAwareEncoder has no argument(s) {sorted(unknown)}; it takes {sorted(inferred)}")
     final = {**inferred, **(config or {})}
     target = "StableSRTimeAwareEncoder(" + ", ".join(f"{k}={v!r}" for k, v in final.items()) + ")"
-    return _load_strict(StableSRTimeAwareEncoder(**final), state_dict, source, target)
+    return load_strict(StableSRTimeAwareEncoder(**final), state_dict, source, target)
 
 
 def _convert_sft(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any], source: str) -> StableSRSFT:
@@ -259,7 +236,7 @@ def _convert_sft(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping[st
         "kernel_size": int(shared.shape[-1]),
     }
     target = "StableSRSFT(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")"
-    return _load_strict(StableSRSFT(**config), state_dict, source, target)
+    return load_strict(StableSRSFT(**config), state_dict, source, target)
 
 
 def convert_stablesr_cfw(
@@ -290,7 +267,7 @@ def convert_stablesr_cfw(
         "norm_num_groups": int(vae_config.get("norm_num_groups", 32)),
     }
     target = "StableSRCFW(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")"
-    return _load_strict(StableSRCFW(**config), fusion, source, target), vae
+    return load_strict(StableSRCFW(**config), fusion, source, target), vae
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -328,7 +305,7 @@ def _convert_unet(unet_ldm: Mapping[str, torch.Tensor], unet_config: Mapping[str
             f"{source}: {len(unet_ldm) - len(converted)} of its {len(unet_ldm)} UNet keys have no place in a diffusers "
             "UNet2DConditionModel of the base's config"
         )
-    return _build_and_load(UNet2DConditionModel, unet_config, converted, source, "the base's UNet2DConditionModel")
+    return build_and_load(UNet2DConditionModel, unet_config, converted, source, "the base's UNet2DConditionModel")
 
 
 def _convert_vae(vae_ldm: Mapping[str, torch.Tensor], vae_config: Mapping[str, Any], source: str):
@@ -338,7 +315,7 @@ def _convert_vae(vae_ldm: Mapping[str, torch.Tensor], vae_config: Mapping[str, A
             f"{source}: {len(vae_ldm) - len(converted)} of its {len(vae_ldm)} autoencoder keys have no place in a "
             "diffusers AutoencoderKL of the base's config"
         )
-    return _build_and_load(AutoencoderKL, vae_config, converted, source, "the base's AutoencoderKL")
+    return build_and_load(AutoencoderKL, vae_config, converted, source, "the base's AutoencoderKL")
 
 
 def convert_stablesr(
@@ -364,17 +341,13 @@ def convert_stablesr(
             missing / unexpected key or shape mismatch (named).
         FileNotFoundError: ``base`` is not a diffusers SD folder.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from sr_diffusion.pipelines.stablesr import StableSRPipeline, stablesr_scheduler
 
-    base = Path(base)
-    missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet") if not (base / name).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{base}: not a Stable Diffusion diffusers folder (no {', '.join(f'{m}/' for m in missing)}); pass the SD "
-            "base the checkpoint was trained on, e.g. a local copy of stabilityai/stable-diffusion-2-1-base"
-        )
+    base = check_sd_folder(
+        base,
+        ("vae", "text_encoder", "tokenizer", "unet"),
+        "pass the SD base the checkpoint was trained on, e.g. a local copy of stabilityai/stable-diffusion-2-1-base",
+    )
     state_dict, source = read_stablesr_checkpoint(checkpoint)
     parts = split_stablesr_state_dict(state_dict, source)
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
@@ -399,8 +372,7 @@ def convert_stablesr(
         prediction_type = json.loads(scheduler_config.read_text()).get("prediction_type", prediction_type)
     return StableSRPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        **load_sd_parts(base, ("text_encoder", "tokenizer")),
         unet=unet,
         scheduler=stablesr_scheduler(prediction_type),
         time_aware_encoder=encoder,

@@ -222,6 +222,13 @@ class BlockAttentions(ModelMixin, ConfigMixin):
         """``"{block}.{name}.{index}"`` of every layer, in the order the model runs them (down, middle, up)."""
         return [f"{s['block']}.{self.config.name}.{s['index']}" for s in self._ordered_specs()]
 
+    @property
+    def layer_specs(self) -> list[dict[str, Any]]:
+        """The settings of every layer (copies of the ``layers`` config entries: ``block``, ``index``, ``after``, the
+        ``Transformer2DModel`` settings), in the order the model runs them (down, middle, up), aligned with
+        :attr:`positions`."""
+        return [dict(spec) for spec in self._ordered_specs()]
+
     def _ordered_specs(self) -> list[dict]:
         rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 

@@ -30,7 +30,6 @@ of the degradation-removal module) and ``pasd`` (:class:`PASDConfig`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +43,7 @@ from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from .losses import build_loss
-from .trainer import TrainingTask
+from .sd_addons import SDAddOnTask, check_sd_base_folder, public_config
 
 __all__ = [
     "PASDAddOns",
@@ -56,7 +54,6 @@ __all__ = [
     "degradation_removal_loss",
 ]
 
-BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
 #: the ``model.*`` keys: the degradation-removal module's (everything else of the ControlNet comes from the UNet)
 MODEL_KEYS = ("conditioning_embedding_out_channels", "use_rrdb")
 
@@ -89,7 +86,8 @@ class PASDAddOns(ModelMixin, ConfigMixin):
         )
         pixel_attentions = BlockAttentions.pasd_pixel_attentions(unet)
         model = cls(
-            controlnet_config=_public(controlnet.config), pixel_attentions_config=_public(pixel_attentions.config)
+            controlnet_config=public_config(controlnet.config),
+            pixel_attentions_config=public_config(pixel_attentions.config),
         )
         model.controlnet.load_state_dict(controlnet.state_dict())
         model.pixel_attentions.load_state_dict(pixel_attentions.state_dict())
@@ -101,11 +99,6 @@ class PASDAddOns(ModelMixin, ConfigMixin):
         return pasd_noise_pred(
             unet, self.controlnet, self.pixel_attentions, sample, timestep, encoder_hidden_states, cond_image
         )
-
-
-def _public(config) -> dict[str, Any]:
-    """A model config as plain JSON values, without diffusers' bookkeeping keys."""
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
 
 
 def degradation_removal_loss(rgbs, hr: torch.Tensor) -> torch.Tensor:
@@ -165,11 +158,7 @@ class PASDExperimentConfig(ExperimentConfig):
                 f"unknown config key(s) {', '.join('model.' + k for k in unknown)} for arch 'pasd'; valid keys: arch, "
                 f"{', '.join(MODEL_KEYS)} (the rest of the ControlNet is copied from the base's UNet)"
             )
-        if not p.base:
-            raise ConfigError("pasd.base: required: a diffusers Stable Diffusion folder (e.g. stable-diffusion-v1-5)")
-        missing = [part for part in BASE_PARTS if not (Path(p.base) / part).is_dir()]
-        if missing:
-            raise ConfigError(f"pasd.base: {p.base} is not a diffusers SD folder (no {', '.join(missing)}/)")
+        check_sd_base_folder(p.base, "pasd", "stable-diffusion-v1-5")
         if p.rgb_loss_weight < 0:
             raise ConfigError(f"pasd.rgb_loss_weight: must be >= 0, got {p.rgb_loss_weight}")
         if not 1 <= p.num_inference_steps <= 1000:
@@ -185,45 +174,22 @@ class PASDExperimentConfig(ExperimentConfig):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class PASDTask(TrainingTask):
-    """PASD's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring)."""
+class PASDTask(SDAddOnTask):
+    """PASD's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring; the frozen
+    base, the forward process, validation and export: :class:`~sr_diffusion.training.sd_addons.SDAddOnTask`)."""
 
-    def __init__(self):
-        self.section = PASDConfig()
-        self.scale: int | None = None
-        self.loss_fn = None
-        self.unet_config: dict[str, Any] = {}
-        self.vae_config: dict[str, Any] = {}
-        self._base: dict[str, Any] | None = None
-        self._empty_prompt: torch.Tensor | None = None
-        self._scheduler = None
+    section_name = "pasd"
+    section_class = PASDConfig
 
     def check_config(self, config: ExperimentConfig) -> None:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        self.section = getattr(config, "pasd", None) or PASDConfig()
-        if not self.section.base:
-            raise ConfigError("pasd.base: required: a diffusers Stable Diffusion folder")
-        base = Path(self.section.base)
-        self.unet_config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
-        self.vae_config = dict(AutoencoderKL.load_config(base, subfolder="vae"))
-        if self.unet_config.get("addition_embed_type") or self.unet_config.get("class_embed_type"):
-            raise ConfigError(f"pasd.base: {base} is not an SD 1.x/2.x text-to-image base (SDXL, upscaler, ...)")
-        f = 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-        multiple = f * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
-        if config.data.gt_size % multiple:
-            raise ConfigError(
-                f"data.gt_size ({config.data.gt_size}) must be a multiple of {multiple} (the VAE's factor times the "
-                "UNet's input multiple)"
-            )
+        super().check_config(config)
+        f = self.vae_factor
         widths = config.model.kwargs.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
         if 2 ** (len(widths) - 1) != f:
             raise ConfigError(
                 f"model.conditioning_embedding_out_channels: {len(widths)} widths downsample the image by "
                 f"{2 ** (len(widths) - 1)}, the base's VAE by {f}: give {f.bit_length()} widths"
             )
-        self.scale = config.scale
-        self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
 
     def build_model(self, config: ExperimentConfig) -> PASDAddOns:
         unet = self.base()["unet"]
@@ -233,53 +199,7 @@ class PASDTask(TrainingTask):
             raise ConfigError(f"model: {err}") from err
 
     # ------------------------------------------------------------------------------------------------------------------
-    # The frozen base
-    # ------------------------------------------------------------------------------------------------------------------
-
-    def base(self, device: torch.device | None = None) -> dict[str, Any]:
-        """The frozen SD components (loaded once, eval mode, no gradients), moved to ``device`` when given."""
-        if self._base is None:
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            folder = Path(self.section.base)
-            self._base = {
-                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            }
-            for name in ("vae", "text_encoder", "unet"):
-                self._base[name].eval().requires_grad_(False)
-        if device is not None:
-            for name in ("vae", "text_encoder", "unet"):
-                self._base[name].to(device)
-        return self._base
-
-    def empty_prompt(self, device: torch.device) -> torch.Tensor:
-        """The text embedding ``(1, L, D)`` of ``""``."""
-        if self._empty_prompt is None or self._empty_prompt.device != device:
-            base = self.base(device)
-            tokenizer = base["tokenizer"]
-            ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-            with torch.no_grad():
-                self._empty_prompt = base["text_encoder"](ids.input_ids.to(device))[0]
-        return self._empty_prompt
-
-    def noise_scheduler(self):
-        """The base's training schedule as a ``DDPMScheduler`` (SD 1.5's when the base has no ``scheduler/``)."""
-        if self._scheduler is None:
-            from diffusers import DDPMScheduler
-
-            folder = Path(self.section.base) / "scheduler"
-            if (folder / "scheduler_config.json").is_file():
-                self._scheduler = DDPMScheduler.from_pretrained(folder)
-            else:
-                self._scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        return self._scheduler
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Loss, validation, export
+    # Loss
     # ------------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, batch, generator) -> torch.Tensor:
@@ -287,64 +207,51 @@ class PASDTask(TrainingTask):
         from sr_diffusion.resize import resize
 
         device = batch["hr"].device
-        base = self.base(device)
-        vae, unet = base["vae"], base["unet"]
+        unet = self.base(device)["unet"]
         hr = batch["hr"].float() * 2.0 - 1.0
         cond = resize(batch["lr"].float(), size=tuple(hr.shape[-2:]), mode="bicubic").clamp(0.0, 1.0)
-        n = hr.shape[0]
 
         # 1-2. z_0 (a posterior sample), t, eps, z_t
-        with torch.no_grad():
-            z_0 = vae.encode(hr.to(vae.dtype)).latent_dist.sample(generator).float() * float(vae.config.scaling_factor)
-        scheduler = self.noise_scheduler()
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-        noise = torch.randn(z_0.shape, generator=generator, device=device, dtype=z_0.dtype)
-        z_t = scheduler.add_noise(z_0, noise, t)
-        v_prediction = scheduler.config.prediction_type == "v_prediction"
-        target = scheduler.get_velocity(z_0, noise, t) if v_prediction else noise
+        z_t, t, target = self.diffuse(self.encode_latents(hr, generator), generator)
 
         # 3-4. the conditioned frozen UNet, the noise-prediction loss and the degradation-removal loss
-        text = self.empty_prompt(device).expand(n, -1, -1)
+        text = self.empty_prompt(device).expand(hr.shape[0], -1, -1)
         prediction, rgbs = model(unet, z_t, t, text, cond)
         loss = self.loss_fn(prediction.float(), target)
         if self.section.rgb_loss_weight:
             loss = loss + self.section.rgb_loss_weight * degradation_removal_loss(rgbs, hr)
         return loss
 
-    def predict(self, model, lr, generator) -> torch.Tensor:
-        pipe = self.build_pipeline(model, device=lr.device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(
-            lr.clamp(0, 1),
-            num_inference_steps=self.section.num_inference_steps,
-            guidance_scale=self.section.guidance_scale,
-            added_noise_level=self.section.added_noise_level,
-            color_fix=self.section.color_fix,
-            generator=generator,
-            output_type="pt",
-        ).images
+    # ------------------------------------------------------------------------------------------------------------------
+    # Schedulers, validation, export
+    # ------------------------------------------------------------------------------------------------------------------
 
-    def build_pipeline(self, model, device: torch.device | None = None):
-        from diffusers import UniPCMultistepScheduler
-
+    def pipeline_class(self) -> type:
         from sr_diffusion.pipelines import PASDPipeline
-        from sr_diffusion.pipelines.pasd import pasd_scheduler
 
-        model = getattr(model, "module", model)
-        device = device or next(model.parameters()).device
-        base = self.base(device)
+        return PASDPipeline
+
+    def make_noise_scheduler(self):
+        """The base's training schedule as a ``DDPMScheduler`` (the original's; SD 1.5's when the base has no
+        ``scheduler/``)."""
+        from diffusers import DDPMScheduler
+
         folder = Path(self.section.base) / "scheduler"
         if (folder / "scheduler_config.json").is_file():
-            scheduler = UniPCMultistepScheduler.from_pretrained(folder)
-        else:
-            scheduler = pasd_scheduler(self.noise_scheduler().config.prediction_type)
-        return PASDPipeline(
-            vae=base["vae"],
-            text_encoder=base["text_encoder"],
-            tokenizer=base["tokenizer"],
-            unet=base["unet"],
-            scheduler=scheduler,
-            controlnet=model.controlnet,
-            pixel_attentions=model.pixel_attentions,
-            upscale=self.scale,
-        )
+            return DDPMScheduler.from_pretrained(folder)
+        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+    def sampling_scheduler(self):
+        return self.pipeline_class().base_scheduler(self.section.base)
+
+    def add_on_components(self, model, device: torch.device) -> dict[str, Any]:
+        return {"controlnet": model.controlnet, "pixel_attentions": model.pixel_attentions}
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        s = self.section
+        return {
+            "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale,
+            "added_noise_level": s.added_noise_level,
+            "color_fix": s.color_fix,
+        }

@@ -49,8 +49,7 @@ from sr_diffusion.models.seesr import (
 )
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from .losses import build_loss
-from .trainer import TrainingTask
+from .sd_addons import SDAddOnTask, check_sd_base_folder, public_config
 
 __all__ = [
     "SeeSRAddOns",
@@ -61,16 +60,9 @@ __all__ = [
     "build_seesr_add_ons",
 ]
 
-BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The trainable model
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _public(config) -> dict[str, Any]:
-    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
 class SeeSRAddOns(ModelMixin, ConfigMixin):
@@ -99,9 +91,9 @@ class SeeSRAddOns(ModelMixin, ConfigMixin):
 
         with init_empty_weights():
             model = cls(
-                controlnet_config=_public(controlnet.config),
-                unet_image_attentions_config=_public(unet_image_attentions.config),
-                controlnet_image_attentions_config=_public(controlnet_image_attentions.config),
+                controlnet_config=public_config(controlnet.config),
+                unet_image_attentions_config=public_config(unet_image_attentions.config),
+                controlnet_image_attentions_config=public_config(controlnet_image_attentions.config),
             )
         state = {f"controlnet.{k}": v for k, v in controlnet.state_dict().items()}
         state |= {f"unet_image_attentions.{k}": v for k, v in unet_image_attentions.state_dict().items()}
@@ -190,11 +182,7 @@ class SeeSRExperimentConfig(ExperimentConfig):
                 f"unknown config key(s) {', '.join('model.' + k for k in unknown)} for arch 'seesr'; valid keys: "
                 f"arch, {', '.join(valid)} (the UNet is the base's: seesr.base)"
             )
-        if not s.base:
-            raise ConfigError("seesr.base: required: a diffusers Stable Diffusion folder (e.g. SD 2-base)")
-        missing = [p for p in BASE_PARTS if not (Path(s.base) / p).is_dir()]
-        if missing:
-            raise ConfigError(f"seesr.base: {s.base} is not a diffusers SD folder (no {', '.join(missing)}/)")
+        check_sd_base_folder(s.base, "seesr", "SD 2-base")
         if s.dape and not (Path(s.dape) / "config.json").is_file():
             raise ConfigError(f"seesr.dape: {s.dape} is not a saved DAPE folder (no config.json)")
         if not 0 <= s.null_text_ratio <= 1:
@@ -210,43 +198,23 @@ class SeeSRExperimentConfig(ExperimentConfig):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class SeeSRTask(TrainingTask):
-    """SeeSR's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring)."""
+class SeeSRTask(SDAddOnTask):
+    """SeeSR's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring; the frozen
+    base, the forward process, validation and export: :class:`~sr_diffusion.training.sd_addons.SDAddOnTask`)."""
+
+    section_name = "seesr"
+    section_class = SeeSRConfig
 
     def __init__(self):
-        self.section = SeeSRConfig()
-        self.scale: int | None = None
-        self.loss_fn = None
+        super().__init__()
         self.model_kwargs: dict[str, Any] = {}
-        self.prediction_type = "epsilon"
-        self._base: dict[str, Any] | None = None
         self._dape = None
-        self._empty_prompt: torch.Tensor | None = None
-        self._scheduler = None
 
     def check_config(self, config: ExperimentConfig) -> None:
         import json
 
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        self.section = getattr(config, "seesr", None) or SeeSRConfig()
-        if not self.section.base:
-            raise ConfigError("seesr.base: required: a diffusers Stable Diffusion folder")
-        base = Path(self.section.base)
-        unet_config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
-        vae_config = dict(AutoencoderKL.load_config(base, subfolder="vae"))
-        if unet_config.get("addition_embed_type") or unet_config.get("class_embed_type"):
-            raise ConfigError(f"seesr.base: {base} is not an SD 1.x/2.x text-to-image base (SDXL, upscaler, ...)")
-        scheduler_config = base / "scheduler" / "scheduler_config.json"
-        if scheduler_config.is_file():
-            self.prediction_type = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
-        vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        multiple = vae_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
-        if config.data.gt_size % multiple:
-            raise ConfigError(
-                f"data.gt_size ({config.data.gt_size}) must be a multiple of {multiple} (the VAE's factor times the "
-                "UNet's input multiple)"
-            )
+        super().check_config(config)
+        vae_factor = self.vae_factor
         kwargs = dict(config.model.kwargs)
         channels = kwargs.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
         if 2 ** (len(channels) - 1) != vae_factor:
@@ -262,8 +230,6 @@ class SeeSRTask(TrainingTask):
                     f"{dape_dim}-d soft prompts"
                 )
         self.model_kwargs = kwargs
-        self.scale = config.scale
-        self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
 
     def build_model(self, config: ExperimentConfig) -> SeeSRAddOns:
         try:
@@ -272,28 +238,8 @@ class SeeSRTask(TrainingTask):
             raise ConfigError(f"model: {err}") from err
 
     # ------------------------------------------------------------------------------------------------------------------
-    # The frozen base and prompt extractor
+    # The frozen prompt extractor (the frozen base: SDAddOnTask)
     # ------------------------------------------------------------------------------------------------------------------
-
-    def base(self, device: torch.device | None = None) -> dict[str, Any]:
-        """The frozen SD components (loaded once, eval mode, no gradients), moved to ``device`` when given."""
-        if self._base is None:
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            folder = Path(self.section.base)
-            self._base = {
-                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            }
-            for name in ("vae", "text_encoder", "unet"):
-                self._base[name].eval().requires_grad_(False)
-        if device is not None:
-            for name in ("vae", "text_encoder", "unet"):
-                self._base[name].to(device)
-        return self._base
 
     def dape(self, device: torch.device | None = None):
         """The frozen DAPE of ``seesr.dape`` (``None`` without one)."""
@@ -306,22 +252,6 @@ class SeeSRTask(TrainingTask):
         if device is not None:
             self._dape.to(device)
         return self._dape
-
-    def embed_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """Text embeddings ``(N, L, D)`` (truncated to the tokenizer's length, as the original's dataset)."""
-        base = self.base(device)
-        tokenizer = base["tokenizer"]
-        if not any(prompts):
-            if self._empty_prompt is None or self._empty_prompt.device != device:
-                ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-                with torch.no_grad():
-                    self._empty_prompt = base["text_encoder"](ids.input_ids.to(device))[0]
-            return self._empty_prompt.expand(len(prompts), -1, -1)
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        with torch.no_grad():
-            return base["text_encoder"](ids.input_ids.to(device))[0]
 
     def prompts(
         self, hr: torch.Tensor, condition: torch.Tensor, generator: torch.Generator
@@ -341,7 +271,7 @@ class SeeSRTask(TrainingTask):
         return [t if k else "" for t, k in zip(tags, keep.tolist())], soft
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Loss, validation, export
+    # Loss
     # ------------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, batch, generator) -> torch.Tensor:
@@ -349,23 +279,12 @@ class SeeSRTask(TrainingTask):
         from sr_diffusion.resize import resize
 
         device = batch["hr"].device
-        base = self.base(device)
-        vae, unet = base["vae"], base["unet"]
+        unet = self.base(device)["unet"]
         hr01 = batch["hr"].float()
         condition = resize(batch["lr"].float(), size=tuple(hr01.shape[-2:]), mode="bicubic").clamp(0.0, 1.0)
-        n = hr01.shape[0]
 
-        # 1. z_0 (a posterior sample, as the original's latent_dist.sample())
-        with torch.no_grad():
-            posterior = vae.encode((hr01 * 2.0 - 1.0).to(vae.dtype)).latent_dist
-            z_0 = posterior.sample(generator).float() * float(vae.config.scaling_factor)
-
-        # 2. t, eps, z_t
-        scheduler = self._noise_scheduler()
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-        noise = torch.randn(z_0.shape, generator=generator, device=device, dtype=z_0.dtype)
-        z_t = scheduler.add_noise(z_0, noise, t)
-        target = scheduler.get_velocity(z_0, noise, t) if self.prediction_type == "v_prediction" else noise
+        # 1. z_0 (a posterior sample, as the original's latent_dist.sample()); 2. t, eps, z_t
+        z_t, t, target = self.diffuse(self.encode_latents(hr01 * 2.0 - 1.0, generator), generator)
 
         # 3. prompts; 4. regress with the ControlNet-conditioned frozen UNet
         prompts, soft = self.prompts(hr01, condition, generator)
@@ -373,50 +292,36 @@ class SeeSRTask(TrainingTask):
         prediction = model(unet, z_t, t, text, condition, soft)
         return self.loss_fn(prediction.float(), target)
 
-    def _noise_scheduler(self):
-        from sr_diffusion.pipelines.seesr import seesr_scheduler
+    # ------------------------------------------------------------------------------------------------------------------
+    # Schedulers, validation, export
+    # ------------------------------------------------------------------------------------------------------------------
 
-        if self._scheduler is None:
-            self._scheduler = seesr_scheduler(self.prediction_type)
-        return self._scheduler
-
-    def predict(self, model, lr, generator) -> torch.Tensor:
-        pipe = self.build_pipeline(model, device=lr.device)
-        pipe.set_progress_bar_config(disable=True)
-        s = self.section
-        return pipe(
-            lr.clamp(0, 1),
-            num_inference_steps=s.num_inference_steps,
-            guidance_scale=s.guidance_scale,
-            start_point=s.start_point,
-            color_fix=s.color_fix,
-            generator=generator,
-            output_type="pt",
-        ).images
-
-    def build_pipeline(self, model, device: torch.device | None = None):
-        from diffusers import DDPMScheduler
-
+    def pipeline_class(self) -> type:
         from sr_diffusion.pipelines import SeeSRPipeline
+
+        return SeeSRPipeline
+
+    def make_noise_scheduler(self):
         from sr_diffusion.pipelines.seesr import seesr_scheduler
 
-        model = getattr(model, "module", model)
-        device = device or next(model.parameters()).device
-        base = self.base(device)
-        folder = Path(self.section.base)
-        if (folder / "scheduler" / "scheduler_config.json").is_file():
-            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # as the original
-        else:
-            scheduler = seesr_scheduler(self.prediction_type)
-        return SeeSRPipeline(
-            vae=base["vae"],
-            text_encoder=base["text_encoder"],
-            tokenizer=base["tokenizer"],
-            unet=base["unet"],
-            scheduler=scheduler,
-            controlnet=model.controlnet,
-            unet_image_attentions=model.unet_image_attentions,
-            controlnet_image_attentions=model.controlnet_image_attentions,
-            prompt_extractor=self.dape(device),
-            upscale=self.scale,
-        )
+        return seesr_scheduler(self.prediction_type)
+
+    def sampling_scheduler(self):
+        return self.pipeline_class().base_scheduler(self.section.base)
+
+    def add_on_components(self, model, device: torch.device) -> dict[str, Any]:
+        return {
+            "controlnet": model.controlnet,
+            "unet_image_attentions": model.unet_image_attentions,
+            "controlnet_image_attentions": model.controlnet_image_attentions,
+            "prompt_extractor": self.dape(device),
+        }
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        s = self.section
+        return {
+            "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale,
+            "start_point": s.start_point,
+            "color_fix": s.color_fix,
+        }

@@ -38,12 +38,9 @@ from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, check_model_kwargs
-from .losses import build_loss
-from .trainer import TrainingTask
+from .sd_addons import SDAddOnTask, check_sd_base_folder
 
 __all__ = ["StableSRAddOns", "StableSRConfig", "StableSRExperimentConfig", "StableSRTask", "StableSRTrainConfig"]
-
-BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -116,11 +113,7 @@ class StableSRExperimentConfig(ExperimentConfig):
         check_model_kwargs(StableSRTimeAwareEncoder, self.model.kwargs, "stablesr")
         if "in_channels" in self.model.kwargs:
             raise ConfigError("model.in_channels: set by the base's VAE (its latent channels)")
-        if not s.base:
-            raise ConfigError("stablesr.base: required: a diffusers Stable Diffusion folder (e.g. SD 2.1-base)")
-        missing = [p for p in BASE_PARTS if not (Path(s.base) / p).is_dir()]
-        if missing:
-            raise ConfigError(f"stablesr.base: {s.base} is not a diffusers SD folder (no {', '.join(missing)}/)")
+        check_sd_base_folder(s.base, "stablesr", "SD 2.1-base")
         if s.cfw and not (Path(s.cfw) / "config.json").is_file():
             raise ConfigError(f"stablesr.cfw: {s.cfw} is not a saved StableSRCFW folder (no config.json)")
         if s.sft_hidden_channels < 1:
@@ -136,46 +129,12 @@ class StableSRExperimentConfig(ExperimentConfig):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class StableSRTask(TrainingTask):
-    """StableSR's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring)."""
+class StableSRTask(SDAddOnTask):
+    """StableSR's objective for the shared :class:`~sr_diffusion.training.Trainer` (see the module docstring; the
+    frozen base, the forward process, validation and export: :class:`~sr_diffusion.training.sd_addons.SDAddOnTask`)."""
 
-    def __init__(self):
-        self.section = StableSRConfig()
-        self.scale: int | None = None
-        self.loss_fn = None
-        self.unet_config: dict[str, Any] = {}
-        self.vae_config: dict[str, Any] = {}
-        self.prediction_type = "epsilon"
-        self._base: dict[str, Any] | None = None
-        self._empty_prompt: torch.Tensor | None = None
-        self._scheduler = None
-
-    def check_config(self, config: ExperimentConfig) -> None:
-        import json
-
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        self.section = getattr(config, "stablesr", None) or StableSRConfig()
-        if not self.section.base:
-            raise ConfigError("stablesr.base: required: a diffusers Stable Diffusion folder")
-        base = Path(self.section.base)
-        self.unet_config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
-        self.vae_config = dict(AutoencoderKL.load_config(base, subfolder="vae"))
-        if self.unet_config.get("addition_embed_type") or self.unet_config.get("class_embed_type"):
-            raise ConfigError(f"stablesr.base: {base} is not an SD 1.x/2.x text-to-image base (SDXL, upscaler, ...)")
-        scheduler_config = base / "scheduler" / "scheduler_config.json"
-        if scheduler_config.is_file():
-            self.prediction_type = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
-        multiple = 2 ** (len(self.vae_config["block_out_channels"]) - 1) * 2 ** (
-            len(self.unet_config["block_out_channels"]) - 1
-        )
-        if config.data.gt_size % multiple:
-            raise ConfigError(
-                f"data.gt_size ({config.data.gt_size}) must be a multiple of {multiple} (the VAE's factor times the "
-                "UNet's input multiple)"
-            )
-        self.scale = config.scale
-        self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
+    section_name = "stablesr"
+    section_class = StableSRConfig
 
     def build_model(self, config: ExperimentConfig) -> StableSRAddOns:
         encoder = {**config.model.kwargs, "in_channels": int(self.vae_config["latent_channels"])}
@@ -192,41 +151,7 @@ class StableSRTask(TrainingTask):
             raise ConfigError(f"model: {err}") from err
 
     # ------------------------------------------------------------------------------------------------------------------
-    # The frozen base
-    # ------------------------------------------------------------------------------------------------------------------
-
-    def base(self, device: torch.device | None = None) -> dict[str, Any]:
-        """The frozen SD components (loaded once, eval mode, no gradients), moved to ``device`` when given."""
-        if self._base is None:
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            folder = Path(self.section.base)
-            self._base = {
-                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            }
-            for name in ("vae", "text_encoder", "unet"):
-                self._base[name].eval().requires_grad_(False)
-        if device is not None:
-            for name in ("vae", "text_encoder", "unet"):
-                self._base[name].to(device)
-        return self._base
-
-    def empty_prompt(self, device: torch.device) -> torch.Tensor:
-        """The text embedding ``(1, L, D)`` of ``""`` (what the original trains with)."""
-        if self._empty_prompt is None or self._empty_prompt.device != device:
-            base = self.base(device)
-            tokenizer = base["tokenizer"]
-            ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-            with torch.no_grad():
-                self._empty_prompt = base["text_encoder"](ids.input_ids.to(device))[0]
-        return self._empty_prompt
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Loss, validation, export
+    # Loss
     # ------------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, batch, generator) -> torch.Tensor:
@@ -234,68 +159,52 @@ class StableSRTask(TrainingTask):
         from sr_diffusion.resize import resize
 
         device = batch["hr"].device
-        base = self.base(device)
-        vae, unet = base["vae"], base["unet"]
+        unet = self.base(device)["unet"]
         hr = batch["hr"].float() * 2.0 - 1.0
         lr = batch["lr"].float() * 2.0 - 1.0
         lr_up = resize(lr, size=tuple(hr.shape[-2:]), mode="bicubic").clamp(-1.0, 1.0)
-        n = hr.shape[0]
-        scaling = float(vae.config.scaling_factor)
 
         # 1. latents (posterior samples, as the original's get_first_stage_encoding)
-        with torch.no_grad():
-            z_lr = vae.encode(lr_up.to(vae.dtype)).latent_dist.sample(generator).float() * scaling
-            z_0 = vae.encode(hr.to(vae.dtype)).latent_dist.sample(generator).float() * scaling
+        z_lr = self.encode_latents(lr_up, generator)
+        z_0 = self.encode_latents(hr, generator)
 
         # 2. t, eps, z_t
-        scheduler = self._noise_scheduler()
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-        noise = torch.randn(z_0.shape, generator=generator, device=device, dtype=z_0.dtype)
-        z_t = scheduler.add_noise(z_0, noise, t)
-        target = scheduler.get_velocity(z_0, noise, t) if self.prediction_type == "v_prediction" else noise
+        z_t, t, target = self.diffuse(z_0, generator)
 
-        # 3. regress with the SFT-modulated frozen UNet
-        text = self.empty_prompt(device).expand(n, -1, -1)
+        # 3. regress with the SFT-modulated frozen UNet (the empty prompt, as the original)
+        text = self.empty_prompt(device).expand(hr.shape[0], -1, -1)
         prediction = model(unet, z_t, t, z_lr, text)
         return self.loss_fn(prediction.float(), target)
 
-    def _noise_scheduler(self):
-        from sr_diffusion.pipelines.stablesr import stablesr_scheduler
+    # ------------------------------------------------------------------------------------------------------------------
+    # Schedulers, validation, export
+    # ------------------------------------------------------------------------------------------------------------------
 
-        if self._scheduler is None:
-            self._scheduler = stablesr_scheduler(self.prediction_type)
-        return self._scheduler
-
-    def predict(self, model, lr, generator) -> torch.Tensor:
-        pipe = self.build_pipeline(model, device=lr.device)
-        pipe.set_progress_bar_config(disable=True)
-        fidelity = self.section.fidelity_weight if pipe.cfw is not None else 0.0
-        return pipe(
-            lr.clamp(0, 1),
-            num_inference_steps=self.section.num_inference_steps,
-            color_fix=self.section.color_fix,
-            fidelity_weight=fidelity,
-            generator=generator,
-            output_type="pt",
-        ).images
-
-    def build_pipeline(self, model, device: torch.device | None = None):
-        from sr_diffusion.models import StableSRCFW
+    def pipeline_class(self) -> type:
         from sr_diffusion.pipelines import StableSRPipeline
+
+        return StableSRPipeline
+
+    def make_noise_scheduler(self):
         from sr_diffusion.pipelines.stablesr import stablesr_scheduler
 
-        model = getattr(model, "module", model)
-        device = device or next(model.parameters()).device
-        base = self.base(device)
+        return stablesr_scheduler(self.prediction_type)
+
+    def sampling_scheduler(self):
+        from sr_diffusion.pipelines.stablesr import stablesr_scheduler
+
+        return stablesr_scheduler(self.prediction_type)
+
+    def add_on_components(self, model, device: torch.device) -> dict[str, Any]:
+        from sr_diffusion.models import StableSRCFW
+
         cfw = StableSRCFW.from_pretrained(self.section.cfw).to(device) if self.section.cfw else None
-        return StableSRPipeline(
-            vae=base["vae"],
-            text_encoder=base["text_encoder"],
-            tokenizer=base["tokenizer"],
-            unet=base["unet"],
-            scheduler=stablesr_scheduler(self.prediction_type),
-            time_aware_encoder=model.time_aware_encoder,
-            sft=model.sft,
-            cfw=cfw,
-            upscale=self.scale,
-        )
+        return {"time_aware_encoder": model.time_aware_encoder, "sft": model.sft, "cfw": cfw}
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        s = self.section
+        return {
+            "num_inference_steps": s.num_inference_steps,
+            "color_fix": s.color_fix,
+            "fidelity_weight": s.fidelity_weight if pipe.cfw is not None else 0.0,
+        }

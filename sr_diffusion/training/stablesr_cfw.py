@@ -298,12 +298,10 @@ class StableSRCFWTask(TrainingTask):
     def generate_latents(self, z_lr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``z_0 / s`` sampled by the first stage from ``z_lr = E(lr_up)`` (a posterior sample, unscaled), as the
         original's ``generate_vqgan_data.py``: ``z_T = q_sample(z_lr · s, T-1)``, the respaced DDPM steps with the
-        empty prompt, no guidance."""
+        empty prompt, no guidance (in the VAE's dtype)."""
         pipe = self.pipeline(z_lr.device)
-        vae, scheduler = pipe.vae, pipe.scheduler
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        scale = float(vae.config.scaling_factor)
-        lr_latents = ((z_lr.float() - shift) * scale).to(pipe.unet.dtype)
+        scheduler = pipe.scheduler
+        lr_latents = pipe.scale_latents(z_lr).to(pipe.unet.dtype)
         n, device = z_lr.shape[0], z_lr.device
         text = self.empty_prompt(device).expand(n, -1, -1)
 
@@ -313,7 +311,7 @@ class StableSRCFWTask(TrainingTask):
         for t in pipe.set_timesteps(self.section.num_inference_steps, device):
             noise_pred = pipe.predict_noise(latents, t, lr_latents, text, 1.0)
             latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
-        return latents.float() / scale + shift
+        return pipe.unscale_latents(latents)
 
     def empty_prompt(self, device: torch.device) -> torch.Tensor:
         """The first stage's text embedding ``(1, L, D)`` of ``""`` (what the original generates with)."""
