@@ -50,6 +50,12 @@ def load_pipeline(model: str | None, device: str | None, dtype: str):
     from sr_diffusion.pipelines import AutoSRPipeline
 
     diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar; ours shows the work
+    try:  # and transformers' "Loading weights" bar (the text encoders of the SD-based pipelines)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
     folder = Path(model) if model else default_pipeline_dir()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
@@ -73,6 +79,13 @@ OPTIONAL_CALL_KEYWORDS = {
     "outscale": "--scale",
     "self_ensemble": "--self-ensemble",
     "lr_consistency": "--lr-consistency",
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "fidelity": "--fidelity",
+    "color_fix": "--color-fix",
+    "generator": "--seed",
 }
 
 
@@ -82,7 +95,7 @@ def upscale_call_kwargs(pipe, args) -> dict:
     kwargs = {"tile_size": args.tile, "tile_overlap": args.tile_overlap}
     accepted = inspect.signature(pipe.__call__).parameters
     for keyword, flag in OPTIONAL_CALL_KEYWORDS.items():
-        value = getattr(args, keyword)
+        value = args.seed if keyword == "generator" else getattr(args, keyword)
         if value is None or value is False:
             continue
         if keyword not in accepted:
@@ -92,6 +105,7 @@ def upscale_call_kwargs(pipe, args) -> dict:
 
 
 def cmd_upscale(args) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from sr_diffusion.image_processor import ImageLoadError, load_image, save_image
@@ -115,6 +129,8 @@ def cmd_upscale(args) -> int:
             continue
         try:
             image = load_image(path)
+            if "generator" in call_kwargs:  # every image from the same seed: its result does not depend on the order
+                call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
             result = pipe(image, **call_kwargs).images[0]
             save_image(result, target)
         except (ImageLoadError, ValueError, RuntimeError, OSError) as err:
@@ -359,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="diffusion pipelines: project each output so that its MATLAB-bicubic downsampling is the input",
     )
+    sd = p.add_argument_group("diffusion pipelines (a pipeline without the keyword refuses the option)")
+    sd.add_argument("--prompt", help='text prompt ("auto": the prompt extractor\'s; your words come first)')
+    sd.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (used verbatim)")
+    sd.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps (default: the method's)")
+    sd.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the method's)")
+    sd.add_argument("--fidelity", choices=["auto"], help="auto: fidelity knobs from the degradation estimator")
+    sd.add_argument("--color-fix", choices=["none", "adain", "wavelet"], help="colour fix (default: the method's)")
+    sd.add_argument("--seed", type=int, help="seed of each image's noise (default: the global RNG)")
     p.add_argument("--ext", default="png", choices=["png", "webp", "jpg", "tif"])
     p.add_argument("--suffix", default="", help="appended to each output file name's stem")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")

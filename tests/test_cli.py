@@ -193,3 +193,37 @@ def test_upscale_lr_consistency_with_a_diffusion_pipeline(tmp_path, inputs, mode
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --lr-consistency") and "RegressionSRPipeline" in line
     assert not out.exists()
+
+
+def test_upscale_prompt_guided_options_reach_the_pipeline(tmp_path, inputs, model_dir, capsys):
+    """The prompt-guided options (--prompt, --negative-prompt, --steps, --guidance-scale, --color-fix, --seed) give
+    what the Python call with the same keywords gives; a pipeline without them (regression) refuses them."""
+    from stablesr_tiny import tiny_components
+
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.pipelines import AutoSRPipeline, StableSRPipeline
+
+    folder = tmp_path / "stablesr"
+    StableSRPipeline(**tiny_components()).save_pretrained(folder)
+    small = tmp_path / "small.png"
+    load_image(inputs / "a.png").crop((0, 0, 8, 8)).save(small)
+    options = ["--prompt", "a dog", "--negative-prompt", "blur", "--steps", "2", "--guidance-scale", "2.5",
+               "--color-fix", "wavelet", "--seed", "7"]  # fmt: skip
+    for run in ("one", "two"):
+        assert main(["upscale", str(small), "-o", str(tmp_path / run), "--model", str(folder), "-q", *options]) == 0
+    pipe = AutoSRPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        load_image(small), prompt="a dog", negative_prompt="blur", num_inference_steps=2, guidance_scale=2.5,
+        color_fix="wavelet", generator=torch.Generator().manual_seed(7),
+    ).images[0]  # fmt: skip
+    for run in ("one", "two"):
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / run / "small.png")), np.asarray(expected))
+
+    capsys.readouterr()
+    out = tmp_path / "refused"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "--prompt", "a dog"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: --prompt") and "RegressionSRPipeline" in err[0]
+    assert not out.exists()
