@@ -20,7 +20,63 @@ serves all three. :class:`StableDiffusionSRMixin` holds what they do alike:
 - latent tiling with Gaussian-weighted overlap (:func:`gaussian_tile_weights`, :meth:`~StableDiffusionSRMixin.
   blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``);
 - LoRA: diffusers' ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights`` / ``fuse_lora`` / ``unload_lora_weights``
-  on the UNet and the text encoder), so SD LoRAs and LoRA-trained add-ons load as in any SD pipeline.
+  on the UNet and the text encoder), so SD LoRAs and LoRA-trained add-ons load as in any SD pipeline;
+- the optional components every one of them takes: a ``prompt_extractor`` (any
+  :class:`~sr_diffusion.prompts.PromptExtractor`, for ``prompt="auto"``) and a ``degradation_estimator`` (a
+  :class:`~sr_diffusion.estimation.DegradationEstimator`, for ``fidelity="auto"``; None: the one shipped in the
+  package), and :meth:`~StableDiffusionSRMixin.resolve_fidelity`, which sets the fidelity controls of a call.
+
+Fidelity controls
+-----------------
+The ``__call__`` keywords that trade faithfulness to the LR input against generated detail. A keyword means the same in
+every pipeline that takes it ("-": the pipeline has no such control); "auto" marks the controls ``fidelity="auto"`` sets
+when the caller leaves them ``None``.
+
+=================================  ===========  =============  ===========  ==========================================
+keyword                            StableSR     PASD           SeeSR        more faithful to the LR input with
+=================================  ===========  =============  ===========  ==========================================
+``guidance_scale``                 1            9              5.5          a lower value (1: no guidance)
+``negative_prompt``                ``""``       PASD's         SeeSR's      (what guidance steers away from)
+``controlnet_conditioning_scale``  -            1, auto        1, auto      a higher value (0: no ControlNet)
+``fidelity_weight``                0.5, auto    -              -            a higher value (0: the plain SD decoder)
+``added_noise_level``              -            900, auto      -            a lower value
+``start_point``                    - (noise)    ``"lr"``       ``"lr"``     ``"lr"`` rather than ``"noise"``
+``fidelity``                       None         None           None         ``"auto"`` adapts the controls marked auto
+``color_fix``                      ``"adain"``  ``"wavelet"``  ``"adain"``  ``"adain"`` / ``"wavelet"`` (colours only)
+``lr_consistency``                 False        False          False        True (exactly consistent)
+=================================  ===========  =============  ===========  ==========================================
+
+Every default is the original code's; a control marked auto defaults to ``None``, which means that default (or, with
+``fidelity="auto"``, the value set from the input). StableSR without CFW layers has no ``w`` to set: 0, never auto.
+The effect of each, in the words every pipeline's ``__call__`` docstring uses:
+
+- ``guidance_scale``: classifier-free guidance scale ``w`` (``eps_u + w (eps_c - eps_u)``, ``eps_u`` from
+  ``negative_prompt``): higher follows the prompt more and the LR image less; 1: no guidance.
+- ``negative_prompt``: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one (``""``
+  included) is used verbatim.
+- ``controlnet_conditioning_scale``: multiplies the ControlNet's residuals: higher holds the output closer to the LR
+  image; 0: the ControlNet has no effect.
+- ``fidelity_weight``: CFW's ``w`` in [0, 1]: higher is more faithful to the LR image (1: most faithful; 0: the plain
+  SD decoder, more generative).
+- ``added_noise_level``: the level in ``[0, T)`` the LR start is noised to: lower keeps more of the LR image (more
+  faithful), higher generates more; only with ``start_point="lr"``. (PASD's ``None`` used to mean pure noise: that is
+  now ``start_point="noise"``.)
+- ``start_point``: ``"lr"``: the chain starts from the LR image's latent, noised (more faithful); ``"noise"``: from
+  pure noise ``z_T ~ N(0, I)`` (as StableSR always does). A discrete choice: ``fidelity="auto"`` never changes it.
+- ``fidelity``: ``"auto"``: set the fidelity controls left ``None`` (those marked auto above) from the input's
+  degradation as estimated by the ``degradation_estimator`` component (the one shipped in the package when it is
+  None): more faithful for clean inputs, more generative for heavily degraded ones (:mod:`sr_diffusion.fidelity_auto`);
+  the LR images must be at least 16 pixels a side. A value given explicitly always wins. ``None`` (default): each
+  control's default.
+- ``color_fix``: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
+  (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail.
+- ``lr_consistency``: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
+  ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped to [0, 1]),
+  so that the output explains its input exactly; after the colour fix, on the whole image when tiling; the alpha
+  channel is unaffected.
+
+The prompt (``prompt="auto"`` or ``None`` with a ``prompt_extractor``: its tags after the user's words) is resolved the
+same way in all three (:meth:`~StableDiffusionSRMixin.resolve_text_prompts`).
 """
 
 from __future__ import annotations
@@ -36,15 +92,21 @@ from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from sr_diffusion.estimation import DegradationEstimator
+from sr_diffusion.fidelity_auto import check_fidelity, resolve_auto_fidelity
 from sr_diffusion.image_processor import SRImageProcessor, pad_to_multiple
 from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid
 
-__all__ = ["SD_BASE_PARTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
+__all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
 
 #: the subfolders of a Stable Diffusion diffusers folder every SD-based SR pipeline reads
 SD_BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
+#: ``start_point``: the LR image's latent, noised (``"lr"``), or pure noise (``"noise"``)
+START_POINTS = ("lr", "noise")
+#: optional components that run on their own (images in, prompts or an estimate out) and keep their own dtype
+_OWN_DTYPE_COMPONENTS = ("prompt_extractor", "degradation_estimator")
 
 
 def gaussian_tile_weights(height: int, width: int, device=None) -> torch.Tensor:
@@ -64,7 +126,9 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
 
     A pipeline using it registers ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``, an ``upscale``
     config entry, and names its add-ons in :attr:`ADD_ON_SUBFOLDERS` (``{subfolder: what it is}``), its optional ones in
-    :attr:`OPTIONAL_ADD_ONS`, its method in :attr:`METHOD` and the base it was released on in :attr:`BASE_EXAMPLE`.
+    :attr:`OPTIONAL_ADD_ONS` (with ``_optional_components``), its method in :attr:`METHOD`, the base it was released on
+    in :attr:`BASE_EXAMPLE` and the defaults of the fidelity controls ``fidelity="auto"`` may set in
+    :attr:`FIDELITY_DEFAULTS`.
     """
 
     METHOD = "this method"
@@ -74,6 +138,8 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     ADD_ON_SUBFOLDERS: dict[str, str] = {}
     #: optional components a saved pipeline must have a subfolder for when its ``model_index.json`` names them
     OPTIONAL_ADD_ONS: dict[str, str] = {}
+    #: ``{keyword: the method's default}`` of the fidelity controls ``fidelity="auto"`` may set (module docstring)
+    FIDELITY_DEFAULTS: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction
@@ -94,10 +160,19 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     # Loading
     # ------------------------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def base_prediction_type(base: str | Path) -> str:
+        """The ``prediction_type`` of the SD diffusers folder ``base`` (``scheduler/scheduler_config.json``;
+        ``"epsilon"`` when absent)."""
+        config = Path(base) / "scheduler" / "scheduler_config.json"
+        if config.is_file():
+            return json.loads(config.read_text()).get("prediction_type", "epsilon")
+        return "epsilon"
+
     @classmethod
     def load_sd_base(cls, base: str | Path, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The base parts of the SD diffusers folder ``base``: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
-        and ``prediction_type`` (from ``scheduler/scheduler_config.json``; ``"epsilon"`` when absent)."""
+        and ``prediction_type`` (:meth:`base_prediction_type`)."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
         base = Path(base)
@@ -108,16 +183,12 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
                 f"{cls.METHOD} needs an SD 1.x/2.x base such as {cls.BASE_EXAMPLE}"
             )
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        prediction_type = "epsilon"
-        config = base / "scheduler" / "scheduler_config.json"
-        if config.is_file():
-            prediction_type = json.loads(config.read_text()).get("prediction_type", "epsilon")
         return {
             "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
             "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
             "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
             "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs),
-            "prediction_type": prediction_type,
+            "prediction_type": cls.base_prediction_type(base),
         }
 
     @classmethod
@@ -130,12 +201,17 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         **components: Any,
     ):
         """``cls`` on the base parts of the SD folder ``base`` (:meth:`load_sd_base`) with ``scheduler`` and the other
-        ``components``; the add-ons (:attr:`ADD_ON_SUBFOLDERS`) are cast to ``torch_dtype`` with the base."""
+        ``components``; the add-ons (:attr:`ADD_ON_SUBFOLDERS` and :attr:`OPTIONAL_ADD_ONS`, which run inside the UNet's
+        or the VAE's call) are cast to ``torch_dtype`` with the base; the prompt extractor and the degradation
+        estimator, which run on their own, keep theirs."""
         parts = cls.load_sd_base(base, torch_dtype)
         parts.pop("prediction_type")
         if torch_dtype is not None:
+            add_ons = {*cls.ADD_ON_SUBFOLDERS, *cls.OPTIONAL_ADD_ONS} - set(_OWN_DTYPE_COMPONENTS)
             components = {
-                name: module.to(torch_dtype) if name in cls.ADD_ON_SUBFOLDERS else module
+                name: module.to(torch_dtype)
+                if name in add_ons and isinstance(module, torch.nn.Module)
+                else module
                 for name, module in components.items()
             }
         return cls(**parts, scheduler=scheduler, **components, upscale=upscale)
@@ -294,6 +370,21 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         """The factor of a ControlNet's residuals: a finite number >= 0 (0: the ControlNet has no effect)."""
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ValueError(f"controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
+
+    @staticmethod
+    def check_start_point(start_point: str) -> None:
+        """``start_point``: one of :data:`START_POINTS`."""
+        if start_point not in START_POINTS:
+            raise ValueError(f"start_point must be one of {', '.join(map(repr, START_POINTS))}, got {start_point!r}")
+
+    def check_degradation_estimator(self) -> None:
+        """The ``degradation_estimator`` component: ``None`` or a
+        :class:`~sr_diffusion.estimation.DegradationEstimator`."""
+        estimator = getattr(self, "degradation_estimator", None)
+        if estimator is not None and not isinstance(estimator, DegradationEstimator):
+            raise ValueError(
+                f"degradation_estimator must be a DegradationEstimator or None, got {type(estimator).__name__}"
+            )
 
     def check_same_dtype(self, names: Sequence[str]) -> None:
         """Raise a ``ValueError`` unless the components ``names`` (which run in one call) share one dtype."""
@@ -466,6 +557,34 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
             return (slice(None), slice(None))
         f = self.vae_scale_factor
         return (slice(None), slice(None), slice(ys.start * f, ys.stop * f), slice(xs.start * f, xs.stop * f))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Fidelity controls
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def fidelity_defaults(self) -> dict[str, Any]:
+        """``{keyword: the method's default}`` of the fidelity controls ``fidelity="auto"`` may set on this pipeline
+        (:attr:`FIDELITY_DEFAULTS`; a pipeline whose controls depend on its components overrides this)."""
+        return dict(self.FIDELITY_DEFAULTS)
+
+    def resolve_fidelity(self, fidelity: str | None, rgb: torch.Tensor, **given: Any) -> dict[str, Any]:
+        """The value of each fidelity control in ``given`` (the caller's values, ``None``: unset) for the LR images
+        ``rgb`` ``(N, 3, h, w)`` in [0, 1]: the caller's value when given (it always wins); else, with
+        ``fidelity="auto"``, the value mapped from the degradation of ``rgb`` estimated by the ``degradation_estimator``
+        component (the one shipped in the package when it is None;
+        :func:`~sr_diffusion.fidelity_auto.resolve_auto_fidelity`, run only when a control is unset); else the
+        method's default (:meth:`fidelity_defaults`).
+
+        A control in ``given`` that :meth:`fidelity_defaults` does not name (one this pipeline's components make moot,
+        as StableSR's ``fidelity_weight`` without CFW layers) is returned as given."""
+        check_fidelity(fidelity)
+        defaults = self.fidelity_defaults()
+        settable = {name: value for name, value in given.items() if name in defaults}
+        resolved = resolve_auto_fidelity(settable, rgb, getattr(self, "degradation_estimator", None), fidelity)
+        return {
+            name: (defaults[name] if resolved[name] is None else resolved[name]) if name in defaults else value
+            for name, value in given.items()
+        }
 
     # ------------------------------------------------------------------------------------------------------------------
     # Guidance

@@ -27,11 +27,16 @@ The mapping, documented and monotone:
    ==================================  =====  ========  =====  ==========================================
 
    StableSR's default ``w = 0.5`` is the original's ``dec_w``; PASD's ``added_noise_level = 900`` and the ControlNet
-   scale 1.0 are PASD's and SeeSR's ``test_*.py`` defaults.
+   scale 1.0 (PASD and SeeSR) are PASD's and SeeSR's ``test_*.py`` defaults. ``start_point`` (PASD, SeeSR) is
+   discrete and never set: both released models start from the LR latent.
 3. **Batches.** The knobs are scalars per call, so a batch gets the knobs of its mean estimate.
 
 The estimator sees at most a centred ``512 x 512`` crop of each image (the knobs depend on the degradation, not on the
 content, and the crop bounds the cost), and needs images of at least its ``min_input_size`` (16) a side.
+
+The SD pipelines (StableSR, PASD, SeeSR) call :func:`resolve_auto_fidelity` through
+``StableDiffusionSRMixin.resolve_fidelity`` (:mod:`sr_diffusion.pipelines.sd_base`, whose module docstring tabulates
+every fidelity control of the three), with their ``degradation_estimator`` component.
 """
 
 from __future__ import annotations
@@ -177,7 +182,7 @@ def resolve_auto_fidelity(
     Returns:
         A new dict with the same keys. The estimator only runs when some knob is unset.
 
-    Example (in a pipeline's ``__call__``)::
+    Example (what ``StableDiffusionSRMixin.resolve_fidelity`` does for PASD's ``__call__``)::
 
         knobs = resolve_auto_fidelity(
             {"added_noise_level": added_noise_level, "controlnet_conditioning_scale": controlnet_conditioning_scale},

@@ -1,9 +1,15 @@
 """fidelity="auto": the documented monotone mapping from a degradation estimate to the fidelity knobs, the resolver
-other pipelines call, and StableSR's wiring (tiny components): it runs, picks the mapped value, a given value wins."""
+the pipelines call, and its wiring into StableSR, PASD and SeeSR (tiny components, a fake "clean" or "heavy" estimator):
+each picks the mapped values of its own knobs, a value given explicitly wins (and the estimator does not run), the
+defaults hold without "auto", and the estimator component saves and loads with the pipeline."""
 
 from __future__ import annotations
 
+import shutil
+
+import pasd_tiny
 import pytest
+import seesr_tiny
 import torch
 from stablesr_tiny import lr_image, tiny_components
 
@@ -15,6 +21,8 @@ from sr_diffusion.fidelity_auto import (
     degradation_severity,
     resolve_auto_fidelity,
 )
+from sr_diffusion.pipelines.pasd import PASDPipeline
+from sr_diffusion.pipelines.seesr import SeeSRPipeline
 from sr_diffusion.pipelines.stablesr import StableSRPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,6 +37,23 @@ def constant_estimator(blur: float, noise: float, quality: float) -> Degradation
     torch.manual_seed(0)
     model = DegradationEstimator(block_out_channels=(8, 16), head_channels=8, target_mean=(blur, noise, quality))
     return model.eval()
+
+
+def heavy_estimator() -> DegradationEstimator:
+    return constant_estimator(2.0, 30.0, 20.0)  # severity 1: every knob at its "heavy" anchor
+
+
+def clean_estimator() -> DegradationEstimator:
+    return constant_estimator(0.375, 0.0, 100.0)  # severity 0: every knob at its "clean" anchor
+
+
+def forbid_estimation(pipe, monkeypatch) -> None:
+    """Make the pipeline's estimator fail if it runs (a value given explicitly must not need it)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the estimator must not run when every knob is given")
+
+    monkeypatch.setattr(pipe.degradation_estimator, "forward", fail)
 
 
 def test_severity_is_zero_when_clean_one_when_heavy_and_monotone():
@@ -102,11 +127,7 @@ def test_stablesr_fidelity_auto_picks_the_mapped_weight_and_a_given_weight_wins(
     clean = make_pipe(constant_estimator(0.375, 0.0, 100.0))
     assert decoded_weight(clean, monkeypatch, fidelity="auto") == pytest.approx(1.0)
     assert decoded_weight(clean, monkeypatch) == 0.5  # the original's default without "auto"
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the estimator must not run when the weight is given")
-
-    monkeypatch.setattr(clean.degradation_estimator, "forward", fail)
+    forbid_estimation(clean, monkeypatch)
     assert decoded_weight(clean, monkeypatch, fidelity="auto", fidelity_weight=0.3) == 0.3
     with pytest.raises(ValueError, match="fidelity must be None or 'auto'"):
         clean(lr_image(0, size=(16, 16)), num_inference_steps=1, fidelity="max")
@@ -128,3 +149,142 @@ def test_stablesr_saves_and_loads_its_estimator(tmp_path):
     assert loaded.degradation_estimator.config.target_mean == [1.0, 5.0, 60.0]
     make_pipe().save_pretrained(tmp_path / "without")
     assert StableSRPipeline.from_pretrained(tmp_path / "without").degradation_estimator is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PASD: added_noise_level and controlnet_conditioning_scale
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_pasd(estimator=None) -> PASDPipeline:
+    pipe = PASDPipeline(**pasd_tiny.tiny_components(degradation_estimator=estimator))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pasd_knobs(pipe, monkeypatch, **kwargs) -> dict:
+    """The start point, added noise level and ControlNet scale a PASD call samples with."""
+    seen = {}
+    start, predict = pipe.prepare_start_latents, pipe.predict_noise
+
+    def spy_start(cond, timesteps, start_point, added_noise_level, generator, latents):
+        seen.update(start_point=start_point, added_noise_level=added_noise_level)
+        return start(cond, timesteps, start_point, added_noise_level, generator, latents)
+
+    def spy_predict(latents, t, cond, embeds, guidance_scale, conditioning_scale):
+        seen["controlnet_conditioning_scale"] = conditioning_scale
+        return predict(latents, t, cond, embeds, guidance_scale, conditioning_scale)
+
+    monkeypatch.setattr(pipe, "prepare_start_latents", spy_start)
+    monkeypatch.setattr(pipe, "predict_noise", spy_predict)
+    kwargs = {"num_inference_steps": 1, "guidance_scale": 1.0, "output_type": "pt", **kwargs}
+    pipe(lr_image(0, size=(16, 16)), generator=torch.Generator().manual_seed(0), **kwargs)
+    return seen
+
+
+def test_pasd_fidelity_auto_picks_the_mapped_values_and_given_values_win(monkeypatch):
+    heavy = make_pasd(heavy_estimator())
+    assert pasd_knobs(heavy, monkeypatch, fidelity="auto") == {
+        "start_point": "lr",
+        "added_noise_level": 999,
+        "controlnet_conditioning_scale": pytest.approx(0.8),
+    }
+    clean = make_pasd(clean_estimator())
+    assert pasd_knobs(clean, monkeypatch, fidelity="auto") == {
+        "start_point": "lr",
+        "added_noise_level": 700,
+        "controlnet_conditioning_scale": 1.0,
+    }
+    # without "auto": the original's defaults, whatever the estimator would say
+    assert pasd_knobs(heavy, monkeypatch) == {
+        "start_point": "lr",
+        "added_noise_level": 900,
+        "controlnet_conditioning_scale": 1.0,
+    }
+    # a given value wins; the other one is still set from the input
+    assert pasd_knobs(heavy, monkeypatch, fidelity="auto", added_noise_level=100) == {
+        "start_point": "lr",
+        "added_noise_level": 100,
+        "controlnet_conditioning_scale": pytest.approx(0.8),
+    }
+    # start_point="noise" (pure noise, the original's --init_latent_with_noise) has no noise level: only the scale
+    assert pasd_knobs(heavy, monkeypatch, fidelity="auto", start_point="noise") == {
+        "start_point": "noise",
+        "added_noise_level": None,
+        "controlnet_conditioning_scale": pytest.approx(0.8),
+    }
+    forbid_estimation(heavy, monkeypatch)
+    given = {"added_noise_level": 500, "controlnet_conditioning_scale": 0.3}
+    assert pasd_knobs(heavy, monkeypatch, fidelity="auto", **given) == {"start_point": "lr", **given}
+    with pytest.raises(ValueError, match="fidelity must be None or 'auto'"):
+        heavy(lr_image(0, size=(16, 16)), num_inference_steps=1, fidelity="max")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SeeSR: controlnet_conditioning_scale (start_point is never set)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_seesr(estimator=None) -> SeeSRPipeline:
+    pipe = SeeSRPipeline(**seesr_tiny.tiny_components(), degradation_estimator=estimator)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seesr_knobs(pipe, monkeypatch, **kwargs) -> dict:
+    """The start point and ControlNet scale a SeeSR call samples with."""
+    seen = {}
+    start, predict = pipe.prepare_start_latents, pipe.predict_noise
+
+    def spy_start(shape, device, generator, latents, start_point, condition, timesteps):
+        seen["start_point"] = start_point
+        return start(shape, device, generator, latents, start_point, condition, timesteps)
+
+    def spy_predict(latents, t, condition, embeds, soft, guidance_scale, conditioning_scale):
+        seen["controlnet_conditioning_scale"] = conditioning_scale
+        return predict(latents, t, condition, embeds, soft, guidance_scale, conditioning_scale)
+
+    monkeypatch.setattr(pipe, "prepare_start_latents", spy_start)
+    monkeypatch.setattr(pipe, "predict_noise", spy_predict)
+    kwargs = {"num_inference_steps": 1, "guidance_scale": 1.0, "output_type": "pt", **kwargs}
+    pipe(lr_image(0, size=(16, 16)), generator=torch.Generator().manual_seed(0), **kwargs)
+    return seen
+
+
+def test_seesr_fidelity_auto_sets_the_controlnet_scale_only_and_a_given_scale_wins(monkeypatch):
+    heavy = make_seesr(heavy_estimator())
+    auto = seesr_knobs(heavy, monkeypatch, fidelity="auto")
+    assert auto == {"start_point": "lr", "controlnet_conditioning_scale": pytest.approx(0.8)}
+    assert seesr_knobs(heavy, monkeypatch, fidelity="auto", start_point="noise")["start_point"] == "noise"
+    clean = make_seesr(clean_estimator())
+    assert seesr_knobs(clean, monkeypatch, fidelity="auto")["controlnet_conditioning_scale"] == 1.0
+    assert seesr_knobs(heavy, monkeypatch)["controlnet_conditioning_scale"] == 1.0  # the original's, without "auto"
+    forbid_estimation(heavy, monkeypatch)
+    given = seesr_knobs(heavy, monkeypatch, fidelity="auto", controlnet_conditioning_scale=0.4)
+    assert given["controlnet_conditioning_scale"] == 0.4
+    with pytest.raises(ValueError, match="at least 16x16"):
+        make_seesr(heavy_estimator())(lr_image(0), num_inference_steps=1, fidelity="auto")  # 8x8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the estimator component saves and loads with PASD and SeeSR
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [make_pasd, make_seesr], ids=["pasd", "seesr"])
+def test_pasd_and_seesr_save_and_load_their_estimator(make, tmp_path):
+    pipe = make(constant_estimator(1.0, 5.0, 60.0))
+    cls = type(pipe)
+    pipe.save_pretrained(tmp_path / "with")
+    loaded = cls.from_pretrained(tmp_path / "with")
+    assert isinstance(loaded.degradation_estimator, DegradationEstimator)
+    assert loaded.degradation_estimator.config.target_mean == [1.0, 5.0, 60.0]
+    saved = pipe.degradation_estimator.state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in loaded.degradation_estimator.state_dict().items())
+    shutil.rmtree(tmp_path / "with" / "degradation_estimator")
+    with pytest.raises(FileNotFoundError, match=r"degradation_estimator/ \(the degradation estimator\) is missing"):
+        cls.from_pretrained(tmp_path / "with")
+    make().save_pretrained(tmp_path / "without")
+    assert cls.from_pretrained(tmp_path / "without").degradation_estimator is None
+    with pytest.raises(ValueError, match="degradation_estimator must be a DegradationEstimator or None"):
+        make(torch.nn.Linear(2, 2))

@@ -105,7 +105,7 @@ def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise
     pipe.scheduler.set_timesteps(4)
     timesteps = pipe.scheduler.timesteps
     cond = torch.nn.functional.interpolate(lr_image(0), scale_factor=4, mode="bicubic").clamp(0, 1)
-    start = pipe.prepare_start_latents(cond, timesteps, 900, torch.Generator().manual_seed(3), None)
+    start = pipe.prepare_start_latents(cond, timesteps, "lr", 900, torch.Generator().manual_seed(3), None)
     # by hand, with the same draws in the same order: posterior sample, then the two noises
     g = torch.Generator().manual_seed(3)
     z_lr = pipe.vae.encode(cond * 2 - 1).latent_dist.sample(g) * pipe.vae.config.scaling_factor
@@ -115,15 +115,22 @@ def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise
     z = abar[t1].sqrt() * z_lr.double() + (1 - abar[t1]).sqrt() * n1.double()
     z = abar[900].sqrt() * z + (1 - abar[900]).sqrt() * n2.double()
     torch.testing.assert_close(start.double(), z, rtol=1e-5, atol=1e-5)
-    # None: pure noise; another level, another start
-    pure = pipe.prepare_start_latents(cond, timesteps, None, torch.Generator().manual_seed(3), None)
+    # start_point="noise": pure noise (the original's --init_latent_with_noise); another level, another start
+    pure = pipe.prepare_start_latents(cond, timesteps, "noise", None, torch.Generator().manual_seed(3), None)
     torch.testing.assert_close(pure, torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(3)))
-    low = pipe.prepare_start_latents(cond, timesteps, 100, torch.Generator().manual_seed(3), None)
+    low = pipe.prepare_start_latents(cond, timesteps, "lr", 100, torch.Generator().manual_seed(3), None)
     assert (low - start).abs().max() > 1e-2
-    # and the pipeline's output follows the start
-    assert (run(pipe, added_noise_level=900) - run(pipe, added_noise_level=None)).abs().max() > 1e-3
-    with pytest.raises(ValueError, match=r"added_noise_level must be None .* \[0, 1000\)"):
+    # and the pipeline's output follows the start; None is the default level, 900 (no longer pure noise)
+    default = run(pipe)
+    torch.testing.assert_close(run(pipe, added_noise_level=None), default, rtol=0, atol=0)
+    torch.testing.assert_close(run(pipe, added_noise_level=900), default, rtol=0, atol=0)
+    assert (run(pipe, start_point="noise") - default).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"added_noise_level must be None \(the default, 900\) or an int in \[0, 1000"):
         run(pipe, added_noise_level=1000)
+    with pytest.raises(ValueError, match="start_point='noise' starts from pure noise: leave added_noise_level unset"):
+        run(pipe, start_point="noise", added_noise_level=900)
+    with pytest.raises(ValueError, match="start_point must be one of 'lr', 'noise'"):
+        run(pipe, start_point="hr")
 
 
 def test_conditioning_scale_zero_removes_the_controlnet():

@@ -1,6 +1,8 @@
 """StableSRPipeline: the shared pipeline checks on a tiny random SD base, then StableSR's own: the original's respaced
-DDPM schedule, progressive patch aggregation, fidelity weight and guidance at the pipeline level, loading from an SD
-base folder, and the errors for incomplete folders, other model families and bad prompts."""
+DDPM schedule, progressive patch aggregation, fidelity weight and guidance at the pipeline level, prompts (the
+original's empty one, prompt="auto" with a prompt extractor, the user's words first, saving a DAPE with the pipeline),
+loading from an SD base folder (with torch_dtype), and the errors for incomplete folders, other model families and bad
+prompts."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from pipeline_common import SRPipelineTesterMixin
 from sd_pipeline_common import SDPipelineTesterMixin
+from seesr_tiny import tiny_dape
 from stablesr_tiny import (
     lr_image,
     tiny_cfw,
@@ -25,6 +28,7 @@ from stablesr_tiny import (
 from sr_diffusion.pipelines import AutoSRPipeline
 from sr_diffusion.pipelines.stablesr import StableSRPipeline, space_timesteps
 from sr_diffusion.pipelines.stablesr.pipeline_stablesr import stablesr_tile_weights
+from sr_diffusion.prompts import PromptExtraction, PromptExtractor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
@@ -49,6 +53,30 @@ class TestStableSRPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
 
     def get_dummy_inputs(self, seed: int = 0) -> dict:
         return {"image": lr_image(seed), "num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed)}
+
+
+class FixedExtractor(PromptExtractor):
+    """Tags per image from a list; records the images it saw."""
+
+    def __init__(self, tags):
+        self.tags, self.seen = tags, []
+
+    def __call__(self, images):
+        self.seen.append(images)
+        return PromptExtraction(hard_prompts=list(self.tags[: images.shape[0]]))
+
+
+def record_prompts(pipe, monkeypatch) -> list[list[str]]:
+    """Every prompt list the pipeline embeds, in order (negative prompts after the prompts)."""
+    seen: list[list[str]] = []
+    original = pipe.embed_prompts
+
+    def spy(prompts, device):
+        seen.append(list(prompts))
+        return original(prompts, device)
+
+    monkeypatch.setattr(pipe, "embed_prompts", spy)
+    return seen
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,6 +165,59 @@ def test_other_upscale_factors_give_exactly_that_size():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# prompts: the original's empty prompt, prompt="auto" with an extractor (as PASD and SeeSR)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_prompt_is_the_originals_empty_one_and_auto_needs_an_extractor(monkeypatch):
+    pipe = make_pipe()
+    seen = record_prompts(pipe, monkeypatch)
+    run(pipe)
+    assert seen == [[""]]
+    seen.clear()
+    run(pipe, prompt="a cat", negative_prompt="blurry", guidance_scale=2.0)
+    assert seen == [["a cat"], ["blurry"]]
+    with pytest.raises(ValueError, match=r'prompt="auto" needs a prompt extractor'):
+        run(pipe, prompt="auto")
+
+
+def test_prompt_auto_uses_the_extractor_and_the_user_wins(monkeypatch):
+    extractor = FixedExtractor(["dog, grass, blurry", "tree"])
+    pipe = make_pipe(prompt_extractor=extractor)
+    seen = record_prompts(pipe, monkeypatch)
+    batch = torch.cat([lr_image(0), lr_image(1)])
+    run(pipe, image=batch, prompt="auto", negative_prompt="blurry", guidance_scale=2.0, generator=None)
+    # the tag the user's negative prompt names is dropped
+    assert seen == [["dog, grass", "tree"], ["blurry", "blurry"]]
+    assert extractor.seen[-1].shape == (2, 3, 8, 8) and 0 <= extractor.seen[-1].min() <= extractor.seen[-1].max() <= 1
+    seen.clear()
+    run(pipe, image=batch, generator=None)  # None: the tags alone, as "auto"
+    assert seen == [["dog, grass, blurry", "tree"]]
+    seen.clear()
+    run(pipe, image=batch, prompt=["a red dog", "a tree"], generator=None)  # the user's words first, no repeats
+    assert seen == [["a red dog, grass, blurry", "a tree"]]
+    # the extracted prompt changes the output: it is what the UNet is conditioned on
+    plain = make_pipe()
+    torch.testing.assert_close(run(pipe, prompt="auto"), run(plain, prompt="dog, grass, blurry"), rtol=0, atol=1e-6)
+    assert (run(pipe, prompt="auto") - run(plain)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="prompt_extractor must be a sr_diffusion.prompts.PromptExtractor"):
+        make_pipe(prompt_extractor=lambda images: ["x"])
+
+
+def test_a_dape_extractor_saves_and_loads_with_the_pipeline(tmp_path):
+    pipe = make_pipe(prompt_extractor=tiny_dape())
+    ref = run(pipe, prompt="auto")
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = StableSRPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.prompt_extractor).__name__ == "DAPE"
+    torch.testing.assert_close(run(loaded, prompt="auto"), ref, rtol=0, atol=1e-4)
+    shutil.rmtree(tmp_path / "pipe" / "prompt_extractor")
+    with pytest.raises(FileNotFoundError, match=r"prompt_extractor/ \(the prompt extractor\) is missing"):
+        StableSRPipeline.from_pretrained(tmp_path / "pipe")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -149,13 +230,23 @@ def test_from_sd_base_builds_the_same_pipeline(tmp_path):
         tmp_path / "base", time_aware_encoder=tiny_encoder(), sft=tiny_sft(), cfw=tiny_cfw()
     )
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.variance_type == "fixed_small"
     torch.testing.assert_close(run(pipe), run(make_pipe()), rtol=0, atol=1e-5)
+    # torch_dtype casts the add-ons with the base, the CFW layers included (they run inside the UNet's and VAE's calls)
+    low = StableSRPipeline.from_sd_base(
+        tmp_path / "base", tiny_encoder(), tiny_sft(), cfw=tiny_cfw(), torch_dtype=torch.bfloat16
+    )
+    modules = ("unet", "vae", "time_aware_encoder", "sft", "cfw")
+    assert {getattr(low, name).dtype for name in modules} == {torch.bfloat16}
     with pytest.raises(FileNotFoundError, match="not a Stable Diffusion diffusers folder"):
         StableSRPipeline.from_sd_base(tmp_path, time_aware_encoder=tiny_encoder(), sft=tiny_sft())
 
 
 def test_incomplete_or_foreign_folders_give_clear_errors(tmp_path):
     make_pipe().save_pretrained(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "cfw")  # an optional add-on the saved pipeline names
+    with pytest.raises(FileNotFoundError, match=r"add-on subfolder cfw/ \(the CFW layers\) is missing"):
+        StableSRPipeline.from_pretrained(tmp_path / "pipe")
     shutil.rmtree(tmp_path / "pipe" / "sft")
     for load in (StableSRPipeline.from_pretrained, AutoSRPipeline.from_pretrained):
         with pytest.raises(FileNotFoundError, match=r"add-on subfolder sft/ \(the SFT layers\) is missing"):

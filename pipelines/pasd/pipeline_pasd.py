@@ -8,11 +8,12 @@ Personalized Stylization", ECCV 2024 (arXiv:2308.14469). Released code: ``pasd/p
   :attr:`~PASDPipeline.lr_multiple` and bicubic-upsampled ×``upscale`` to ``y_up`` ``(N, 3, H, W)``, ``H = s·h``
   (clamped to [0, 1]). ``y_up`` **in [0, 1]** is the ControlNet's condition (the original feeds it unnormalised);
   ``y_up · 2 - 1`` is what the VAE encodes;
-- the start (Sec. 4.1, "adjustable noise schedule"; the original's default, ``init_latent_with_noise=False``):
-  ``z_lr = E(2·y_up - 1) · scaling_factor`` (a posterior sample), noised to the first timestep ``t_1`` of the sampler,
-  then once more to ``added_noise_level`` ``a`` (900):
+- the start (Sec. 4.1, "adjustable noise schedule"; ``start_point="lr"``, the original's default,
+  ``init_latent_with_noise=False``): ``z_lr = E(2·y_up - 1) · scaling_factor`` (a posterior sample), noised to the
+  first timestep ``t_1`` of the sampler, then once more to ``added_noise_level`` ``a`` (900):
   ``z = q(q(z_lr, t_1), a)`` with ``q(x, t) = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (fresh ``eps`` each time);
-  ``added_noise_level=None`` starts from pure noise ``z_T ~ N(0, I)`` (``--init_latent_with_noise``). ``q`` uses the
+  ``start_point="noise"`` starts from pure noise ``z_T ~ N(0, I)`` (``--init_latent_with_noise``; before the fidelity
+  controls were made uniform this was ``added_noise_level=None``, which now means the default 900). ``q`` uses the
   schedule's ``alphas_cumprod`` at any level, the evident intent (the original calls ``scheduler.add_noise``; UniPC's
   in recent diffusers, e.g. 0.42, silently noises a level off the sampler's grid, as 900 is off the 20-step grid, to
   the *last* step's level, t = 50, instead). With ``t_1 = 999`` (UniPC) the LR latent keeps a weight of
@@ -31,7 +32,9 @@ Prompts (:func:`~sr_diffusion.prompts.resolve_prompts`): the user's prompt first
 tags (the original captions the image with BLIP / CoCa, or classifies / detects objects: ``--high_level_info``), then
 ``added_prompt`` (the original's ``"clean, high-resolution, 8k"``); the negative prompt is the user's or the
 original's ``"blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"``. ``guidance_scale`` 9 and 20 UniPC
-steps are ``test_pasd.py``'s defaults.
+steps are ``test_pasd.py``'s defaults. The fidelity controls (``guidance_scale``, ``controlnet_conditioning_scale``,
+``added_noise_level``, ``start_point``, ``fidelity="auto"``, ``color_fix``, ``lr_consistency``) are the ones every SD
+pipeline shares (:mod:`sr_diffusion.pipelines.sd_base`).
 
 Large images (the original's ``latent_tiled_size`` / ``latent_tiled_overlap``, 320 / 8 latent pixels): with
 ``tile_size`` every step runs the ControlNet and the UNet on overlapping latent tiles (``tile_size · s / f`` latent
@@ -61,6 +64,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
+from sr_diffusion.estimation import DegradationEstimator
 from sr_diffusion.image_processor import ImageInput
 from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
@@ -181,13 +185,15 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         prompt_extractor: optional, any :class:`~sr_diffusion.prompts.PromptExtractor` (e.g. DAPE): its tags join the
             prompt (``prompt="auto"`` or ``None``: its tags alone). A ``ModelMixin`` extractor is saved with the
             pipeline; any other is not (diffusers cannot): pass it again, ``from_pretrained(dir, prompt_extractor=…)``.
+        degradation_estimator: the :class:`~sr_diffusion.estimation.DegradationEstimator` of ``fidelity="auto"``, or
+            None for the one shipped in the package.
         upscale: the SR factor ``s`` (registered in the config; PASD works at any, since the LR image is upsampled to
             the output size first).
 
     Build one from any SD diffusers folder with :meth:`from_sd_base`, or from the released model with
     :func:`sr_diffusion.conversion.pasd.convert_pasd` (``sr-diffusion convert --arch pasd``). Loading, geometry, the
-    SD-base checks, text, VAE, tiling and LoRA loading are :class:`~sr_diffusion.pipelines.sd_base.
-    StableDiffusionSRMixin`'s.
+    SD-base checks, text, VAE, tiling, the fidelity controls and LoRA loading are :class:`~sr_diffusion.pipelines.
+    sd_base.StableDiffusionSRMixin`'s.
     """
 
     METHOD = "PASD"
@@ -197,11 +203,17 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         "controlnet": "PASD's ControlNet",
         "pixel_attentions": "the pixel-aware cross-attention layers",
     }
-    OPTIONAL_ADD_ONS = {"prompt_extractor": "the prompt extractor"}
-    model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
-    _optional_components = ["prompt_extractor"]
-    # the PACA layers run inside the UNet's call (hooks): they stay on the execution device
-    _exclude_from_cpu_offload = ["pixel_attentions"]
+    OPTIONAL_ADD_ONS = {
+        "prompt_extractor": "the prompt extractor",
+        "degradation_estimator": "the degradation estimator",
+    }
+    #: the original's (``test_pasd.py``) added noise level and ControlNet scale
+    FIDELITY_DEFAULTS = {"added_noise_level": 900, "controlnet_conditioning_scale": 1.0}
+    model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
+    _optional_components = ["prompt_extractor", "degradation_estimator"]
+    # the PACA layers run inside the UNet's call (hooks): they stay on the execution device, as does the (tiny)
+    # degradation estimator
+    _exclude_from_cpu_offload = ["pixel_attentions", "degradation_estimator"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
     _latents_name = "z_T"
 
@@ -215,6 +227,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         controlnet: PASDControlNetModel,
         pixel_attentions: BlockAttentions,
         prompt_extractor: PromptExtractor | None = None,
+        degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
     ):
         super().__init__()
@@ -228,6 +241,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             controlnet=controlnet,
             pixel_attentions=pixel_attentions,
             prompt_extractor=prompt_extractor,
+            degradation_estimator=degradation_estimator,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -250,6 +264,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         pixel_attentions: BlockAttentions,
         scheduler: SchedulerMixin | None = None,
         prompt_extractor: PromptExtractor | None = None,
+        degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
         torch_dtype: torch.dtype | None = None,
     ) -> PASDPipeline:
@@ -264,6 +279,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             controlnet=controlnet,
             pixel_attentions=pixel_attentions,
             prompt_extractor=prompt_extractor,
+            degradation_estimator=degradation_estimator,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -277,6 +293,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self._check_pixel_attentions()
         self.check_same_dtype(["unet", "controlnet", "pixel_attentions"])
         self.check_prompt_extractor("sr_diffusion.prompts.PromptExtractor (images -> PromptExtraction)")
+        self.check_degradation_estimator()
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("PASD", epsilon_only=False)
 
@@ -338,6 +355,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         guidance_scale: float,
         controlnet_conditioning_scale: float,
         added_noise_level: int | None,
+        start_point: str,
         added_prompt: Any,
         negative_prompt: Any,
         color_fix: str,
@@ -352,15 +370,22 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self.check_num_inference_steps(num_inference_steps)
         self.check_guidance_scale(guidance_scale)
         self.check_controlnet_conditioning_scale(controlnet_conditioning_scale)
+        self.check_start_point(start_point)
         num_train = int(self.scheduler.config.num_train_timesteps)
-        if added_noise_level is not None and (
+        if start_point == "noise":
+            if added_noise_level is not None:
+                raise ValueError(
+                    f"added_noise_level={added_noise_level!r} is the noise level of the LR start, and "
+                    "start_point='noise' starts from pure noise: leave added_noise_level unset (None)"
+                )
+        elif (
             isinstance(added_noise_level, bool)
             or not isinstance(added_noise_level, int)
             or not 0 <= added_noise_level < num_train
         ):
             raise ValueError(
-                f"added_noise_level must be None (start from pure noise) or an int in [0, {num_train}), got "
-                f"{added_noise_level!r}"
+                f"added_noise_level must be None (the default, 900) or an int in [0, {num_train}), got "
+                f"{added_noise_level!r} (start from pure noise with start_point='noise')"
             )
         # the user's texts (the merged prompt may be truncated: only the extracted tags and added_prompt are cut)
         n = rgb.shape[0]
@@ -379,18 +404,19 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self,
         cond_image: torch.Tensor,
         timesteps: torch.Tensor,
+        start_point: str,
         added_noise_level: int | None,
         generator,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
         """The start of the chain (see the module docstring) for ``y_up`` ``(N, 3, H, W)`` in [0, 1]: the given
-        ``latents``, pure noise (``added_noise_level=None``), or ``q(q(z_lr, t_1), added_noise_level)``; times
-        ``init_noise_sigma``."""
+        ``latents``, pure noise (``start_point="noise"``), or ``q(q(z_lr, t_1), added_noise_level)`` (``"lr"``);
+        times ``init_noise_sigma``."""
         device = cond_image.device
         n, _, height, width = cond_image.shape
         f = self.vae_scale_factor
         shape = (n, int(self.vae.config.latent_channels), height // f, width // f)
-        if latents is not None or added_noise_level is None:
+        if latents is not None or start_point == "noise":
             return self.prepare_latents(shape, torch.float32, device, generator, latents)
         z_lr = self.encode_image(cond_image * 2.0 - 1.0, generator)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -444,8 +470,10 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         prompt: str | list[str] | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 9.0,
-        controlnet_conditioning_scale: float = 1.0,
-        added_noise_level: int | None = 900,
+        controlnet_conditioning_scale: float | None = None,
+        added_noise_level: int | None = None,
+        start_point: str = "lr",
+        fidelity: str | None = None,
         added_prompt: str | None = PASD_ADDED_PROMPT,
         negative_prompt: str | list[str] | None = None,
         color_fix: str = "wavelet",
@@ -469,28 +497,46 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 extracted tags, then ``added_prompt`` (:func:`~sr_diffusion.prompts.resolve_prompts`); a user prompt
                 longer than the tokenizer's limit is an error.
             num_inference_steps: sampler steps; 20 as the original (UniPC).
-            guidance_scale: classifier-free guidance scale; 9 as ``test_pasd.py`` (1: no guidance).
-            controlnet_conditioning_scale: multiplies the ControlNet's residuals, both where they are added to the
-                UNet's skips and as the pixel-aware attention's context (0: the ControlNet has no effect); 1 as the
-                original.
-            added_noise_level: the start: the LR latent noised to the first timestep, then to this level (900, the
-                original's); ``None``: pure noise (the original's ``--init_latent_with_noise``).
+            guidance_scale: classifier-free guidance scale ``w`` (``eps_u + w (eps_c - eps_u)``, ``eps_u`` from
+                ``negative_prompt``): higher follows the prompt more and the LR image less; 1: no guidance. Default 9,
+                as ``test_pasd.py``.
+            controlnet_conditioning_scale: multiplies the ControlNet's residuals: higher holds the output closer to
+                the LR image; 0: the ControlNet has no effect. Here both where they are added to the UNet's skips and
+                as the pixel-aware attention's context. ``None``: 1 (the original's); with ``fidelity="auto"``, set
+                from the input.
+            added_noise_level: the level in ``[0, T)`` the LR start is noised to: lower keeps more of the LR image
+                (more faithful), higher generates more; only with ``start_point="lr"``. ``None``: 900 (the original's);
+                with ``fidelity="auto"``, set from the input. (``None`` used to mean pure noise: that is now
+                ``start_point="noise"``.)
+            start_point: ``"lr"``: the chain starts from the LR image's latent, noised (more faithful; here
+                ``q(q(z_lr, t_1), added_noise_level)``); ``"noise"``: from pure noise ``z_T ~ N(0, I)`` (the
+                original's ``--init_latent_with_noise``). A discrete choice: ``fidelity="auto"`` never changes it.
+                Default ``"lr"`` (the original's).
+            fidelity: ``"auto"``: set the fidelity controls left ``None`` (here: ``controlnet_conditioning_scale``, and
+                ``added_noise_level`` with ``start_point="lr"``) from the input's degradation as estimated by the
+                ``degradation_estimator`` component (the one shipped in the package when it is None): more faithful
+                for clean inputs, more generative for heavily degraded ones (:mod:`sr_diffusion.fidelity_auto`); the
+                LR images must be at least 16 pixels a side. A value given explicitly always wins. ``None`` (default):
+                each control's default.
             added_prompt: appended to every prompt (the original's ``"clean, high-resolution, 8k"``; ``None`` or
                 ``""``: nothing).
-            negative_prompt: the unconditional text when ``guidance_scale > 1``; default the original's
-                :data:`PASD_NEGATIVE_PROMPT`; a given one (``""`` included) is used verbatim.
-            color_fix: ``"wavelet"`` (default, the original's), ``"adain"`` or ``"none"``: correct the output's colours
-                towards the LR image (:func:`sr_diffusion.color_fix.color_fix`).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`), after the colour fix, on the
-                whole image when tiling; the alpha channel is unaffected.
+            negative_prompt: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one
+                (``""`` included) is used verbatim. Default the original's :data:`PASD_NEGATIVE_PROMPT`.
+            color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
+                (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"wavelet"``
+                (the original's).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
+                ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
+                to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
+                when tiling; the alpha channel is unaffected. Default False.
             tile_size: sample in latent tiles covering ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`),
                 overlapping by ``tile_overlap`` LR pixels, blended at every step; the original's 320-pixel latent
                 tiles are ``tile_size = 320 · 8 / upscale``.
             generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
                 with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
-            latents: the start ``z_T`` (replaces the noised LR latent), of shape :meth:`latent_shape` (before scaling
-                by ``init_noise_sigma``).
+            latents: the start ``z_T`` (replaces the noised LR latent or the noise: ``start_point`` and
+                ``added_noise_level`` then have no effect), of shape :meth:`latent_shape` (before scaling by
+                ``init_noise_sigma``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             return_dict: return an ``SRPipelineOutput`` rather than a tuple.
             callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
@@ -505,8 +551,15 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
-        # 1. Check inputs
+        # 1. Check inputs (fidelity="auto" sets the unset fidelity controls from the input's estimated degradation; the
+        #    added noise level only matters for the LR start)
         pre = self.image_processor.preprocess(image)
+        knobs = {"controlnet_conditioning_scale": controlnet_conditioning_scale}
+        if start_point == "lr":
+            knobs["added_noise_level"] = added_noise_level
+        knobs = self.resolve_fidelity(fidelity, pre.rgb, **knobs)
+        controlnet_conditioning_scale = knobs["controlnet_conditioning_scale"]
+        added_noise_level = knobs.get("added_noise_level", added_noise_level)
         self.check_inputs(
             pre.rgb,
             prompt,
@@ -514,6 +567,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             guidance_scale,
             controlnet_conditioning_scale,
             added_noise_level,
+            start_point,
             added_prompt,
             negative_prompt,
             color_fix,
@@ -543,7 +597,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self._num_timesteps = len(timesteps)
 
         # 5. The start: the LR latent noised to t_1, then to added_noise_level (or pure noise, or the given latents)
-        latents = self.prepare_start_latents(cond_image, timesteps, added_noise_level, generator, latents)
+        latents = self.prepare_start_latents(cond_image, timesteps, start_point, added_noise_level, generator, latents)
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)
 
         # 6. Denoising loop; tiled, every step blends the tiles' noise predictions and steps the whole latent

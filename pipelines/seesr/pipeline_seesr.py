@@ -23,6 +23,11 @@ Notation and shapes (``N`` images, ``s`` the SR factor, ``f`` the VAE factor):
 - the output: ``D(z_0 / scaling_factor)``, cropped to ``s ×`` the input, then the colour fix against the LR image
   (AdaIN, the original's default ``align_method``), optionally LR consistency.
 
+The fidelity controls (``guidance_scale``, ``controlnet_conditioning_scale``, ``start_point``, ``fidelity="auto"``,
+``color_fix``, ``lr_consistency``) are the ones every SD pipeline shares (:mod:`sr_diffusion.pipelines.sd_base`).
+``fidelity="auto"`` sets the ControlNet scale only: ``start_point`` is a discrete choice of the start, and the
+released model was trained and is always run from the LR embedding (``"lr"``), so it is left to the caller.
+
 Large images (the original's "tiled latent", ``latent_tiled_size`` 96 / ``latent_tiled_overlap`` 4 latent pixels in
 ``test_seesr.py``, i.e. ``tile_size=192``, ``tile_overlap=8`` LR pixels at ×4 on SD): with ``tile_size`` every step
 evaluates ControlNet and UNet on overlapping latent tiles (the condition cropped alike, the soft prompts of the whole
@@ -52,6 +57,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 import sr_diffusion.prompts.dape  # noqa: F401  (the DAPE prompt extractor, an optional component)
+from sr_diffusion.estimation import DegradationEstimator
 from sr_diffusion.image_processor import ImageInput
 from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.seesr import SEESR_IMAGE_ATTENTIONS, null_image_prompt, seesr_noise_pred
@@ -61,8 +67,6 @@ from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin
 
 __all__ = ["SeeSRPipeline", "seesr_scheduler"]
-
-START_POINTS = ("lr", "noise")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,11 +138,14 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             ControlNet (:func:`~sr_diffusion.models.seesr.seesr_image_attentions`), both of one soft-prompt width.
         prompt_extractor: optional: a :class:`~sr_diffusion.prompts.DAPE` (or any
             :class:`~sr_diffusion.prompts.PromptExtractor`) giving tags and soft prompts of the soft-prompt width.
+        degradation_estimator: the :class:`~sr_diffusion.estimation.DegradationEstimator` of ``fidelity="auto"``, or
+            None for the one shipped in the package.
         upscale: the SR factor ``s`` (the released model: 4; others work since the LR image is upsampled first).
 
     Build one from any SD diffusers folder with :meth:`from_sd_base`, from the released folders with
     :func:`sr_diffusion.conversion.seesr.convert_seesr` (``sr-diffusion convert --arch seesr``), or train one with
-    ``training/train_seesr.py``.
+    ``training/train_seesr.py``. Loading, geometry, the SD-base checks, text, VAE, tiling, the fidelity controls and
+    LoRA loading are :class:`~sr_diffusion.pipelines.sd_base.StableDiffusionSRMixin`'s.
     """
 
     METHOD = "SeeSR"
@@ -149,11 +156,17 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         "unet_image_attentions": "the UNet's image cross-attention layers",
         "controlnet_image_attentions": "the ControlNet's image cross-attention layers",
     }
-    OPTIONAL_ADD_ONS = {"prompt_extractor": "the prompt extractor (DAPE)"}
+    OPTIONAL_ADD_ONS = {
+        "prompt_extractor": "the prompt extractor (DAPE)",
+        "degradation_estimator": "the degradation estimator",
+    }
+    #: the original's ControlNet scale (``test_seesr.py``'s ``conditioning_scale``)
+    FIDELITY_DEFAULTS = {"controlnet_conditioning_scale": 1.0}
     model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
-    _optional_components = ["prompt_extractor"]
-    # the image cross-attention layers run inside the UNet's and the ControlNet's calls (hooks)
-    _exclude_from_cpu_offload = ["unet_image_attentions", "controlnet_image_attentions"]
+    _optional_components = ["prompt_extractor", "degradation_estimator"]
+    # the image cross-attention layers run inside the UNet's and the ControlNet's calls (hooks), and the (tiny)
+    # degradation estimator: they stay on the execution device
+    _exclude_from_cpu_offload = ["unet_image_attentions", "controlnet_image_attentions", "degradation_estimator"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "image_prompt_embeds"]
     _latents_name = "z_T"
 
@@ -168,6 +181,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         unet_image_attentions: BlockAttentions,
         controlnet_image_attentions: BlockAttentions,
         prompt_extractor: PromptExtractor | None = None,
+        degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
     ):
         super().__init__()
@@ -182,6 +196,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             unet_image_attentions=unet_image_attentions,
             controlnet_image_attentions=controlnet_image_attentions,
             prompt_extractor=prompt_extractor,
+            degradation_estimator=degradation_estimator,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -205,6 +220,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         controlnet_image_attentions: BlockAttentions,
         prompt_extractor: PromptExtractor | None = None,
         scheduler: SchedulerMixin | None = None,
+        degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
         torch_dtype: torch.dtype | None = None,
     ) -> SeeSRPipeline:
@@ -220,6 +236,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             unet_image_attentions=unet_image_attentions,
             controlnet_image_attentions=controlnet_image_attentions,
             prompt_extractor=prompt_extractor,
+            degradation_estimator=degradation_estimator,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -275,6 +292,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 f"the prompt extractor makes {width}-d soft prompts but the image cross-attention takes {dim}-d "
                 "ones: build the DAPE with cross_attention_dim={dim}"
             )
+        self.check_degradation_estimator()
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("SeeSR", epsilon_only=False)
 
@@ -301,8 +319,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self.check_steps_and_eta(num_inference_steps, eta)
         self.check_guidance_scale(guidance_scale)
         self.check_controlnet_conditioning_scale(controlnet_conditioning_scale)
-        if start_point not in START_POINTS:
-            raise ValueError(f"start_point must be one of {', '.join(map(repr, START_POINTS))}, got {start_point!r}")
+        self.check_start_point(start_point)
         n = rgb.shape[0]
         self._prompt_list(prompt, n, "prompt", allow_none=True)
         self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True)
@@ -452,8 +469,9 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.5,
-        controlnet_conditioning_scale: float = 1.0,
+        controlnet_conditioning_scale: float | None = None,
         start_point: str = "lr",
+        fidelity: str | None = None,
         added_prompt: str | None = SEESR_ADDED_PROMPT,
         image_prompt_embeds: torch.Tensor | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -478,19 +496,34 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 it (``None`` / ``"auto"``: the tags alone). ``"auto"`` without an extractor is an error. The user's
                 words are never truncated (a prompt over the tokenizer's limit is an error).
             num_inference_steps: 50 as released.
-            guidance_scale: classifier-free guidance scale ``w``; 5.5 as released; 1: no guidance.
-            controlnet_conditioning_scale: multiplies the ControlNet's residuals (the original's
-                ``conditioning_scale``, 1).
-            start_point: ``"lr"`` (the released LR-embedding start: the LR latent noised to step 999) or ``"noise"``.
+            guidance_scale: classifier-free guidance scale ``w`` (``eps_u + w (eps_c - eps_u)``, ``eps_u`` from
+                ``negative_prompt``): higher follows the prompt more and the LR image less; 1: no guidance. Default
+                5.5, as released.
+            controlnet_conditioning_scale: multiplies the ControlNet's residuals: higher holds the output closer to
+                the LR image; 0: the ControlNet has no effect. ``None``: 1 (the original's ``conditioning_scale``);
+                with ``fidelity="auto"``, set from the input.
+            start_point: ``"lr"``: the chain starts from the LR image's latent, noised (more faithful; here the
+                released LR embedding, the LR latent noised to step 999); ``"noise"``: from pure noise
+                ``z_T ~ N(0, I)``. A discrete choice: ``fidelity="auto"`` never changes it. Default ``"lr"`` (the
+                original's).
+            fidelity: ``"auto"``: set the fidelity controls left ``None`` (here: ``controlnet_conditioning_scale``)
+                from the input's degradation as estimated by the ``degradation_estimator`` component (the one shipped
+                in the package when it is None): more faithful for clean inputs, more generative for heavily degraded
+                ones (:mod:`sr_diffusion.fidelity_auto`); the LR images must be at least 16 pixels a side. A value
+                given explicitly always wins. ``None`` (default): each control's default.
             added_prompt: words after the tags (SeeSR's ``"clean, high-resolution, 8k"``; ``None`` or ``""``: none).
             image_prompt_embeds: soft prompts ``(1 or N, L, D_img)`` to use instead of the extractor's (the caller's
                 win); without both, one zero token (:func:`~sr_diffusion.models.seesr.null_image_prompt`).
-            negative_prompt: the unconditional text when ``guidance_scale > 1``, used verbatim; default SeeSR's
-                ``"dotted, noise, blur, lowres, smooth"``.
+            negative_prompt: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one
+                (``""`` included) is used verbatim. Default SeeSR's ``"dotted, noise, blur, lowres, smooth"``.
             eta: DDIM's η for a DDIM scheduler (ignored by others).
-            color_fix: ``"adain"`` (default, the original's ``align_method``), ``"wavelet"`` or ``"none"``.
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`), after the colour fix.
+            color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
+                (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"adain"`` (the
+                original's ``align_method``).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
+                ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
+                to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
+                when tiling; the alpha channel is unaffected. Default False.
             tile_size: sample in overlapping latent tiles covering ``tile_size`` LR pixels (a multiple of
                 :attr:`lr_multiple`; the original's 96-pixel latent tile is 192 at ×4 on SD), overlapping by
                 ``tile_overlap`` LR pixels (the original's 4 latent pixels: 8).
@@ -511,8 +544,10 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
-        # 1. Check inputs
+        # 1. Check inputs (fidelity="auto" sets an unset ControlNet scale from the input's estimated degradation)
         pre = self.image_processor.preprocess(image)
+        knobs = self.resolve_fidelity(fidelity, pre.rgb, controlnet_conditioning_scale=controlnet_conditioning_scale)
+        controlnet_conditioning_scale = knobs["controlnet_conditioning_scale"]
         self.check_inputs(
             pre.rgb,
             prompt,

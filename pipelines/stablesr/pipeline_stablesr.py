@@ -19,6 +19,13 @@ Super-Resolution", IJCV 2024 (arXiv:2305.07015). Released code: ``LatentDiffusio
   ``w`` (the original's ``dec_w``, 0.5) trades fidelity (1) for realism (0, the plain SD decoder); then the colour fix
   against the LR image (AdaIN by default, as in the paper), the crop back to exactly ``s ×`` the input size.
 
+Prompts: the original samples with an empty prompt (``""``, the default here); an optional prompt extractor (any
+:class:`~sr_diffusion.prompts.PromptExtractor`, e.g. DAPE or a BLIP captioner) adds its tags after the user's prompt
+(``prompt="auto"`` or ``None``: its tags alone), merged as PASD and SeeSR merge them
+(:func:`~sr_diffusion.prompts.resolve_prompts`; the user's prompt and negative prompt always win). The fidelity controls
+(``guidance_scale``, ``fidelity_weight``, ``fidelity="auto"``, ``color_fix``, ``lr_consistency``) are the ones every SD
+pipeline shares (:mod:`sr_diffusion.pipelines.sd_base`).
+
 Large images (the original's "progressive aggregation sampling", ``p_sample_canvas``): with ``tile_size`` every step
 evaluates the time-aware encoder and the UNet on overlapping latent tiles (``tile_size · s / f`` latent pixels, the
 last tile of a row or column shifted back to end at the border), blends the tiles' noise predictions with Gaussian
@@ -48,11 +55,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 from sr_diffusion.estimation import DegradationEstimator
-from sr_diffusion.fidelity_auto import check_fidelity, resolve_auto_fidelity
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput, pad_to_multiple
 from sr_diffusion.models.stablesr_cfw import StableSRCFW
 from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
+from sr_diffusion.prompts.base import PromptExtractor
 from sr_diffusion.resize import resize
 
 from ..pipeline_utils import SRSamplingMixin
@@ -65,7 +72,6 @@ __all__ = [
     "stablesr_scheduler",
     "stablesr_tile_weights",
 ]
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -151,20 +157,32 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         time_aware_encoder: :class:`~sr_diffusion.models.StableSRTimeAwareEncoder`.
         sft: :class:`~sr_diffusion.models.StableSRSFT`, built for ``unet``.
         cfw: :class:`~sr_diffusion.models.StableSRCFW` for ``vae``, or None (then ``fidelity_weight`` must be 0).
+        prompt_extractor: optional, any :class:`~sr_diffusion.prompts.PromptExtractor` (e.g. DAPE): its tags join the
+            prompt (``prompt="auto"`` or ``None``: its tags alone). A ``ModelMixin`` extractor is saved with the
+            pipeline; any other is not (diffusers cannot): pass it again, ``from_pretrained(dir, prompt_extractor=…)``.
         degradation_estimator: the :class:`~sr_diffusion.estimation.DegradationEstimator` of ``fidelity="auto"``, or
             None for the one shipped in the package.
         upscale: the SR factor ``s`` (registered in the config; the released model was trained at 4, and works at
             others since the LR image is upsampled to the output size first).
 
     Build one from any SD diffusers folder with :meth:`from_sd_base`, or from the released checkpoints with
-    :func:`sr_diffusion.conversion.stablesr.convert_stablesr` (``sr-diffusion convert --arch stablesr``).
+    :func:`sr_diffusion.conversion.stablesr.convert_stablesr` (``sr-diffusion convert --arch stablesr``). Loading,
+    geometry, the SD-base checks, text, VAE, tiling, the fidelity controls and LoRA loading are
+    :class:`~sr_diffusion.pipelines.sd_base.StableDiffusionSRMixin`'s.
     """
 
     METHOD = "StableSR"
     #: subfolders a saved StableSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
     ADD_ON_SUBFOLDERS = {"time_aware_encoder": "the time-aware encoder", "sft": "the SFT layers"}
-    model_cpu_offload_seq = "text_encoder->time_aware_encoder->unet->vae"
-    _optional_components = ["cfw", "degradation_estimator"]
+    OPTIONAL_ADD_ONS = {
+        "cfw": "the CFW layers",
+        "prompt_extractor": "the prompt extractor",
+        "degradation_estimator": "the degradation estimator",
+    }
+    #: CFW's ``w``: the original's ``dec_w`` (with CFW layers; without them there is no ``w`` to set: 0)
+    FIDELITY_DEFAULTS = {"fidelity_weight": 0.5}
+    model_cpu_offload_seq = "prompt_extractor->text_encoder->time_aware_encoder->unet->vae"
+    _optional_components = ["cfw", "prompt_extractor", "degradation_estimator"]
     # the SFT and CFW layers run inside the UNet's and the VAE's calls (hooks): they stay on the execution device, as
     # does the (tiny) degradation estimator
     _exclude_from_cpu_offload = ["sft", "cfw", "degradation_estimator"]
@@ -181,13 +199,13 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         time_aware_encoder: StableSRTimeAwareEncoder,
         sft: StableSRSFT,
         cfw: StableSRCFW | None = None,
+        prompt_extractor: PromptExtractor | None = None,
         degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
     ):
         super().__init__()
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"upscale must be a positive int, got {upscale!r}")
-        self.register_modules(
+        self.register_sd_components(
+            upscale,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -196,15 +214,19 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             time_aware_encoder=time_aware_encoder,
             sft=sft,
             cfw=cfw,
+            prompt_extractor=prompt_extractor,
             degradation_estimator=degradation_estimator,
         )
-        self.register_to_config(upscale=upscale)
-        self.image_processor = SRImageProcessor()
-        self.check_components()
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading (check_saved_folder, from_pretrained: StableDiffusionSRMixin)
     # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def base_scheduler(cls, base: str | Path) -> DDPMScheduler:
+        """The original's sampler for the SD base in the diffusers folder ``base``: :func:`stablesr_scheduler` with
+        the base's ``prediction_type``."""
+        return stablesr_scheduler(cls.base_prediction_type(base))
 
     @classmethod
     def from_sd_base(
@@ -214,32 +236,25 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         sft: StableSRSFT,
         cfw: StableSRCFW | None = None,
         scheduler: SchedulerMixin | None = None,
+        prompt_extractor: PromptExtractor | None = None,
+        degradation_estimator: DegradationEstimator | None = None,
         upscale: int = 4,
         torch_dtype: torch.dtype | None = None,
     ) -> StableSRPipeline:
         """A StableSR pipeline on the SD base in the diffusers folder ``base`` (``vae/``, ``text_encoder/``,
-        ``tokenizer/``, ``unet/``) with the given add-ons; the scheduler defaults to :func:`stablesr_scheduler` with the
-        base's ``prediction_type``."""
-        parts = cls.load_sd_base(base, torch_dtype)
-        prediction_type = parts.pop("prediction_type")
-        return cls(
-            **parts,
-            scheduler=scheduler if scheduler is not None else stablesr_scheduler(prediction_type),
+        ``tokenizer/``, ``unet/``) with the given add-ons (cast to ``torch_dtype`` with the base, the CFW layers
+        included); the scheduler defaults to :meth:`base_scheduler` (the original's)."""
+        return cls.from_sd_base_parts(
+            base,
+            scheduler=cls.base_scheduler(base) if scheduler is None else scheduler,
+            upscale=upscale,
+            torch_dtype=torch_dtype,
             time_aware_encoder=time_aware_encoder,
             sft=sft,
             cfw=cfw,
-            upscale=upscale,
+            prompt_extractor=prompt_extractor,
+            degradation_estimator=degradation_estimator,
         )
-
-    @classmethod
-    def optional_add_ons(cls, model_index: dict[str, Any]) -> dict[str, str]:
-        """The CFW layers' and the degradation estimator's subfolders, when the saved pipeline has them."""
-        names = {"cfw": "the CFW layers", "degradation_estimator": "the degradation estimator"}
-        return {
-            name: what
-            for name, what in names.items()
-            if isinstance(model_index.get(name), list) and model_index[name][0] is not None
-        }
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks
@@ -275,25 +290,15 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             if not isinstance(self.cfw, StableSRCFW):
                 raise ValueError(f"cfw must be a StableSRCFW or None, got {type(self.cfw).__name__}")
             self.cfw.check_vae(self.vae)
-        estimator = getattr(self, "degradation_estimator", None)
-        if estimator is not None and not isinstance(estimator, DegradationEstimator):
-            raise ValueError(
-                f"degradation_estimator must be a DegradationEstimator or None, got {type(estimator).__name__}"
-            )
+        self.check_prompt_extractor("sr_diffusion.prompts.PromptExtractor (images -> PromptExtraction)")
+        self.check_degradation_estimator()
         # any prediction_type: SD bases predict epsilon (512) or v (768v), and scheduler.step reads it from its config
         self.check_noise_scheduler("StableSR", epsilon_only=False)
 
-    def resolve_fidelity_weight(self, fidelity_weight: float | None, fidelity: str | None, rgb: torch.Tensor) -> float:
-        """CFW's ``w``: the caller's value; else, with ``fidelity="auto"`` and CFW layers, the value mapped from the
-        estimated degradation of ``rgb`` ``(N, 3, h, w)`` (:func:`sr_diffusion.fidelity_auto.resolve_auto_fidelity`);
-        else the original's 0.5 (0 without CFW layers)."""
-        check_fidelity(fidelity)
-        if fidelity_weight is None and fidelity is not None and self.cfw is not None:
-            knobs = resolve_auto_fidelity({"fidelity_weight": None}, rgb, self.degradation_estimator, fidelity)
-            return knobs["fidelity_weight"]
-        if fidelity_weight is None:
-            return 0.5 if self.cfw is not None else 0.0
-        return fidelity_weight
+    def fidelity_defaults(self) -> dict[str, Any]:
+        """CFW's ``w`` (the original's 0.5) when the pipeline has CFW layers; without them ``fidelity="auto"`` has
+        nothing to set (and an unset ``fidelity_weight`` is 0, the plain SD decoder)."""
+        return dict(self.FIDELITY_DEFAULTS) if self.cfw is not None else {}
 
     def check_inputs(
         self,
@@ -313,10 +318,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     ) -> None:
         self.check_components()
         self.check_num_inference_steps(num_inference_steps)  # no eta, no strength: the original's DDPM from z_T
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
-            raise ValueError(
-                f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
-            )
+        self.check_guidance_scale(guidance_scale)
         if isinstance(fidelity_weight, bool) or not isinstance(fidelity_weight, (int, float)):
             raise ValueError(f"fidelity_weight must be a number in [0, 1], got {fidelity_weight!r}")
         if not 0 <= fidelity_weight <= 1:
@@ -326,10 +328,10 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 f"fidelity_weight={fidelity_weight} needs the CFW layers, and this pipeline has none (cfw=None): pass "
                 "fidelity_weight=0 or add a StableSRCFW"
             )
+        # the user's texts (the merged prompt may be truncated: only the extracted tags are cut)
         n = rgb.shape[0]
-        self._prompt_list(prompt, n, "prompt")
-        if negative_prompt is not None:
-            self._prompt_list(negative_prompt, n, "negative_prompt")
+        self._prompt_list(prompt, n, "prompt", allow_none=True)
+        self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True)
         self.check_output_options(color_fix, lr_consistency)
         self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
@@ -422,12 +424,12 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
-        prompt: str | list[str] = "",
+        prompt: str | list[str] | None = None,
         num_inference_steps: int = 200,
         guidance_scale: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
         fidelity_weight: float | None = None,
         fidelity: str | None = None,
+        negative_prompt: str | list[str] | None = None,
         color_fix: str = "adain",
         lr_consistency: bool = False,
         tile_size: int | None = None,
@@ -444,23 +446,31 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         Args:
             image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
                 An alpha channel is carried through, upscaled separately with bicubic interpolation.
-            prompt: text for the SD prior, one for all images or one per image; ``""`` as the original (it is not
-                truncated: a prompt longer than the tokenizer's limit is an error).
+            prompt: text for the SD prior, one for all images or one per image. ``None`` (default) or ``"auto"``: the
+                prompt extractor's tags when the pipeline has one, else none (``""``, as the original). The user's
+                words come first, then the extracted tags (:func:`~sr_diffusion.prompts.resolve_prompts`); a user
+                prompt longer than the tokenizer's limit is an error. ``"auto"`` without an extractor is an error.
             num_inference_steps: ``1 <= S <= 1000``; 200 as the original (its respaced DDPM steps).
-            guidance_scale: classifier-free guidance scale; 1 (none) as the original DDPM sampler.
-            negative_prompt: the unconditional text when ``guidance_scale > 1`` (default ``""``); ignored otherwise.
-            fidelity_weight: CFW's ``w`` in [0, 1] (0: the plain SD decoder, more generative; 1: most faithful);
-                default 0.5 (the original's ``dec_w``) when the pipeline has CFW layers, else 0.
-            fidelity: ``"auto"``: when ``fidelity_weight`` is not given (and the pipeline has CFW layers), set it from
-                the input's degradation as estimated by ``degradation_estimator`` (higher for clean inputs, lower for
-                heavily degraded ones: :mod:`sr_diffusion.fidelity_auto`); the LR images must be at least 16 pixels a
-                side. None (default): the fixed default above.
-            color_fix: ``"adain"`` (default, the paper's), ``"wavelet"`` or ``"none"``: correct the output's colours
-                towards the LR image (:func:`sr_diffusion.color_fix.color_fix`).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
-                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
-                image when tiling; the alpha channel is unaffected.
+            guidance_scale: classifier-free guidance scale ``w`` (``eps_u + w (eps_c - eps_u)``, ``eps_u`` from
+                ``negative_prompt``): higher follows the prompt more and the LR image less; 1: no guidance. Default 1,
+                as the original's DDPM sampler.
+            fidelity_weight: CFW's ``w`` in [0, 1]: higher is more faithful to the LR image (1: most faithful; 0: the
+                plain SD decoder, more generative). ``None``: 0.5 (the original's ``dec_w``) with CFW layers, else 0;
+                with ``fidelity="auto"`` and CFW layers, set from the input.
+            fidelity: ``"auto"``: set the fidelity controls left ``None`` (here: ``fidelity_weight``, with CFW layers)
+                from the input's degradation as estimated by the ``degradation_estimator`` component (the one shipped
+                in the package when it is None): more faithful for clean inputs, more generative for heavily degraded
+                ones (:mod:`sr_diffusion.fidelity_auto`); the LR images must be at least 16 pixels a side. A value
+                given explicitly always wins. ``None`` (default): each control's default.
+            negative_prompt: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one
+                (``""`` included) is used verbatim. Default ``""``.
+            color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
+                (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"adain"`` (the
+                paper's).
+            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
+                ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
+                to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
+                when tiling; the alpha channel is unaffected. Default False.
             tile_size: sample with the original's progressive patch aggregation in latent tiles covering
                 ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`; 128 at ×4 is the original's 64-pixel
                 latent tile), overlapping by ``tile_overlap`` LR pixels (64 at ×4: the original's 32).
@@ -481,9 +491,11 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
-        # 1. Check inputs (fidelity="auto" sets an unset fidelity_weight from the input's estimated degradation)
+        # 1. Check inputs (fidelity="auto" sets an unset fidelity_weight from the input's estimated degradation;
+        #    without CFW layers an unset one is 0)
         pre = self.image_processor.preprocess(image)
-        fidelity_weight = self.resolve_fidelity_weight(fidelity_weight, fidelity, pre.rgb)
+        fidelity_weight = self.resolve_fidelity(fidelity, pre.rgb, fidelity_weight=fidelity_weight)["fidelity_weight"]
+        fidelity_weight = 0.0 if fidelity_weight is None else fidelity_weight
         self.check_inputs(
             pre.rgb,
             prompt,
@@ -502,14 +514,12 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        n = rgb.shape[0]
         s, f = self.upscale, self.vae_scale_factor
         do_cfg = guidance_scale > 1
 
-        # 2. Text embeddings (negative first when guiding)
-        prompt_embeds, negative_embeds = self.encode_prompt(prompt, n, device, negative_prompt, do_cfg)
-        if do_cfg:
-            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+        # 2. Prompts (user's, extracted tags) and their embeddings (negative first when guiding)
+        resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, None, None)
+        prompt_embeds = self.embed_for_guidance(resolved.prompts, resolved.negative_prompts, device, do_cfg)
 
         # 3. LR image: [0, 1] -> [-1, 1], pad (reflect), bicubic-upsample to the output size, encode (and keep the
         #    CFW encoder features)

@@ -120,14 +120,15 @@ class PASDConfig:
 
     ``base``: a diffusers Stable Diffusion 1.x/2.x folder (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``;
     the released model: SD 1.5); ``rgb_loss_weight``: ``w`` of the degradation-removal loss (the original's 1);
-    ``num_inference_steps``, ``guidance_scale``, ``added_noise_level``, ``color_fix``: the pipeline's, for validation
-    (defaults: the original's inference settings)."""
+    ``num_inference_steps``, ``guidance_scale``, ``added_noise_level``, ``start_point``, ``color_fix``: the pipeline's,
+    for validation (defaults: the original's inference settings; pure noise is ``start_point: noise``)."""
 
     base: str | None = None
     rgb_loss_weight: float = 1.0
     num_inference_steps: int = 20
     guidance_scale: float = 9.0
-    added_noise_level: int | None = 900
+    added_noise_level: int = 900
+    start_point: Literal["lr", "noise"] = "lr"
     color_fix: Literal["none", "adain", "wavelet"] = "wavelet"
 
 
@@ -165,8 +166,11 @@ class PASDExperimentConfig(ExperimentConfig):
             raise ConfigError(f"pasd.num_inference_steps: must be in [1, 1000], got {p.num_inference_steps}")
         if p.guidance_scale < 1:
             raise ConfigError(f"pasd.guidance_scale: must be >= 1, got {p.guidance_scale}")
-        if p.added_noise_level is not None and not 0 <= p.added_noise_level < 1000:
-            raise ConfigError(f"pasd.added_noise_level: must be null or in [0, 1000), got {p.added_noise_level}")
+        if p.added_noise_level is None or not 0 <= p.added_noise_level < 1000:
+            raise ConfigError(
+                f"pasd.added_noise_level: must be in [0, 1000) (pure noise: pasd.start_point=noise), got "
+                f"{p.added_noise_level}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,6 +256,7 @@ class PASDTask(SDAddOnTask):
         return {
             "num_inference_steps": s.num_inference_steps,
             "guidance_scale": s.guidance_scale,
-            "added_noise_level": s.added_noise_level,
+            "added_noise_level": s.added_noise_level if s.start_point == "lr" else None,
+            "start_point": s.start_point,
             "color_fix": s.color_fix,
         }
