@@ -19,6 +19,9 @@ UNet's SFT layers, attached by hooks) and :class:`StableSRCFW` (the VAE decoder'
 Extra cross-attention layers beside an unforked diffusers UNet's / ControlNet's blocks, under the released names:
 :class:`BlockAttentions` (PASD's pixel-aware ``pixel_attentions``, SeeSR's ``image_attentions``).
 
+Low-rank adapters for a frozen UNet's linear layers, held outside it (attached by hooks, or fused for export):
+:class:`UNetLoRA` (the LoRA option of the add-on methods' training).
+
 PASD's ControlNet with its degradation-removal module (multi-scale RGB outputs, optional RRDBs):
 :class:`PASDControlNetModel`, a subclass of diffusers' ``ControlNetModel``.
 """
@@ -36,6 +39,7 @@ from .stablesr_cfw import StableSRCFW
 from .stablesr_encoder import StableSRTimeAwareEncoder, StableSRTimeAwareEncoderOutput
 from .stablesr_sft import StableSRSFT
 from .swinir import SwinIR
+from .unet_lora import UNetLoRA
 
 __all__ = [
     "BlockAttentions",
@@ -58,6 +62,7 @@ __all__ = [
     "StableSRTimeAwareEncoder",
     "StableSRTimeAwareEncoderOutput",
     "SwinIR",
+    "UNetLoRA",
 ]
 
 REGRESSION_MODELS = {"edsr": EDSR, "rrdbnet": RRDBNet, "swinir": SwinIR, "srvgg": SRVGGNetCompact}

@@ -20,7 +20,9 @@ Trainable (checkpointed, averaged by the EMA): :class:`PASDAddOns`, the ControlN
 original's ``ControlNetModel.from_unet``) and the ``pixel_attentions`` layers (fresh, diffusers' default
 initialisation, as the original's ``strict=False`` load leaves them). The SD base is frozen, as in the paper
 (``trainable_modules = ["pixel_attentions"]`` of the UNet). The run exports a
-:class:`~sr_diffusion.pipelines.PASDPipeline` with the base and the EMA add-ons.
+:class:`~sr_diffusion.pipelines.PASDPipeline` with the base and the EMA add-ons. Optionally (``pasd.unet_lora_rank``,
+not in the paper) LoRA adapters of the base UNet train with the add-ons, the base itself staying frozen
+(:mod:`~sr_diffusion.training.sd_addons`: fused into the exported UNet, also written to ``pipeline/unet_lora/``).
 
 Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generator.
 
@@ -43,7 +45,14 @@ from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from .sd_addons import SDAddOnTask, check_sd_base_folder, public_config
+from .sd_addons import (
+    SDAddOnSection,
+    SDAddOnTask,
+    check_sd_base_folder,
+    make_unet_lora,
+    public_config,
+    unet_lora_attached,
+)
 
 __all__ = [
     "PASDAddOns",
@@ -66,15 +75,21 @@ MODEL_KEYS = ("conditioning_embedding_out_channels", "use_rrdb")
 class PASDAddOns(ModelMixin, ConfigMixin):
     """PASD's trainable parts as one model: ``controlnet`` (a :class:`PASDControlNetModel` of ``controlnet_config``)
     and ``pixel_attentions`` (a :class:`BlockAttentions` of ``pixel_attentions_config``). ``forward`` is the conditioned
-    denoiser call, so that data-parallel wrappers see it; build a fresh one for a UNet with :meth:`from_unet`."""
+    denoiser call, so that data-parallel wrappers see it; build a fresh one for a UNet with :meth:`from_unet`. With
+    ``unet_lora_config`` (the LoRA option, ``pasd.unet_lora_rank``) it also holds ``unet_lora``, a
+    :class:`~sr_diffusion.models.UNetLoRA` attached to the frozen UNet during ``forward``."""
 
     @register_to_config
     def __init__(
-        self, controlnet_config: dict[str, Any] | None = None, pixel_attentions_config: dict[str, Any] | None = None
+        self,
+        controlnet_config: dict[str, Any] | None = None,
+        pixel_attentions_config: dict[str, Any] | None = None,
+        unet_lora_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.controlnet = PASDControlNetModel(**(controlnet_config or {}))
         self.pixel_attentions = BlockAttentions(**(pixel_attentions_config or {}))
+        self.unet_lora = make_unet_lora(unet_lora_config)
 
     @classmethod
     def from_unet(
@@ -96,9 +111,10 @@ class PASDAddOns(ModelMixin, ConfigMixin):
     def forward(self, unet, sample, timestep, encoder_hidden_states, cond_image):
         from sr_diffusion.pipelines.pasd import pasd_noise_pred
 
-        return pasd_noise_pred(
-            unet, self.controlnet, self.pixel_attentions, sample, timestep, encoder_hidden_states, cond_image
-        )
+        with unet_lora_attached(self.unet_lora, unet):
+            return pasd_noise_pred(
+                unet, self.controlnet, self.pixel_attentions, sample, timestep, encoder_hidden_states, cond_image
+            )
 
 
 def degradation_removal_loss(rgbs, hr: torch.Tensor) -> torch.Tensor:
@@ -115,15 +131,16 @@ def degradation_removal_loss(rgbs, hr: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class PASDConfig:
+class PASDConfig(SDAddOnSection):
     """``pasd``: the frozen base, the extra loss's weight and how validation and the exported pipeline sample.
 
     ``base``: a diffusers Stable Diffusion 1.x/2.x folder (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``;
-    the released model: SD 1.5); ``rgb_loss_weight``: ``w`` of the degradation-removal loss (the original's 1);
+    the released model: SD 1.5); ``unet_lora_rank``, ``unet_lora_alpha``: the LoRA option on the base UNet
+    (:class:`~sr_diffusion.training.sd_addons.SDAddOnSection`; not in the paper: default off); ``rgb_loss_weight``:
+    ``w`` of the degradation-removal loss (the original's 1);
     ``num_inference_steps``, ``guidance_scale``, ``added_noise_level``, ``start_point``, ``color_fix``: the pipeline's,
     for validation (defaults: the original's inference settings; pure noise is ``start_point: noise``)."""
 
-    base: str | None = None
     rgb_loss_weight: float = 1.0
     num_inference_steps: int = 20
     guidance_scale: float = 9.0
@@ -198,7 +215,7 @@ class PASDTask(SDAddOnTask):
     def build_model(self, config: ExperimentConfig) -> PASDAddOns:
         unet = self.base()["unet"]
         try:
-            return PASDAddOns.from_unet(unet, **config.model.kwargs)
+            return self.with_unet_lora(PASDAddOns.from_unet(unet, **config.model.kwargs))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from err
 

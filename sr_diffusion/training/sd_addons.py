@@ -14,7 +14,17 @@ output, steered by the add-ons, onto the diffusion target. :class:`SDAddOnTask` 
   ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` and the target ``eps`` (``v`` for a
   v-prediction base), every draw from the trainer's generator;
 - validation and export: the method's pipeline on the frozen base with the (EMA) add-ons
-  (:meth:`~SDAddOnTask.build_pipeline`, :meth:`~SDAddOnTask.predict`).
+  (:meth:`~SDAddOnTask.build_pipeline`, :meth:`~SDAddOnTask.predict`);
+- the LoRA option (``{section}.unet_lora_rank``, ``{section}.unet_lora_alpha``, fields of :class:`SDAddOnSection`):
+  low-rank adapters (:class:`~sr_diffusion.models.UNetLoRA`, Hu et al. 2022; ``scale = alpha / rank``, peft's
+  convention) on the attention projections of the base UNet, trained with the add-ons. They live in the add-on
+  model's optional ``unet_lora`` submodule (:meth:`~SDAddOnTask.with_unet_lora`, checkpointed and averaged with it) and
+  act through forward hooks in its ``forward`` (:func:`unet_lora_attached`): the base UNet's own weights stay frozen
+  and unchanged. Validation and the exported pipeline use a copy of the base UNet with the LoRA fused in (so the
+  exported pipeline is self-contained), and the export also writes the LoRA alone, in diffusers' LoRA format
+  (``save_lora_weights``), to ``output_dir/pipeline/unet_lora/``: ``pipe.load_lora_weights(".../unet_lora")``
+  applies it to a pipeline on the (unchanged) base. Without a rank (the default) the methods train as their papers,
+  with the whole base frozen.
 
 A method's task names its config section (:attr:`~SDAddOnTask.section_name`, :attr:`~SDAddOnTask.section_class`) and
 gives its noise scheduler (training), its sampler (validation, export), its pipeline class, the pipeline's add-on
@@ -23,8 +33,11 @@ components and sampling settings; its objective (``compute_loss``) stays in its 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +47,15 @@ from .config import ConfigError, ExperimentConfig
 from .losses import build_loss
 from .trainer import TrainingTask
 
-__all__ = ["BASE_PARTS", "SDAddOnTask", "check_sd_base_folder", "public_config"]
+__all__ = [
+    "BASE_PARTS",
+    "SDAddOnSection",
+    "SDAddOnTask",
+    "check_sd_base_folder",
+    "make_unet_lora",
+    "public_config",
+    "unet_lora_attached",
+]
 
 #: the subfolders of the diffusers SD folder a task loads (frozen)
 BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
@@ -54,6 +75,42 @@ def public_config(config) -> dict[str, Any]:
     """A model config as plain JSON values (lists for tuples), without diffusers' bookkeeping keys (``_*``): what
     the config of a model that holds it records."""
     return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+
+
+@dataclass
+class SDAddOnSection:
+    """What the config sections of the add-on methods share (``stablesr``, ``pasd``, ``seesr`` derive from it).
+
+    ``base``: a diffusers Stable Diffusion 1.x/2.x folder (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``),
+    frozen; ``unet_lora_rank``: train LoRA adapters of this rank ``r`` on the base UNet's attention projections
+    (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) with the add-ons (``None``, the default: no LoRA, the papers' frozen
+    base); ``unet_lora_alpha``: their ``alpha`` (scale ``alpha / r``; ``None``: ``r``, scale 1)."""
+
+    base: str | None = None
+    unet_lora_rank: int | None = None
+    unet_lora_alpha: float | None = None
+
+    def check_unet_lora(self, section: str) -> None:
+        """A :class:`ConfigError` for a rank < 1 or an alpha <= 0, or an alpha without a rank."""
+        if self.unet_lora_rank is not None and self.unet_lora_rank < 1:
+            raise ConfigError(f"{section}.unet_lora_rank: must be >= 1 (or null: no LoRA), got {self.unet_lora_rank}")
+        if self.unet_lora_alpha is not None:
+            if self.unet_lora_rank is None:
+                raise ConfigError(f"{section}.unet_lora_alpha: set, but {section}.unet_lora_rank is null (no LoRA)")
+            if self.unet_lora_alpha <= 0:
+                raise ConfigError(f"{section}.unet_lora_alpha: must be > 0, got {self.unet_lora_alpha}")
+
+
+def make_unet_lora(config: dict[str, Any] | None):
+    """The add-on model's ``unet_lora`` submodule from its ``unet_lora_config`` (``None`` without one)."""
+    from sr_diffusion.models.unet_lora import UNetLoRA
+
+    return UNetLoRA(**config) if config else None
+
+
+def unet_lora_attached(unet_lora, unet):
+    """``unet_lora.attach(unet)``, or a no-op context without a LoRA (``unet_lora`` None)."""
+    return contextlib.nullcontext() if unet_lora is None else unet_lora.attach(unet)
 
 
 class SDAddOnTask(TrainingTask):
@@ -116,6 +173,7 @@ class SDAddOnTask(TrainingTask):
 
         name = self.section_name
         self.section = getattr(config, name, None) or self.section_class()
+        self.section.check_unet_lora(name)
         if not self.section.base:
             raise ConfigError(f"{name}.base: required: a diffusers Stable Diffusion folder")
         base = Path(self.section.base)
@@ -156,6 +214,20 @@ class SDAddOnTask(TrainingTask):
             for name in ("vae", "text_encoder", "unet"):
                 self._base[name].to(device)
         return self._base
+
+    def with_unet_lora(self, model):
+        """``model`` (a method's fresh add-ons) with a fresh ``unet_lora`` for the base UNet when the section sets
+        ``unet_lora_rank`` (recorded in its config as ``unet_lora_config``: checkpoints and EMA copies rebuild it)."""
+        if self.section.unet_lora_rank is None:
+            return model
+        from sr_diffusion.models.unet_lora import UNetLoRA
+
+        lora = UNetLoRA.for_unet(self.base()["unet"], self.section.unet_lora_rank, self.section.unet_lora_alpha)
+        model.unet_lora = lora
+        # no longer a default value: from_config (the EMA copy) drops the keys listed in _use_default_values
+        defaults = [k for k in model.config.get("_use_default_values", []) if k != "unet_lora_config"]
+        model.register_to_config(unet_lora_config=public_config(lora.config), _use_default_values=defaults)
+        return model
 
     def empty_prompt(self, device: torch.device) -> torch.Tensor:
         """The text embedding ``(1, L, D)`` of ``""`` (computed once per device)."""
@@ -221,13 +293,26 @@ class SDAddOnTask(TrainingTask):
         return pipe(lr.clamp(0, 1), generator=generator, output_type="pt", **kwargs).images
 
     def build_pipeline(self, model, device: torch.device | None = None):
-        """The method's pipeline on the frozen base with ``model``'s add-ons (on ``model``'s device by default)."""
+        """The method's pipeline on the frozen base with ``model``'s add-ons (on ``model``'s device by default); with
+        a ``unet_lora``, its UNet is a copy of the base UNet with the LoRA fused in (the base is left unchanged)."""
         model = getattr(model, "module", model)
         device = device or next(model.parameters()).device
-        base = self.base(device)
+        parts = {name: self.base(device)[name] for name in BASE_PARTS}
+        unet_lora = getattr(model, "unet_lora", None)
+        if unet_lora is not None:
+            parts["unet"] = unet_lora.fuse_into(copy.deepcopy(parts["unet"]))
         return self.pipeline_class()(
-            **{name: base[name] for name in BASE_PARTS},
+            **parts,
             scheduler=self.sampling_scheduler(),
             **self.add_on_components(model, device),
             upscale=self.scale,
         )
+
+    def export_extras(self, model, directory: Path) -> None:
+        """With a ``unet_lora``: the LoRA alone in diffusers' LoRA format (``save_lora_weights``, the scale folded into
+        ``lora_B``) in ``directory/unet_lora/``, for ``pipe.load_lora_weights`` on a pipeline of the base."""
+        unet_lora = getattr(getattr(model, "module", model), "unet_lora", None)
+        if unet_lora is not None:
+            self.pipeline_class().save_lora_weights(
+                Path(directory) / "unet_lora", unet_lora_layers=unet_lora.peft_state_dict()
+            )

@@ -19,7 +19,10 @@ only). For an HR crop ``y`` in [-1, 1] and its LR image (in [0, 1]):
 Trainable (and checkpointed, averaged by the EMA): :class:`SeeSRAddOns`, the ControlNet (initialised from the UNet as
 the original's ``ControlNetModel.from_unet``) and both image cross-attention add-ons (fresh layers, the ControlNet's
 copied from the UNet's, as the original). The SD base and the DAPE are frozen, as in the paper. The run exports a
-:class:`~sr_diffusion.pipelines.SeeSRPipeline` with the base, the EMA add-ons and the DAPE.
+:class:`~sr_diffusion.pipelines.SeeSRPipeline` with the base, the EMA add-ons and the DAPE. Optionally
+(``seesr.unet_lora_rank``, not in the paper) LoRA adapters of the base UNet train with the add-ons, the base itself
+staying frozen (:mod:`~sr_diffusion.training.sd_addons`: fused into the exported UNet, also written to
+``pipeline/unet_lora/``).
 
 Every random draw (posterior samples, ``t``, ``eps``, the null-text choice) comes from the trainer's generator.
 
@@ -49,7 +52,14 @@ from sr_diffusion.models.seesr import (
 )
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from .sd_addons import SDAddOnTask, check_sd_base_folder, public_config
+from .sd_addons import (
+    SDAddOnSection,
+    SDAddOnTask,
+    check_sd_base_folder,
+    make_unet_lora,
+    public_config,
+    unet_lora_attached,
+)
 
 __all__ = [
     "SeeSRAddOns",
@@ -68,7 +78,9 @@ __all__ = [
 class SeeSRAddOns(ModelMixin, ConfigMixin):
     """SeeSR's trainable parts as one model: ``controlnet`` (a diffusers ``ControlNetModel``),
     ``unet_image_attentions`` and ``controlnet_image_attentions`` (:class:`BlockAttentions`), from their configs.
-    ``forward`` is the conditioned denoiser call, so that data-parallel wrappers see it."""
+    ``forward`` is the conditioned denoiser call, so that data-parallel wrappers see it. With ``unet_lora_config``
+    (the LoRA option, ``seesr.unet_lora_rank``) it also holds ``unet_lora``, a :class:`~sr_diffusion.models.UNetLoRA`
+    attached to the frozen UNet during ``forward``."""
 
     @register_to_config
     def __init__(
@@ -76,11 +88,13 @@ class SeeSRAddOns(ModelMixin, ConfigMixin):
         controlnet_config: dict[str, Any] | None = None,
         unet_image_attentions_config: dict[str, Any] | None = None,
         controlnet_image_attentions_config: dict[str, Any] | None = None,
+        unet_lora_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.controlnet = ControlNetModel.from_config(controlnet_config or {})
         self.unet_image_attentions = BlockAttentions.from_config(unet_image_attentions_config or {})
         self.controlnet_image_attentions = BlockAttentions.from_config(controlnet_image_attentions_config or {})
+        self.unet_lora = make_unet_lora(unet_lora_config)
 
     @classmethod
     def from_parts(
@@ -102,17 +116,18 @@ class SeeSRAddOns(ModelMixin, ConfigMixin):
         return model
 
     def forward(self, unet, sample, timestep, encoder_hidden_states, controlnet_cond, image_prompt_embeds):
-        return seesr_noise_pred(
-            unet,
-            self.controlnet,
-            self.unet_image_attentions,
-            self.controlnet_image_attentions,
-            sample,
-            timestep,
-            encoder_hidden_states,
-            controlnet_cond,
-            image_prompt_embeds,
-        )
+        with unet_lora_attached(self.unet_lora, unet):
+            return seesr_noise_pred(
+                unet,
+                self.controlnet,
+                self.unet_image_attentions,
+                self.controlnet_image_attentions,
+                sample,
+                timestep,
+                encoder_hidden_states,
+                controlnet_cond,
+                image_prompt_embeds,
+            )
 
 
 def build_seesr_add_ons(
@@ -137,15 +152,16 @@ def build_seesr_add_ons(
 
 
 @dataclass
-class SeeSRConfig:
+class SeeSRConfig(SDAddOnSection):
     """``seesr``: the frozen base and prompt extractor, and how validation and the exported pipeline sample.
 
-    ``base``: a diffusers Stable Diffusion 1.x/2.x folder (the released model: SD 2-base); ``dape``: a saved
+    ``base``: a diffusers Stable Diffusion 1.x/2.x folder (the released model: SD 2-base); ``unet_lora_rank``,
+    ``unet_lora_alpha``: the LoRA option on the base UNet (:class:`~sr_diffusion.training.sd_addons.SDAddOnSection`;
+    not in the paper: default off); ``dape``: a saved
     :class:`~sr_diffusion.prompts.DAPE` folder (frozen; ``None``: the empty prompt and the null soft prompt);
     ``null_text_ratio``: the probability of training with the empty prompt instead of the tags (the original's 0.5);
     ``num_inference_steps``, ``guidance_scale``, ``start_point``, ``color_fix``: the pipeline's, for validation."""
 
-    base: str | None = None
     dape: str | None = None
     null_text_ratio: float = 0.5
     num_inference_steps: int = 50
@@ -233,7 +249,7 @@ class SeeSRTask(SDAddOnTask):
 
     def build_model(self, config: ExperimentConfig) -> SeeSRAddOns:
         try:
-            return build_seesr_add_ons(self.base()["unet"], **self.model_kwargs)
+            return self.with_unet_lora(build_seesr_add_ons(self.base()["unet"], **self.model_kwargs))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from err
 

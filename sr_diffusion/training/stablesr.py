@@ -13,7 +13,10 @@ clamped, as the original's ``get_input``):
 
 Only :class:`StableSRAddOns` (the encoder and the SFT layers, one ``ModelMixin`` for the shared trainer) is trained,
 checkpointed and averaged (EMA); the base (``stablesr.base``, a diffusers SD folder) is loaded frozen by the task and
-exported with the trained add-ons as a :class:`~sr_diffusion.pipelines.StableSRPipeline`. The CFW layers are the
+exported with the trained add-ons as a :class:`~sr_diffusion.pipelines.StableSRPipeline`. Optionally
+(``stablesr.unet_lora_rank``, not in the paper) LoRA adapters of the base UNet train with the add-ons, the base itself
+staying frozen (:mod:`~sr_diffusion.training.sd_addons`: fused into the exported UNet, also written to
+``pipeline/unet_lora/``). The CFW layers are the
 second stage, trained afterwards on this model's outputs (:mod:`sr_diffusion.training.stablesr_cfw`,
 ``train_stablesr.py --stage cfw``); ``stablesr.cfw`` may name a saved :class:`~sr_diffusion.models.StableSRCFW` folder
 to export with the pipeline.
@@ -38,7 +41,7 @@ from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, check_model_kwargs
-from .sd_addons import SDAddOnTask, check_sd_base_folder
+from .sd_addons import SDAddOnSection, SDAddOnTask, check_sd_base_folder, make_unet_lora, unet_lora_attached
 
 __all__ = ["StableSRAddOns", "StableSRConfig", "StableSRExperimentConfig", "StableSRTask", "StableSRTrainConfig"]
 
@@ -51,20 +54,28 @@ __all__ = ["StableSRAddOns", "StableSRConfig", "StableSRExperimentConfig", "Stab
 class StableSRAddOns(ModelMixin, ConfigMixin):
     """StableSR's trainable parts as one model: ``time_aware_encoder`` and ``sft`` (their keyword arguments in
     ``encoder_config`` and ``sft_config``). ``forward`` is the conditioned denoiser call, so that data-parallel
-    wrappers see it."""
+    wrappers see it. With ``unet_lora_config`` (the LoRA option, ``stablesr.unet_lora_rank``) it also holds
+    ``unet_lora``, a :class:`~sr_diffusion.models.UNetLoRA` attached to the frozen UNet during ``forward``."""
 
     @register_to_config
-    def __init__(self, encoder_config: dict[str, Any] | None = None, sft_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        encoder_config: dict[str, Any] | None = None,
+        sft_config: dict[str, Any] | None = None,
+        unet_lora_config: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.time_aware_encoder = StableSRTimeAwareEncoder(**(encoder_config or {}))
         self.sft = StableSRSFT(**(sft_config or {}))
+        self.unet_lora = make_unet_lora(unet_lora_config)
 
     def forward(self, unet, sample, timestep, lr_latents, encoder_hidden_states) -> torch.Tensor:
         from sr_diffusion.pipelines.stablesr import stablesr_noise_pred
 
-        return stablesr_noise_pred(
-            unet, self.time_aware_encoder, self.sft, sample, timestep, lr_latents, encoder_hidden_states
-        )
+        with unet_lora_attached(self.unet_lora, unet):
+            return stablesr_noise_pred(
+                unet, self.time_aware_encoder, self.sft, sample, timestep, lr_latents, encoder_hidden_states
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,15 +84,15 @@ class StableSRAddOns(ModelMixin, ConfigMixin):
 
 
 @dataclass
-class StableSRConfig:
+class StableSRConfig(SDAddOnSection):
     """``stablesr``: the frozen base and how validation and the exported pipeline sample.
 
     ``base``: a diffusers Stable Diffusion 1.x/2.x folder (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``;
-    the released model: SD 2.1-base); ``cfw``: an optional saved ``StableSRCFW`` folder for the exported pipeline;
-    ``sft_hidden_channels``: the SFT layers' shared width (the original's 128); ``num_inference_steps``,
-    ``color_fix``, ``fidelity_weight``: the pipeline's, for validation."""
+    the released model: SD 2.1-base); ``unet_lora_rank``, ``unet_lora_alpha``: the LoRA option on the base UNet
+    (:class:`~sr_diffusion.training.sd_addons.SDAddOnSection`; not in the paper: default off); ``cfw``: an optional
+    saved ``StableSRCFW`` folder for the exported pipeline; ``sft_hidden_channels``: the SFT layers' shared width (the
+    original's 128); ``num_inference_steps``, ``color_fix``, ``fidelity_weight``: the pipeline's, for validation."""
 
-    base: str | None = None
     cfw: str | None = None
     sft_hidden_channels: int = 128
     num_inference_steps: int = 200
@@ -146,7 +157,7 @@ class StableSRTask(SDAddOnTask):
                 "cond_channels": int(out_channels),
                 "hidden_channels": int(self.section.sft_hidden_channels),
             }
-            return StableSRAddOns(encoder_config=encoder, sft_config=sft)
+            return self.with_unet_lora(StableSRAddOns(encoder_config=encoder, sft_config=sft))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from err
 

@@ -73,6 +73,10 @@ class TrainingTask(ABC):
     def build_pipeline(self, model: torch.nn.Module):
         """The ``DiffusionPipeline`` to export at the end, around ``model`` (EMA weights, on CPU)."""
 
+    def export_extras(self, model: torch.nn.Module, directory: Path) -> None:
+        """Write files besides the exported pipeline into its folder ``directory`` (default: none)."""
+        return None
+
 
 @dataclass
 class TrainResult:
@@ -331,6 +335,7 @@ class Trainer:
             pipeline = self.task.build_pipeline(final_model)
             with atomic_directory(directory) as tmp:
                 pipeline.save_pretrained(tmp)
+                self.task.export_extras(final_model, Path(tmp))
             accelerator.print(f"Saved pipeline to {directory}")
         accelerator.wait_for_everyone()
         return directory
