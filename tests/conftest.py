@@ -23,6 +23,18 @@ def photo_tensor(photo) -> torch.Tensor:
     return torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255.0
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's state objects are process-wide singletons; reset them around tests that build one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one intra-op thread (and do not stall when the other core is busy)."""

@@ -317,16 +317,6 @@ def _heldout_crops(size: int = 64, downscale: float = 0.375) -> torch.Tensor:
     return torch.stack(crops)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 @pytest.mark.slow
 def test_lora_fine_tune_aligns_degraded_with_hr_embeddings(tmp_path, fresh_accelerate_state):

@@ -55,17 +55,6 @@ def tiny_model():
     return SRVGGNetCompact(num_feat=8, num_conv=2, upscale=4)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state objects are process-wide singletons; reset them around tests that build one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # config

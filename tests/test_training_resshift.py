@@ -30,17 +30,6 @@ def tiny_config(tmp_path, *overrides: str) -> ResShiftExperimentConfig:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state objects are process-wide singletons; reset them around tests that build one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config

@@ -37,16 +37,6 @@ def base(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 def ready_task(tmp_path, base, *overrides: str) -> tuple[PASDTask, PASDExperimentConfig]:
     args = [f"pasd.base={base}", f"train.output_dir={tmp_path / 'run'}", *overrides]

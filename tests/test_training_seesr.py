@@ -40,17 +40,6 @@ def dape_folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state objects are process-wide singletons; reset them around tests that build one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 def tiny_config(tmp_path, base, *overrides: str) -> SeeSRExperimentConfig:
     args = [f"seesr.base={base}", f"train.output_dir={tmp_path / 'run'}", *overrides]

@@ -24,17 +24,6 @@ def tiny_config(tmp_path, *overrides: str) -> SR3ExperimentConfig:
     return load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", *overrides], cls=SR3ExperimentConfig)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state objects are process-wide singletons; reset them around tests that build one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config

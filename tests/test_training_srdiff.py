@@ -22,17 +22,6 @@ SCRIPT = REPO / "training" / "train_srdiff.py"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state objects are process-wide singletons; reset them around tests that build one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
