@@ -30,10 +30,24 @@ Large images (the original's "progressive aggregation sampling", ``p_sample_canv
 evaluates the time-aware encoder and the UNet on overlapping latent tiles (``tile_size · s / f`` latent pixels, the
 last tile of a row or column shifted back to end at the border), blends the tiles' noise predictions with Gaussian
 weights (``sigma = 0.1 ·`` the tile side, the original's ``var = 0.01``), and takes one scheduler step on the whole
-latent; the VAE still encodes and decodes the whole image.
+latent; the VAE still encodes and decodes the whole image unless ``vae_tile_size`` is given.
 
-Not carried over: the VAE's own tiling for very large images (the original's ``vqgantile_size``), reference-guided
-sampling and starting from a noised LR latent (the original's ``start_T`` experiments), the face model's variants.
+Tiled VAE with CFW (``vae_tile_size``, ``vae_tile_overlap``; the original's ``vqgantile_size`` 1280 and
+``vqgantile_stride`` 1000 of ``sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py``, i.e. an overlap of 280 pixels): the
+upsampled LR image ``y`` is cut into overlapping ``T × T`` pixel tiles (``T`` a multiple of ``f``, the last tile of a
+row or column shifted back to end at the border, as the original's ``ImageSpliterTh``); each tile is encoded alone and
+its posterior parameters (mean and log-variance, ``T/f`` latent pixels a side) are blended into the whole latent's with
+Gaussian weights (:func:`~sr_diffusion.pipelines.sd_base.gaussian_tile_weights`, ``var = 0.01``), then ``z_lr`` is
+drawn once from the assembled posterior with the same draws as the whole-image encoding. Decoding, each ``T/f`` latent
+tile of ``z_0`` is decoded alone with CFW fed by the encoder features of the *same* region of ``y`` (re-encoded there,
+as the original encodes every patch again with its CFW autoencoder, so no whole-image features are kept), and the
+decoded tiles are blended in pixel space with Gaussian weights normalised to sum to 1 (the original's
+``update_gaussian`` / ``gather``). Unlike the original, which runs the whole chain (encode, sample, decode) on each
+1280-pixel patch independently, only the VAE is tiled here: the diffusion runs on the assembled latent (whole, or
+with ``tile_size``), so the patches cannot drift apart.
+
+Not carried over: reference-guided sampling and starting from a noised LR latent (the original's ``start_T``
+experiments), the face model's variants.
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
 from sr_diffusion.estimation import DegradationEstimator
@@ -61,6 +76,7 @@ from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
 from sr_diffusion.prompts.base import PromptExtractor
 from sr_diffusion.resize import resize
+from sr_diffusion.tiling import tile_grid
 
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin, gaussian_tile_weights
@@ -315,6 +331,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
+        vae_tile_size: int | None = None,
+        vae_tile_overlap: int = 280,
     ) -> None:
         self.check_components()
         self.check_num_inference_steps(num_inference_steps)  # no eta, no strength: the original's DDPM from z_T
@@ -334,6 +352,27 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True)
         self.check_output_options(color_fix, lr_consistency)
         self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+        self.check_vae_tiling(vae_tile_size, vae_tile_overlap)
+
+    def check_vae_tiling(self, vae_tile_size: int | None, vae_tile_overlap: int) -> None:
+        """Raise a ``ValueError`` unless the VAE tiles are ``None`` or a positive multiple of ``f`` pixels overlapping
+        by a multiple of ``f`` in ``[0, vae_tile_size)``."""
+        if vae_tile_size is None:
+            return
+        f = self.vae_scale_factor
+        for name, value in (("vae_tile_size", vae_tile_size), ("vae_tile_overlap", vae_tile_overlap)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer number of pixels, got {value!r}")
+        if vae_tile_size <= 0 or vae_tile_size % f:
+            raise ValueError(
+                f"vae_tile_size must be a positive multiple of the VAE's downsampling factor {f} (output pixels), got "
+                f"{vae_tile_size}"
+            )
+        if not 0 <= vae_tile_overlap < vae_tile_size or vae_tile_overlap % f:
+            raise ValueError(
+                f"vae_tile_overlap must be a multiple of {f} in [0, vae_tile_size={vae_tile_size}), got "
+                f"{vae_tile_overlap}"
+            )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Text, VAE
@@ -369,6 +408,74 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         with fuse:
             image = self.vae.decode(z).sample
         return image.float()
+
+    def vae_tiles(self, latent_shape: Sequence[int], tile_size: int, overlap: int) -> list[tuple[slice, ...]]:
+        """The latent regions ``(:, :, ys, xs)`` of the VAE tiles of ``tile_size`` output pixels overlapping by
+        ``overlap`` (both multiples of ``f``) for a latent of ``latent_shape`` ``(..., H/f, W/f)``; a side shorter
+        than a tile gets one tile of that side; the last tile of a row or column ends at the border."""
+        f = self.vae_scale_factor
+        tile_h, tile_w, ys, xs = tile_grid(latent_shape[-2], latent_shape[-1], tile_size // f, overlap // f)
+        full = slice(None)
+        return [(full, full, slice(y, y + tile_h), slice(x, x + tile_w)) for y in ys for x in xs]
+
+    def encode_lr_tiled(
+        self,
+        upsampled_lr: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        tile_size: int,
+        overlap: int,
+    ) -> torch.Tensor:
+        """``z_lr`` as :meth:`encode_lr`, encoding ``(N, 3, H, W)`` tile by tile (:meth:`vae_tiles`): the tiles'
+        posterior parameters (mean, log-variance) are blended with Gaussian weights, then one sample of the assembled
+        posterior is drawn (the same draws as the whole-image encoding)."""
+        f = self.vae_scale_factor
+        n, _, height, width = upsampled_lr.shape
+        latent_shape = (n, 2 * self.vae.config.latent_channels, height // f, width // f)
+        regions = self.vae_tiles(latent_shape, tile_size, overlap)
+        weight = gaussian_tile_weights(*self._region_size(regions[0]), device=upsampled_lr.device)
+        total = torch.zeros(latent_shape, dtype=torch.float32, device=upsampled_lr.device)
+        weight_sum = torch.zeros(1, 1, *latent_shape[-2:], device=upsampled_lr.device)
+        for region in regions:
+            tile = upsampled_lr[self.pixel_region(region)].to(self.vae.dtype)
+            total[region] += self.vae.encode(tile).latent_dist.parameters.float() * weight
+            weight_sum[region] += weight
+        posterior = DiagonalGaussianDistribution((total / weight_sum).to(self.vae.dtype))
+        return self.scale_latents(posterior.sample(generator=generator))
+
+    def decode_latents_tiled(
+        self,
+        latents: torch.Tensor,
+        upsampled_lr: torch.Tensor,
+        fidelity_weight: float,
+        tile_size: int,
+        overlap: int,
+    ) -> torch.Tensor:
+        """:meth:`decode_latents` tile by tile (:meth:`vae_tiles`): each latent tile of ``z_0`` ``(N, 4, H/f, W/f)``
+        is decoded with CFW fed by the encoder features of the same region of the upsampled LR image ``(N, 3, H, W)``
+        (encoded again there; not encoded at ``fidelity_weight`` 0), and the decoded tiles are blended with Gaussian
+        weights normalised to sum to 1. Returns ``(N, 3, H, W)`` (float32)."""
+        regions = self.vae_tiles(latents.shape, tile_size, overlap)
+        f = self.vae_scale_factor
+        tile_h, tile_w = self._region_size(regions[0])
+        weight = gaussian_tile_weights(tile_h * f, tile_w * f, device=latents.device)
+        n, _, height, width = upsampled_lr.shape
+        total = torch.zeros(n, 3, height, width, dtype=torch.float32, device=latents.device)
+        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
+        for region in regions:
+            pixels = self.pixel_region(region)
+            features = None
+            if fidelity_weight > 0 and self.cfw is not None:
+                store: dict[int, list[torch.Tensor]] = {}
+                with self.cfw.capture_encoder_features(self.vae, store):
+                    self.vae.encode(upsampled_lr[pixels].to(self.vae.dtype))
+                features = {k: torch.cat(v) for k, v in store.items()}
+            total[pixels] += self.decode_latents(latents[region], features, fidelity_weight).to(total.device) * weight
+            weight_sum[pixels] += weight
+        return total / weight_sum
+
+    @staticmethod
+    def _region_size(region: tuple[slice, ...]) -> tuple[int, int]:
+        return region[2].stop - region[2].start, region[3].stop - region[3].start
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -434,6 +541,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         lr_consistency: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 32,
+        vae_tile_size: int | None = None,
+        vae_tile_overlap: int = 280,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -474,6 +583,12 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             tile_size: sample with the original's progressive patch aggregation in latent tiles covering
                 ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`; 128 at ×4 is the original's 64-pixel
                 latent tile), overlapping by ``tile_overlap`` LR pixels (64 at ×4: the original's 32).
+            vae_tile_size: encode the upsampled LR image and decode the result with the VAE (and CFW) in tiles of
+                ``vae_tile_size`` output pixels (a multiple of the VAE factor ``f``, 8 for SD; the original's
+                ``vqgantile_size`` is 1280), to bound the VAE's memory for large outputs; each decoder tile is fused
+                with the encoder features of its own region (module docstring). ``None`` (default): the whole image.
+            vae_tile_overlap: the overlap of neighbouring VAE tiles in output pixels, a multiple of ``f`` below
+                ``vae_tile_size``; default 280 (the original's ``vqgantile_size - vqgantile_stride = 1280 - 1000``).
             generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
                 with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
             latents: ``z_T`` to start from, of shape :meth:`latent_shape` (before scaling by ``init_noise_sigma``).
@@ -510,6 +625,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             generator,
             latents,
             callback_on_step_end_tensor_inputs,
+            vae_tile_size,
+            vae_tile_overlap,
         )
         self._interrupt = False
         device = self._execution_device
@@ -522,14 +639,18 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         prompt_embeds = self.embed_for_guidance(resolved.prompts, resolved.negative_prompts, device, do_cfg)
 
         # 3. LR image: [0, 1] -> [-1, 1], pad (reflect), bicubic-upsample to the output size, encode (and keep the
-        #    CFW encoder features)
+        #    CFW encoder features; tiled, the image is kept and each decoder tile re-encodes its own region)
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
         size = (lr.shape[-2] * s, lr.shape[-1] * s)
         upsampled = resize(lr, size=size, mode="bicubic").clamp(-1.0, 1.0)
-        cfw_store: dict[int, list[torch.Tensor]] | None = {} if fidelity_weight > 0 else None
-        lr_latents = self.encode_lr(upsampled, generator, cfw_store).to(self.unet.dtype)
-        cfw_features = {k: torch.cat(v) for k, v in (cfw_store or {}).items()}
-        del upsampled
+        if vae_tile_size is None:
+            cfw_store: dict[int, list[torch.Tensor]] | None = {} if fidelity_weight > 0 else None
+            lr_latents = self.encode_lr(upsampled, generator, cfw_store).to(self.unet.dtype)
+            cfw_features = {k: torch.cat(v) for k, v in (cfw_store or {}).items()}
+            del upsampled
+        else:
+            lr_latents = self.encode_lr_tiled(upsampled, generator, vae_tile_size, vae_tile_overlap)
+            lr_latents = lr_latents.to(self.unet.dtype)
 
         # 4. Timesteps
         timesteps = self.set_timesteps(num_inference_steps, device)
@@ -562,8 +683,11 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 latents, prompt_embeds, lr_latents = state["latents"], state["prompt_embeds"], state["lr_latents"]
                 progress_bar.update()
 
-        # 7. Decode with CFW
-        hr = self.decode_latents(latents, cfw_features, fidelity_weight)
+        # 7. Decode with CFW (tiled: each tile with the encoder features of its own region)
+        if vae_tile_size is None:
+            hr = self.decode_latents(latents, cfw_features, fidelity_weight)
+        else:
+            hr = self.decode_latents_tiled(latents, upsampled, fidelity_weight, vae_tile_size, vae_tile_overlap)
 
         # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
         return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
