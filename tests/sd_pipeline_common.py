@@ -11,7 +11,23 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-__all__ = ["SDPipelineTesterMixin", "attention_modules"]
+__all__ = ["SDPipelineTesterMixin", "attention_modules", "run", "tiny_inputs"]
+
+
+def tiny_inputs(seed: int = 0) -> dict:
+    """The dummy ``__call__`` inputs of the tiny SD pipelines: an 8x8 LR image drawn from ``seed``, 2 steps."""
+    from stablesr_tiny import lr_image
+
+    return {"image": lr_image(seed), "num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed)}
+
+
+def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
+    """``pipe(image, ...)`` as a tensor, 2 steps with a generator seeded ``seed`` (``image``: :func:`tiny_inputs`'
+    image of seed 0)."""
+    inputs = {**tiny_inputs(0), "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
+    if image is not None:
+        inputs["image"] = image
+    return pipe(**{**inputs, **kwargs}).images
 
 
 def attention_modules(pipe) -> dict[str, Attention]:

@@ -22,7 +22,7 @@ from pasd_tiny import (
     tiny_unet,
 )
 from pipeline_common import SRPipelineTesterMixin
-from sd_pipeline_common import SDPipelineTesterMixin
+from sd_pipeline_common import SDPipelineTesterMixin, run, tiny_inputs
 
 from sr_diffusion.pipelines import AutoSRPipeline
 from sr_diffusion.pipelines.pasd import PASD_NEGATIVE_PROMPT, PASDPipeline, pasd_noise_pred
@@ -37,11 +37,6 @@ def make_pipe(**overrides) -> PASDPipeline:
     return pipe
 
 
-def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
-    image = lr_image(0) if image is None else image
-    kwargs = {"num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed), "output_type": "pt", **kwargs}
-    return pipe(image, **kwargs).images
-
 
 class TestPASDPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = PASDPipeline
@@ -50,7 +45,7 @@ class TestPASDPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
         return tiny_components()
 
     def get_dummy_inputs(self, seed: int = 0) -> dict:
-        return {"image": lr_image(seed), "num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed)}
+        return tiny_inputs(seed)
 
 
 class FixedExtractor(PromptExtractor):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pipeline_common import SRPipelineTesterMixin
-from sd_pipeline_common import SDPipelineTesterMixin
+from sd_pipeline_common import SDPipelineTesterMixin, run, tiny_inputs
 from seesr_tiny import (
     IMAGE_DIM,
     soft_prompts,
@@ -37,11 +37,6 @@ def make_pipe(**overrides) -> SeeSRPipeline:
     return pipe
 
 
-def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
-    image = lr_image(0) if image is None else image
-    kwargs = {"num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed), "output_type": "pt", **kwargs}
-    return pipe(image, **kwargs).images
-
 
 class TestSeeSRPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = SeeSRPipeline
@@ -50,7 +45,7 @@ class TestSeeSRPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
         return tiny_components()
 
     def get_dummy_inputs(self, seed: int = 0) -> dict:
-        return {"image": lr_image(seed), "num_inference_steps": 2, "generator": torch.Generator().manual_seed(seed)}
+        return tiny_inputs(seed)
 
 
 class FixedExtractor(PromptExtractor):
