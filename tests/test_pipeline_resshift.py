@@ -12,7 +12,7 @@ from diffusers.configuration_utils import register_to_config
 from pipeline_common import SRPipelineTesterMixin
 
 from sr_diffusion.color_fix import wavelet_decomposition
-from sr_diffusion.models import ResShiftUNet
+from sr_diffusion.models import PixelUnshuffleUNet, ResShiftUNet
 from sr_diffusion.pipelines import AutoSRPipeline, ResShiftPipeline
 from sr_diffusion.resize import imresize, resize
 from sr_diffusion.schedulers import ResShiftScheduler
@@ -120,6 +120,18 @@ class TestResShiftUNet2DConcat(ResShiftInputs, SRPipelineTesterMixin):
         return {"unet": tiny_unet2d(), "scheduler": tiny_scheduler(), "vae": None}
 
 
+def tiny_unshuffle_unet() -> PixelUnshuffleUNet:
+    torch.manual_seed(0)
+    return PixelUnshuffleUNet(sample_size=32, block_out_channels=(16, 32), norm_num_groups=8).eval()
+
+
+class TestResShiftPixelUnshuffle(ResShiftInputs, SRPipelineTesterMixin):
+    """The embedded default's layout: a UNet2DModel on the pixel-unshuffled x_t and y_0 (the LR grid)."""
+
+    def get_dummy_components(self) -> dict:
+        return {"unet": tiny_unshuffle_unet(), "scheduler": tiny_scheduler(clip_sample=True), "vae": None}
+
+
 def make_pipe(**components) -> ResShiftPipeline:
     components = {"unet": tiny_resshift_unet(), "scheduler": tiny_scheduler(), **components}
     pipe = ResShiftPipeline(**components)
@@ -143,6 +155,9 @@ def test_geometry_of_each_component_set():
     assert latent.latent_shape(1, 5, 9) == (1, 3, 8, 16)
     concat = make_pipe(unet=tiny_unet2d())
     assert concat.lr_multiple == 1 and concat.latent_shape(1, 5, 7) == (1, 3, 20, 28)
+    # pixel unshuffle by 4, then one 2x level: the HR size must be a multiple of 8, so LR sides are even
+    unshuffle = make_pipe(unet=tiny_unshuffle_unet())
+    assert unshuffle.lr_multiple == 2 and unshuffle.latent_shape(1, 5, 7) == (1, 3, 24, 32)
 
 
 def test_upscale_is_registered_and_saved(tmp_path):
@@ -153,6 +168,40 @@ def test_upscale_is_registered_and_saved(tmp_path):
     assert AutoSRPipeline.from_pretrained(tmp_path).upscale == 2
     with pytest.raises(ValueError, match="upscale"):
         make_pipe(upscale=0)
+
+
+def test_call_defaults_are_registered_and_saved(tmp_path):
+    """config.lr_consistency / config.num_inference_steps are what __call__ does when not told; an explicit value
+    wins; they survive save/load."""
+    from sr_diffusion.metrics import lr_consistency
+
+    lr = lr_image(3, (6, 6))
+    pipe = make_pipe(unet=tiny_unshuffle_unet(), lr_consistency=True, num_inference_steps=2)
+    steps = []
+
+    def run(**kwargs):
+        def count(pipe, i, t, state):
+            steps.append(int(t))
+            return state
+
+        steps.clear()
+        kwargs = {"generator": torch.Generator().manual_seed(0), "callback_on_step_end": count, **kwargs}
+        return pipe(lr, output_type="pt", **kwargs).images, len(steps)
+
+    (default, n_default), (explicit, n_explicit) = run(), run(lr_consistency=True, num_inference_steps=2)
+    (plain, _), (full, n_full) = run(lr_consistency=False), run(num_inference_steps=4)
+    assert torch.equal(default, explicit) and (n_default, n_explicit, n_full) == (2, 2, 4)
+    assert not torch.equal(default, plain) and not torch.equal(default, full)
+    assert lr_consistency(lr, default, 4).item() > lr_consistency(lr, plain, 4).item() + 10
+    pipe.save_pretrained(tmp_path)
+    loaded = AutoSRPipeline.from_pretrained(tmp_path)
+    assert (loaded.config.lr_consistency, loaded.config.num_inference_steps) == (True, 2)
+    assert (make_pipe().config.lr_consistency, make_pipe().config.num_inference_steps) == (False, None)
+    with pytest.raises(ValueError, match="lr_consistency must be a bool"):
+        make_pipe(lr_consistency=1)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="num_inference_steps must be None or an int"):
+            make_pipe(num_inference_steps=bad)
 
 
 def test_latent_scaling_uses_the_vae_and_scheduler_factors():

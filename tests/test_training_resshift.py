@@ -145,6 +145,38 @@ def test_compute_loss_with_a_unet2d_concatenates_y0(tmp_path):
     torch.testing.assert_close(seen["input"][:, 3:], y0)
 
 
+def test_compute_loss_with_an_unshuffle_unet_gives_it_y0_as_lq(tmp_path):
+    config = tiny_config(tmp_path, "model={arch: unshuffle_unet, block_out_channels: [16, 32], norm_num_groups: 8}")
+    task = ResShiftTask()
+    task.check_config(config)
+    torch.manual_seed(0)
+    model = task.build_model(config)
+    assert (model.config.sample_size, model.config.lq_channels, model.input_multiple) == (32, 3, 8)
+    seen = {}
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=args[0], lq=kwargs["lq"]), with_kwargs=True)
+    loss = task.compute_loss(model, _batch(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and seen["x"].shape == (2, 3, 32, 32)
+    y0 = torch.nn.functional.interpolate(_batch()["lr"] * 2 - 1, scale_factor=4, mode="bicubic")
+    torch.testing.assert_close(seen["lq"], y0)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ConfigError, match="lq_channels must be 3"):
+        task.check_config(tiny_config(tmp_path, "model={arch: unshuffle_unet, lq_channels: 0}"))
+
+
+def test_pipeline_section_sets_the_exported_call_defaults(tmp_path):
+    config = tiny_config(tmp_path, "pipeline.lr_consistency=true", "pipeline.num_inference_steps=2")
+    task = ResShiftTask()
+    task.check_config(config)
+    pipe = task.build_pipeline(build_resshift_model(config))
+    assert (pipe.config.lr_consistency, pipe.config.num_inference_steps) == (True, 2)
+    plain = ResShiftTask()
+    plain.check_config(tiny_config(tmp_path))
+    assert plain.build_pipeline(build_resshift_model(config)).config.num_inference_steps is None
+    with pytest.raises(ConfigError, match="pipeline.num_inference_steps must be between 1 and"):
+        tiny_config(tmp_path, "pipeline.num_inference_steps=5")
+
+
 def test_predict_and_build_pipeline(tmp_path):
     from sr_diffusion.pipelines import ResShiftPipeline
 

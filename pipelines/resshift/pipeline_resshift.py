@@ -134,6 +134,11 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             (every factor 1 for the released models); ``E`` is the VQ encoder before quantisation, or the KL
             posterior's mode; decoding undoes the scaling, and a ``VQModel`` quantises, as the reference.
         upscale: the SR factor ``s`` (registered in the config; 4 for the released models).
+        lr_consistency: the default of ``__call__``'s ``lr_consistency`` (registered in the config): True for a model
+            trained on MATLAB-bicubic LR images, such as the embedded generative default, whose outputs should explain
+            their input exactly; False (the released real-world models) leaves outputs as sampled.
+        num_inference_steps: the default of ``__call__``'s ``num_inference_steps`` (registered in the config); None
+            runs all ``T`` trained steps, as the reference.
     """
 
     model_cpu_offload_seq = "vae->unet"  # encode y_0, then the loop; decoding moves the VAE back to the device
@@ -147,12 +152,27 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         scheduler: ResShiftScheduler,
         vae: VQModel | AutoencoderKL | None = None,
         upscale: int = 4,
+        lr_consistency: bool = False,
+        num_inference_steps: int | None = None,
     ):
         super().__init__()
         if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
             raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+        if not isinstance(lr_consistency, bool):
+            raise ValueError(f"lr_consistency must be a bool, got {lr_consistency!r}")
+        if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= scheduler.config.num_train_timesteps
+        ):
+            raise ValueError(
+                f"num_inference_steps must be None or an int in [1, {scheduler.config.num_train_timesteps}] (the "
+                f"scheduler's trained steps), got {num_inference_steps!r}"
+            )
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_to_config(upscale=upscale)
+        self.register_to_config(
+            upscale=upscale, lr_consistency=lr_consistency, num_inference_steps=num_inference_steps
+        )
         self.image_processor = SRImageProcessor()
         self.check_components()
 
@@ -342,7 +362,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         image: ImageInput | Sequence[ImageInput],
         num_inference_steps: int | None = None,
         color_fix: str = "none",
-        lr_consistency: bool = False,
+        lr_consistency: bool | None = None,
         tile_size: int | None = None,
         tile_overlap: int = 32,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -357,14 +377,16 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         Args:
             image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
                 An alpha channel is carried through, upscaled separately with bicubic interpolation.
-            num_inference_steps: ``S``, ``1 <= S <= T``; default (None) the scheduler's ``T`` trained steps, as the
-                reference. Fewer steps keep a subset of the trained timesteps (``ResShiftScheduler.set_timesteps``).
+            num_inference_steps: ``S``, ``1 <= S <= T``; default (None) the pipeline's configured default
+                (``config.num_inference_steps``), else the scheduler's ``T`` trained steps, as the reference. Fewer
+                steps keep a subset of the trained timesteps (``ResShiftScheduler.set_timesteps``).
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`).
             lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
                 by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
                 clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
-                image when tiling; the alpha channel is unaffected.
+                image when tiling; the alpha channel is unaffected. None: the pipeline's configured default
+                (``config.lr_consistency``).
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
                 with noise drawn, in order, from ``generator``.
@@ -387,6 +409,10 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         )
 
         # 1. Check inputs
+        if lr_consistency is None:
+            lr_consistency = bool(self.config.get("lr_consistency", False))
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("num_inference_steps")
         pre = self.image_processor.preprocess(image)
         self.check_inputs(
             pre.rgb,

@@ -10,7 +10,9 @@ Diffusion denoisers that need their own architecture for released weights: :clas
 (ResShift's Swin-UNet; converted by :mod:`sr_diffusion.conversion.resshift`), :class:`SR3UNet` (the SR3
 re-implementation's UNet; converted by :mod:`sr_diffusion.conversion.sr3`), :class:`SRDiffUNet` (SRDiff's
 conditional noise predictor, conditioned on :class:`RRDBNet`'s hidden features; converted by
-:mod:`sr_diffusion.conversion.srdiff`).
+:mod:`sr_diffusion.conversion.srdiff`). :class:`PixelUnshuffleUNet` (a diffusers ``UNet2DModel`` run on the
+space-to-depth rearrangement of the chain, so a pixel-space ResShift costs what a latent one does; the embedded
+generative default).
 
 StableSR's add-ons to a frozen Stable Diffusion base: :class:`StableSRTimeAwareEncoder`, :class:`StableSRSFT` (the
 UNet's SFT layers, attached by hooks) and :class:`StableSRCFW` (the VAE decoder's CFW layers); converted by
@@ -40,12 +42,14 @@ from .stablesr_encoder import StableSRTimeAwareEncoder, StableSRTimeAwareEncoder
 from .stablesr_sft import StableSRSFT
 from .swinir import SwinIR
 from .unet_lora import UNetLoRA
+from .unshuffle_unet import PixelUnshuffleUNet
 
 __all__ = [
     "BlockAttentions",
     "EDSR",
     "PASDControlNetModel",
     "PASDControlNetOutput",
+    "PixelUnshuffleUNet",
     "REGRESSION_MODELS",
     "RRDBNet",
     "RRDBNetOutput",

@@ -37,7 +37,7 @@ def check_sample(sample: torch.Tensor, multiple: int, model_name: str) -> None:
     if height % multiple or width % multiple:
         raise ValueError(
             f"{model_name} needs H and W divisible by {multiple} (its input_multiple), got {height}x{width}; "
-            "pad the input first (the regression pipeline does this for you)"
+            "pad the input first (the pipelines do this for you)"
         )
 
 

@@ -20,7 +20,9 @@ overrides the preset) and ``model.arch`` ``resshift_unet`` (:class:`~sr_diffusio
 ``in/out_channels`` 3, ``lq_size = image_size``: in pixel space ``lq`` is ``y_0``) or ``unet2d`` (a diffusers
 ``UNet2DModel``; ``in_channels`` 6: ``x_t`` and ``y_0`` concatenated, ``out_channels`` 3, ``sample_size``
 ``data.gt_size``, and plain ``DownBlock2D``/``UpBlock2D`` levels matching ``block_out_channels`` unless the block
-types are given). ``train.loss`` defaults to ``mse``, the paper's.
+types are given) or ``unshuffle_unet`` (:class:`~sr_diffusion.models.PixelUnshuffleUNet`: a ``UNet2DModel`` on the
+pixel-unshuffled ``x_t`` and ``y_0``, at 1/``unshuffle_factor`` of the HR size). ``train.loss`` defaults to
+``mse``, the paper's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .trainer import TrainingTask
 __all__ = [
     "RESSHIFT_ARCHS",
     "ResShiftExperimentConfig",
+    "ResShiftPipelineDefaults",
     "ResShiftSchedulerConfig",
     "ResShiftTask",
     "ResShiftTrainConfig",
@@ -45,7 +48,7 @@ __all__ = [
     "build_resshift_scheduler",
 ]
 
-RESSHIFT_ARCHS = ("resshift_unet", "unet2d")
+RESSHIFT_ARCHS = ("resshift_unet", "unet2d", "unshuffle_unet")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,15 +76,33 @@ class ResShiftTrainConfig(TrainConfig):
 
 
 @dataclass
+class ResShiftPipelineDefaults:
+    """``pipeline``: the call defaults registered in the exported ``ResShiftPipeline`` (``lr_consistency``;
+    ``num_inference_steps``, None for all ``T`` trained steps). Validation samples with them too, so its numbers are
+    those of the pipeline as shipped."""
+
+    lr_consistency: bool = False
+    num_inference_steps: int | None = None
+
+
+@dataclass
 class ResShiftExperimentConfig(ExperimentConfig):
-    """:class:`ExperimentConfig` with a ``scheduler`` section; ``model.arch`` is one of :data:`RESSHIFT_ARCHS`."""
+    """:class:`ExperimentConfig` with ``scheduler`` and ``pipeline`` sections; ``model.arch`` is one of
+    :data:`RESSHIFT_ARCHS`."""
 
     train: ResShiftTrainConfig = field(default_factory=ResShiftTrainConfig)
     scheduler: ResShiftSchedulerConfig = field(default_factory=ResShiftSchedulerConfig)
+    pipeline: ResShiftPipelineDefaults = field(default_factory=ResShiftPipelineDefaults)
 
     def validate(self) -> None:
         super().validate()
-        build_resshift_scheduler(self)
+        scheduler = build_resshift_scheduler(self)
+        steps = self.pipeline.num_inference_steps
+        if steps is not None and not 1 <= steps <= scheduler.config.num_train_timesteps:
+            raise ConfigError(
+                f"pipeline.num_inference_steps must be between 1 and scheduler.num_train_timesteps "
+                f"({scheduler.config.num_train_timesteps}), got {steps}"
+            )
 
 
 def build_resshift_scheduler(config: ExperimentConfig):
@@ -118,6 +139,10 @@ def _arch_class(arch: str) -> type:
         from diffusers import UNet2DModel
 
         return UNet2DModel
+    if arch == "unshuffle_unet":
+        from sr_diffusion.models import PixelUnshuffleUNet
+
+        return PixelUnshuffleUNet
     raise ConfigError(f"model.arch: unknown ResShift denoiser {arch!r}; choose from {', '.join(RESSHIFT_ARCHS)}")
 
 
@@ -135,6 +160,9 @@ def _model_kwargs(config: ExperimentConfig) -> tuple[type, dict[str, Any]]:
             levels = len(kwargs["block_out_channels"])
             kwargs.setdefault("down_block_types", ["DownBlock2D"] * levels)
             kwargs.setdefault("up_block_types", ["UpBlock2D"] * levels)
+    elif config.model.arch == "unshuffle_unet":
+        kwargs.setdefault("sample_size", config.data.gt_size)
+        fixed["lq_channels"] = 3
     else:
         default_size = inspect.signature(cls.__init__).parameters["image_size"].default
         kwargs.setdefault("lq_size", kwargs.get("image_size", default_size))
@@ -181,6 +209,7 @@ class ResShiftTask(TrainingTask):
         self.scheduler = scheduler
         self.loss_fn = None
         self.scale: int | None = None
+        self.pipeline_defaults = ResShiftPipelineDefaults()
 
     def check_config(self, config: ExperimentConfig) -> None:
         _model_kwargs(config)
@@ -188,6 +217,7 @@ class ResShiftTask(TrainingTask):
             self.scheduler = build_resshift_scheduler(config)
         self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
         self.scale = config.scale
+        self.pipeline_defaults = getattr(config, "pipeline", None) or ResShiftPipelineDefaults()
 
     def build_model(self, config: ExperimentConfig) -> torch.nn.Module:
         return build_resshift_model(config)
@@ -234,7 +264,14 @@ class ResShiftTask(TrainingTask):
         from sr_diffusion.schedulers import ResShiftScheduler
 
         scheduler = ResShiftScheduler.from_config(self.scheduler.config)  # a copy: sampling sets its timesteps
-        return ResShiftPipeline(unet=model, scheduler=scheduler, upscale=self.scale)
+        defaults = self.pipeline_defaults
+        return ResShiftPipeline(
+            unet=model,
+            scheduler=scheduler,
+            upscale=self.scale,
+            lr_consistency=defaults.lr_consistency,
+            num_inference_steps=defaults.num_inference_steps,
+        )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
