@@ -1,11 +1,14 @@
-"""Scoring SR outputs against HR images: per-image and mean PSNR / SSIM, RGB and BT.601 Y.
+"""Scoring SR outputs against HR images: per-image and mean PSNR / SSIM, RGB and BT.601 Y, and sharpness as the
+ratio of the output's mean luminance gradient magnitude to the HR image's (``grad_ratio``).
 
 Two modes, both behind ``sr-diffusion eval``:
 
 * :func:`evaluate_folders`: SR folder vs HR folder, matched by file stem.
 * :func:`evaluate_model`: HR folder + pipeline: mod-crop the HR to a multiple of the scale, degrade
   (MATLAB bicubic by default, or a seeded Real-ESRGAN / BSRGAN degradation), upscale, score; also
-  the bicubic baseline and, for bicubic degradation, LR-consistency (the known kernel).
+  the bicubic baseline and, for bicubic degradation, LR-consistency (the known kernel). Any of our pipelines
+  works: a diffusion pipeline gets a generator seeded from ``seed`` and the image's index, so a report is
+  reproducible.
 
 ``crop_border`` defaults to the scale, as in BasicSR and the published tables.
 """
@@ -13,6 +16,7 @@ Two modes, both behind ``sr-diffusion eval``:
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .image_processor import ImageLoadError, SRImageProcessor, load_image
-from .metrics import lr_consistency, psnr, ssim
+from .metrics import gradient_magnitude, lr_consistency, psnr, ssim
 from .resize import imresize
 from .utils import atomic_path
 
@@ -63,14 +67,19 @@ def _to_tensor(image) -> torch.Tensor:
 
 
 def score(sr: torch.Tensor, hr: torch.Tensor, crop_border: int) -> dict[str, float]:
-    """PSNR / SSIM on RGB and on Y for one (1,3,H,W) pair in [0,1]. Images are quantised to 8 bits first."""
+    """PSNR / SSIM on RGB and on Y for one (1,3,H,W) pair in [0,1], and ``grad_ratio``: the SR image's mean
+    luminance gradient magnitude over the HR image's (:func:`~sr_diffusion.metrics.gradient_magnitude`; ``inf`` for
+    a flat HR image with a textured SR one). Images are quantised to 8 bits first."""
     sr = (sr.clamp(0, 1) * 255).round() / 255
     hr = (hr.clamp(0, 1) * 255).round() / 255
+    grad_sr = float(gradient_magnitude(sr, crop_border=crop_border)[0])
+    grad_hr = float(gradient_magnitude(hr, crop_border=crop_border)[0])
     return {
         "psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
         "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
         "psnr_y": float(psnr(sr, hr, crop_border=crop_border, y_channel=True)[0]),
         "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0]),
+        "grad_ratio": grad_sr / grad_hr if grad_hr > 0 else (1.0 if grad_sr == 0 else math.inf),
     }
 
 
@@ -108,6 +117,20 @@ def _degrade(hr: torch.Tensor, scale: int, degradation: str, seed: int) -> torch
     raise ValueError(f"unknown degradation {degradation!r}; use bicubic, realesrgan or bsrgan")
 
 
+def _call_kwargs(pipe, scale: int, tile_size: int | None, seed: int) -> dict:
+    """The keywords of ``pipe(lr, ...)``: the output scale where the pipeline can change it, tiling, and a seeded
+    generator where it samples."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs = {"tile_size": tile_size}
+    if "outscale" in accepted:
+        kwargs["outscale"] = scale
+    elif int(getattr(pipe.config, "upscale", scale)) != scale:
+        raise ValueError(f"the pipeline upscales x{pipe.config.upscale}, not x{scale}")
+    if "generator" in accepted:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return kwargs
+
+
 def evaluate_model(
     pipe,
     hr_dir,
@@ -128,7 +151,9 @@ def evaluate_model(
             if min(hr.shape[-2:]) < scale:
                 raise ValueError(f"image is smaller than the scale {scale}")
             lr = (_degrade(hr, scale, degradation, seed + index) * 255).round() / 255
-            sr = pipe(lr, outscale=scale, tile_size=tile_size, output_type="pt").images[:, :3].cpu()
+            sr = pipe(lr, **_call_kwargs(pipe, scale, tile_size, seed + index), output_type="pt").images[:, :3].cpu()
+            if sr.shape != hr.shape:
+                raise ValueError(f"the pipeline returned {tuple(sr.shape[-2:])}, the HR is {tuple(hr.shape[-2:])}")
             bicubic = imresize(lr, scale=scale).clamp(0, 1)
             row = {"name": stem, **score(sr, hr, crop_border)}
             row.update({f"bicubic_{k}": v for k, v in score(bicubic, hr, crop_border).items()})

@@ -1,4 +1,5 @@
-"""Tests for sr_diffusion.metrics: BT.601 conversion, BasicSR PSNR/SSIM (numpy and torch), LR consistency.
+"""Tests for sr_diffusion.metrics: BT.601 conversion, BasicSR PSNR/SSIM (numpy and torch), LR consistency,
+the gradient-magnitude sharpness measure.
 
 Expected values are derived by hand (constant images, pure colours, closed forms) or come from
 scikit-image, whose SSIM with Gaussian weights pads ('same' filtering) but then discards the 5-pixel border
@@ -17,6 +18,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sr_diffusion.metrics import (
     calculate_psnr,
     calculate_ssim,
+    gradient_magnitude,
     lr_consistency,
     psnr,
     rgb_to_y,
@@ -346,3 +348,59 @@ def test_torch_errors():
         rgb_to_ycbcr(x[:, :2])
     with pytest.raises(ValueError):
         rgb_to_ycbcr(np.ones((4, 4, 4)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gradient magnitude
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_magnitude_of_ramps_constants_and_an_edge():
+    h, w = 12, 16
+    x = torch.arange(w, dtype=torch.float64).expand(h, w)
+    y = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
+    ramp = (0.01 * x)[None, None]  # luminance given directly: d/dx = 0.01 everywhere
+    assert gradient_magnitude(ramp).item() == pytest.approx(0.01)
+    diagonal = (0.03 * x + 0.04 * y)[None, None]
+    assert gradient_magnitude(diagonal).item() == pytest.approx(0.05)  # sqrt(0.03^2 + 0.04^2)
+    assert gradient_magnitude(torch.full((2, 3, 8, 8), 0.3)).tolist() == [0.0, 0.0]
+    # a vertical step 0 -> 1 between columns 7 and 8: the Sobel x-derivative is 1/2 on the two columns beside it
+    step = (x >= 8).double()[None, None]
+    assert gradient_magnitude(step).item() == pytest.approx(2 * 0.5 / (w - 2))
+    assert gradient_magnitude(step, crop_border=3).item() == pytest.approx(2 * 0.5 / (w - 8))
+
+
+def test_gradient_magnitude_of_rgb_is_that_of_its_luma():
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(2, 3, 10, 9, generator=g)
+    expected = gradient_magnitude(rgb_to_y(rgb.double()))
+    torch.testing.assert_close(gradient_magnitude(rgb), expected)
+    # a gray ramp: Y = (16 + 219 v) / 255, so the gradient is scaled by 219 / 255
+    gray = (0.02 * torch.arange(9.0)).expand(3, 10, 9)
+    assert gradient_magnitude(gray).item() == pytest.approx(0.02 * 219 / 255)
+    # unbatched input, float32: same number
+    assert gradient_magnitude(rgb[0]).item() == pytest.approx(expected[0].item())
+
+
+def test_gradient_magnitude_orders_blur_below_the_original():
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(1, 3, 32, 32, generator=g)
+    blurred = resize(resize(img, size=(8, 8), mode="bicubic", antialias=True), size=(32, 32), mode="bicubic")
+    assert gradient_magnitude(blurred) < 0.5 * gradient_magnitude(img)
+
+
+@pytest.mark.parametrize(
+    "img, kwargs, error",
+    [
+        ("not a tensor", {}, TypeError),
+        (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), {}, TypeError),
+        (torch.zeros(1, 2, 8, 8), {}, ValueError),
+        (torch.zeros(8, 8), {}, ValueError),
+        (torch.full((1, 3, 8, 8), float("nan")), {}, ValueError),
+        (torch.zeros(1, 3, 8, 8), {"crop_border": 3}, ValueError),  # 2x2 left: no 3x3 window
+        (torch.zeros(1, 3, 8, 8), {"crop_border": -1}, ValueError),
+    ],
+)
+def test_gradient_magnitude_errors(img, kwargs, error):
+    with pytest.raises(error):
+        gradient_magnitude(img, **kwargs)
