@@ -42,7 +42,9 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
     return found
 
 
-def load_pipeline(model: str | None, device: str | None, dtype: str):
+def load_pipeline(model: str | None, device: str | None, dtype: str, regression: bool = False):
+    """The pipeline of ``model`` (a saved folder), else the embedded generative default, or with ``regression`` the
+    embedded regression fallback."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
@@ -56,7 +58,9 @@ def load_pipeline(model: str | None, device: str | None, dtype: str):
         transformers_logging.disable_progress_bar()
     except ImportError:
         pass
-    folder = Path(model) if model else default_pipeline_dir()
+    if model and regression:
+        raise CLIError("give either --model or --regression, not both")
+    folder = Path(model) if model else default_pipeline_dir("regression" if regression else "generative")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
         pipe = AutoSRPipeline.from_pretrained(folder, dtype=torch_dtype)
@@ -96,7 +100,7 @@ def upscale_call_kwargs(pipe, args) -> dict:
     accepted = inspect.signature(pipe.__call__).parameters
     for keyword, flag in OPTIONAL_CALL_KEYWORDS.items():
         value = args.seed if keyword == "generator" else getattr(args, keyword)
-        if value is None or value is False:
+        if value is None:  # not given: the pipeline's default
             continue
         if keyword not in accepted:
             raise CLIError(f"{flag} is not an option of {type(pipe).__name__} (its __call__ takes no {keyword})")
@@ -115,7 +119,7 @@ def cmd_upscale(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"{out_dir}: output exists and is not a folder")
     input_paths = {p.resolve() for p, _ in inputs}
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     call_kwargs = upscale_call_kwargs(pipe, args)
 
     failures = 0
@@ -315,7 +319,7 @@ def cmd_eval(args) -> int:
     if args.sr:
         report = evaluate_folders(args.sr, args.hr, scale=args.scale, crop_border=args.crop_border)
     else:
-        pipe = load_pipeline(args.model, args.device, args.dtype)
+        pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
         report = evaluate_model(
             pipe,
             args.hr,
@@ -334,13 +338,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import torch
+
     from sr_diffusion.defaults import sample_image_path
     from sr_diffusion.image_processor import load_image, save_image
     from sr_diffusion.visualize import comparison_grid
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     lr = load_image(sample_image_path())
-    sr = pipe(lr, tile_size=args.tile).images[0]
+    kwargs = {"tile_size": args.tile}
+    if "generator" in inspect.signature(pipe.__call__).parameters:  # a sampling pipeline: the same demo every run
+        kwargs["generator"] = torch.Generator().manual_seed(args.seed)
+    sr = pipe(lr, **kwargs).images[0]
     out_dir = Path(args.output)
     save_image(sr, out_dir / "sample_sr.png")
     grid = comparison_grid(lr, sr)
@@ -358,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_runtime(p):
-        p.add_argument("--model", help="a saved pipeline folder (default: the model shipped in the package)")
+        p.add_argument("--model", help="a saved pipeline folder (default: the generative model shipped in the package)")
+        p.add_argument(
+            "--regression",
+            action="store_true",
+            help="use the shipped regression fallback (EDSR x4: fast, deterministic) instead of the generative default",
+        )
         p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
         p.add_argument("--tile", type=int, default=None, help="tile size in input pixels (default: no tiling)")
@@ -369,11 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime(p)
     p.add_argument("--scale", type=float, default=None, dest="outscale", help="output scale (default: the model's own)")
     p.add_argument("--tile-overlap", type=int, default=32)
-    p.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble (slower, slightly better)")
+    p.add_argument(
+        "--self-ensemble", action="store_true", default=None, help="x8 self-ensemble (slower, slightly better)"
+    )
     p.add_argument(
         "--lr-consistency",
-        action="store_true",
-        help="diffusion pipelines: project each output so that its MATLAB-bicubic downsampling is the input",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="diffusion pipelines: project each output so that its MATLAB-bicubic downsampling is the input "
+        "(default: the pipeline's; on for the generative default)",
     )
     sd = p.add_argument_group("diffusion pipelines (a pipeline without the keyword refuses the option)")
     sd.add_argument("--prompt", help='text prompt ("auto": the prompt extractor\'s; your words come first)')
@@ -424,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="upscale the bundled sample photo and write a side-by-side comparison")
     p.add_argument("-o", "--output", default="outputs/demo", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of a generative model's noise")
     add_runtime(p)
     p.set_defaults(func=cmd_demo)
     return parser

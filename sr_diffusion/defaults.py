@@ -6,6 +6,8 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_DEGRADATION_ESTIMATOR_DIR",
+    "DEFAULT_GENERATIVE_DIR",
+    "DEFAULT_MODELS",
     "DEFAULT_REGRESSION_DIR",
     "default_degradation_estimator_dir",
     "default_pipeline_dir",
@@ -14,21 +16,32 @@ __all__ = [
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-#: The embedded regression x4 pipeline folder (trained by ``configs/regression_default_x4.yaml``).
+#: The embedded generative x4 pipeline folder: a 4-step pixel-space ResShift (trained by
+#: ``configs/resshift_default_x4.yaml``). The default of ``sr-diffusion upscale`` and ``demo``.
+DEFAULT_GENERATIVE_DIR = _PACKAGE_DIR / "weights" / "resshift_x4"
+
+#: The embedded regression x4 pipeline folder (trained by ``configs/regression_default_x4.yaml``): the fast,
+#: deterministic fallback (``sr-diffusion upscale --regression``).
 DEFAULT_REGRESSION_DIR = _PACKAGE_DIR / "weights" / "regression_x4"
+
+#: The embedded pipelines by kind.
+DEFAULT_MODELS = {"generative": DEFAULT_GENERATIVE_DIR, "regression": DEFAULT_REGRESSION_DIR}
 
 #: The embedded degradation estimator folder (trained by ``configs/degradation_estimator_default.yaml``).
 DEFAULT_DEGRADATION_ESTIMATOR_DIR = _PACKAGE_DIR / "weights" / "degradation_estimator"
 
 
-def default_pipeline_dir() -> Path:
-    """The saved pipeline folder ``sr-diffusion upscale`` uses when no ``--model`` is given."""
-    if not (DEFAULT_REGRESSION_DIR / "model_index.json").is_file():
+def default_pipeline_dir(kind: str = "generative") -> Path:
+    """The saved pipeline folder of an embedded model: ``"generative"`` (what ``sr-diffusion upscale`` uses when no
+    ``--model`` is given) or ``"regression"`` (``--regression``)."""
+    if kind not in DEFAULT_MODELS:
+        raise ValueError(f"kind must be one of {', '.join(DEFAULT_MODELS)}, got {kind!r}")
+    folder = DEFAULT_MODELS[kind]
+    if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"the embedded default model is missing from {DEFAULT_REGRESSION_DIR}; reinstall the package "
-            "or pass --model DIR"
+            f"the embedded {kind} model is missing from {folder}; reinstall the package or pass --model DIR"
         )
-    return DEFAULT_REGRESSION_DIR
+    return folder
 
 
 def default_degradation_estimator_dir() -> Path:
@@ -44,6 +57,6 @@ def default_degradation_estimator_dir() -> Path:
 def sample_image_path() -> Path:
     """scikit-image's CC0 'coffee' photo (Rachel Michetti), MATLAB-bicubic downscaled x4 to 150x100.
 
-    It is one of the photos held out of the default model's training set.
+    It is one of the photos held out of the default models' training sets.
     """
     return _PACKAGE_DIR / "data" / "sample_lr.png"

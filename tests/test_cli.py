@@ -227,3 +227,53 @@ def test_upscale_prompt_guided_options_reach_the_pipeline(tmp_path, inputs, mode
     assert len(err) == 1, err
     assert err[0].startswith("error: --prompt") and "RegressionSRPipeline" in err[0]
     assert not out.exists()
+
+
+def test_a_pipeline_default_lr_consistency_and_its_override(tmp_path, inputs):
+    """A folder saved with lr_consistency=True projects by default; --no-lr-consistency turns it off. Same files as
+    the Python calls with the same seed."""
+    from test_pipeline_resshift import tiny_scheduler, tiny_unshuffle_unet
+
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.pipelines import AutoSRPipeline, ResShiftPipeline
+
+    folder = tmp_path / "resshift"
+    pipe = ResShiftPipeline(unet=tiny_unshuffle_unet(), scheduler=tiny_scheduler(), lr_consistency=True)
+    pipe.save_pretrained(folder)
+    base = ["upscale", str(inputs / "a.png"), "--model", str(folder), "-q", "--seed", "0"]
+    assert main([*base, "-o", str(tmp_path / "default")]) == 0
+    assert main([*base, "-o", str(tmp_path / "off"), "--no-lr-consistency"]) == 0
+    pipe = AutoSRPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = load_image(inputs / "a.png")
+    for out, flag in (("default", True), ("off", False)):
+        expected = pipe(image, generator=torch.Generator().manual_seed(0), lr_consistency=flag).images[0]
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / out / "a.png")), np.asarray(expected))
+    assert not np.array_equal(
+        np.asarray(load_image(tmp_path / "default" / "a.png")), np.asarray(load_image(tmp_path / "off" / "a.png"))
+    )
+
+
+def test_eval_with_a_diffusion_pipeline_is_seeded(tmp_path, photo):
+    """eval runs a sampling pipeline too (no --scale keyword there; a seeded generator per image): two runs agree."""
+    from test_pipeline_resshift import tiny_scheduler, tiny_unshuffle_unet
+
+    from sr_diffusion.pipelines import ResShiftPipeline
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    PIL.Image.fromarray(photo[:32, :40]).save(hr / "a.png")
+    folder = tmp_path / "resshift"
+    ResShiftPipeline(unet=tiny_unshuffle_unet(), scheduler=tiny_scheduler()).save_pretrained(folder)
+    reports = []
+    for run in ("one", "two"):
+        assert main(["eval", "--hr", str(hr), "--model", str(folder), "-o", str(tmp_path / run)]) == 0
+        reports.append(json.loads((tmp_path / run / "metrics.json").read_text()))
+    assert reports[0] == reports[1] and reports[0]["count"] == 1
+    assert {"psnr_y", "grad_ratio", "bicubic_grad_ratio", "lr_consistency"} <= set(reports[0]["mean"])
+
+
+def test_model_and_regression_are_exclusive(model_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "--regression"]) == 2
+    assert "either --model or --regression" in capsys.readouterr().err and not out.exists()

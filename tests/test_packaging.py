@@ -49,8 +49,8 @@ def test_wheel_installs_pipelines_as_a_subpackage_and_ships_data(tmp_path):
     assert "sr_diffusion/pipelines/regression/pipeline_regression.py" in names
     assert "sr_diffusion/data/sample_lr.png" in names
     assert not any(n.startswith("pipelines/") for n in names)
-    weights = [n for n in names if n.startswith("sr_diffusion/weights/")]
-    default = REPO / "sr_diffusion" / "weights" / "regression_x4"
-    if default.exists():
-        assert "sr_diffusion/weights/regression_x4/model_index.json" in names
-        assert any(n.endswith(".safetensors") for n in weights)
+    # every file of every shipped model (generative and regression defaults, degradation estimator)
+    shipped = [p for p in (REPO / "sr_diffusion" / "weights").rglob("*") if p.suffix in (".json", ".safetensors")]
+    assert {"regression_x4", "resshift_x4", "degradation_estimator"} <= {p.relative_to(REPO).parts[2] for p in shipped}
+    missing = sorted(str(p.relative_to(REPO)) for p in shipped if str(p.relative_to(REPO)) not in names)
+    assert not missing, f"not in the wheel: {missing}"
