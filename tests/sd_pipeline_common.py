@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-__all__ = ["SDPipelineTesterMixin", "attention_modules", "run", "tiny_inputs"]
+from sr_diffusion.prompts import PromptExtraction, PromptExtractor
+
+__all__ = ["FixedExtractor", "SDPipelineTesterMixin", "attention_modules", "record_prompts", "run", "tiny_inputs"]
 
 
 def tiny_inputs(seed: int = 0) -> dict:
@@ -28,6 +30,30 @@ def run(pipe, image=None, seed: int = 0, **kwargs) -> torch.Tensor:
     if image is not None:
         inputs["image"] = image
     return pipe(**{**inputs, **kwargs}).images
+
+
+class FixedExtractor(PromptExtractor):
+    """Tags per image from a list; records the images it saw."""
+
+    def __init__(self, tags):
+        self.tags, self.seen = tags, []
+
+    def __call__(self, images):
+        self.seen.append(images)
+        return PromptExtraction(hard_prompts=list(self.tags[: images.shape[0]]))
+
+
+def record_prompts(pipe, monkeypatch) -> list[list[str]]:
+    """Every prompt list the pipeline embeds, in order (negative prompts after the prompts)."""
+    seen: list[list[str]] = []
+    original = pipe.embed_prompts
+
+    def spy(prompts, device):
+        seen.append(list(prompts))
+        return original(prompts, device)
+
+    monkeypatch.setattr(pipe, "embed_prompts", spy)
+    return seen
 
 
 def attention_modules(pipe) -> dict[str, Attention]:

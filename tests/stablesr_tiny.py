@@ -392,3 +392,14 @@ def ldm_encoder_shapes(
     for i, c in enumerate(level_channels):
         shapes.update(_resblock(f"fea_tran.{i}", c, out_channels, emb))
     return shapes
+
+
+SD_BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+def save_sd_base(parts: dict, folder: Path) -> Path:
+    """Write the SD base of a tiny component dict (``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``,
+    ``scheduler/``) to ``folder``, as ``from_sd_base`` and the trainers read it; returns ``folder``."""
+    for name in SD_BASE_PARTS:
+        parts[name].save_pretrained(folder / name)
+    return folder

@@ -22,11 +22,10 @@ from pasd_tiny import (
     tiny_unet,
 )
 from pipeline_common import SRPipelineTesterMixin
-from sd_pipeline_common import SDPipelineTesterMixin, run, tiny_inputs
+from sd_pipeline_common import FixedExtractor, SDPipelineTesterMixin, record_prompts, run, tiny_inputs
 
 from sr_diffusion.pipelines import AutoSRPipeline
 from sr_diffusion.pipelines.pasd import PASD_NEGATIVE_PROMPT, PASDPipeline, pasd_noise_pred
-from sr_diffusion.prompts import PromptExtraction, PromptExtractor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
@@ -46,30 +45,6 @@ class TestPASDPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
 
     def get_dummy_inputs(self, seed: int = 0) -> dict:
         return tiny_inputs(seed)
-
-
-class FixedExtractor(PromptExtractor):
-    """Tags per image from a list; records the images it saw."""
-
-    def __init__(self, tags):
-        self.tags, self.seen = tags, []
-
-    def __call__(self, images):
-        self.seen.append(images)
-        return PromptExtraction(hard_prompts=list(self.tags[: images.shape[0]]))
-
-
-def record_prompts(pipe, monkeypatch) -> list[list[str]]:
-    """Every prompt list the pipeline embeds, in order (negative prompts after the prompts)."""
-    seen: list[list[str]] = []
-    original = pipe.embed_prompts
-
-    def spy(prompts, device):
-        seen.append(list(prompts))
-        return original(prompts, device)
-
-    monkeypatch.setattr(pipe, "embed_prompts", spy)
-    return seen
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import accelerate_launch
 from learning import photo_crops, train_on_crops_overrides
 from pasd_tiny import tiny_components
+from stablesr_tiny import save_sd_base
 
 from sr_diffusion.resize import imresize, resize
 from sr_diffusion.training import ConfigError, Trainer, load_config
@@ -28,11 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random SD folder, as `from_sd_base` and the trainer read it."""
-    folder = tmp_path_factory.mktemp("sd_base")
-    parts = tiny_components()
-    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
-        parts[name].save_pretrained(folder / name)
-    return folder
+    return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
 

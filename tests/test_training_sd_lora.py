@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from pasd_tiny import lr_image, tiny_components
+from stablesr_tiny import save_sd_base
 
 from sr_diffusion.models import UNetLoRA
 from sr_diffusion.pipelines import PASDPipeline
@@ -30,11 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sd_base")
-    parts = tiny_components()
-    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
-        parts[name].save_pretrained(folder / name)
-    return folder
+    return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import accelerate_launch
 from learning import photo_crops, train_on_crops_overrides
 from seesr_tiny import tiny_components, tiny_dape
+from stablesr_tiny import save_sd_base
 
 from sr_diffusion.training import ConfigError, Trainer, load_config
 from sr_diffusion.training.seesr import SeeSRAddOns, SeeSRExperimentConfig, SeeSRTask
@@ -26,11 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random SD folder, as `from_sd_base` and the trainer read it."""
-    folder = tmp_path_factory.mktemp("sd_base")
-    parts = tiny_components()
-    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
-        parts[name].save_pretrained(folder / name)
-    return folder
+    return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import accelerate_launch
-from stablesr_tiny import tiny_components
+from stablesr_tiny import save_sd_base, tiny_components
 
 from sr_diffusion.training import ConfigError, load_config
 from sr_diffusion.training.stablesr import StableSRExperimentConfig, StableSRTask
@@ -23,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random SD folder, as `from_sd_base` and the trainer read it."""
-    folder = tmp_path_factory.mktemp("sd_base")
-    parts = tiny_components()
-    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
-        parts[name].save_pretrained(folder / name)
-    return folder
+    return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
 def tiny_config(tmp_path, base, *overrides: str) -> StableSRExperimentConfig:

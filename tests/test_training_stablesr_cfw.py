@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import accelerate_launch
-from stablesr_tiny import tiny_components
+from stablesr_tiny import save_sd_base, tiny_components
 
 from sr_diffusion.training import ConfigError, load_config
 from sr_diffusion.training.stablesr_cfw import StableSRCFWExperimentConfig, StableSRCFWTask
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random SD folder (its ``vae/`` is what the CFW layers are trained for)."""
-    folder = tmp_path_factory.mktemp("sd_base")
-    parts = tiny_components()
-    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
-        parts[name].save_pretrained(folder / name)
-    return folder
+    return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
 @pytest.fixture(scope="module")
