@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RESIZE_MODES", "imresize", "resize"]
+__all__ = ["RESIZE_MODES", "imresize", "resize", "resize_matrix"]
 
 RESIZE_MODES = ("matlab_bicubic", "bicubic", "bilinear", "area", "nearest", "nearest-exact")
 
@@ -116,6 +116,12 @@ def _contributions(
 _DENSE_MAX_ENTRIES = 1 << 24
 
 
+def _dense_matrix(weights: torch.Tensor, indices: torch.Tensor, in_length: int) -> torch.Tensor:
+    """The ``(out, in)`` matrix of a weight/index table (:func:`_contributions`), on its device and dtype."""
+    matrix = torch.zeros(weights.shape[0], in_length, device=weights.device, dtype=weights.dtype)
+    return matrix.scatter_add_(1, indices, weights)  # mirrored taps may hit the same pixel twice
+
+
 def _resize_axis(
     x: torch.Tensor, dim: int, out_length: int, scale: float, antialiasing: bool
 ) -> torch.Tensor:
@@ -131,8 +137,7 @@ def _resize_axis(
     indices = indices.to(device=x.device)
 
     if out_length * in_length <= _DENSE_MAX_ENTRIES:
-        matrix = torch.zeros(out_length, in_length, device=x.device, dtype=x.dtype)
-        matrix.scatter_add_(1, indices, weights)  # mirrored taps may hit the same pixel twice
+        matrix = _dense_matrix(weights, indices, in_length)
         return torch.matmul(matrix, x) if dim == -2 else torch.matmul(x, matrix.T)
 
     if dim == -1:
@@ -275,3 +280,45 @@ def resize(
         kwargs = {"align_corners": False, "antialias": bool(antialias)}
     out = F.interpolate(x, size=(out_h, out_w), mode=mode, **kwargs)
     return out.reshape(*lead, out_h, out_w)
+
+
+def resize_matrix(
+    in_length: int,
+    out_length: int,
+    mode: str = "matlab_bicubic",
+    *,
+    antialias: bool | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``(out_length, in_length)`` matrix ``A`` of :func:`resize` along one axis.
+
+    Every mode resizes the two axes independently, so for an image ``x`` (``(..., H, W)``)
+
+        resize(x, size=(h, w), mode=mode) == A_h @ x @ A_w.T,   A_h = resize_matrix(H, h), A_w = resize_matrix(W, w)
+
+    which turns the linear degradation ``D`` into two small matrices (its adjoint is ``A_hᵀ v A_w``). Built
+    from MATLAB's weight table for ``"matlab_bicubic"`` and by resizing the rows of the identity for the torch
+    modes, so it is the operator :func:`resize` applies, not an approximation of it.
+
+    Args:
+        in_length, out_length: the axis length before and after (≥ 1); the factor is ``out / in`` as with
+            :func:`resize`'s ``size``.
+        mode, antialias: as :func:`resize`.
+        dtype, device: of the returned matrix (float64 on the CPU by default).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(
+            f"Unknown resize mode {mode!r}; valid modes are {', '.join(map(repr, RESIZE_MODES))}."
+        )
+    if min(int(in_length), int(out_length)) < 1:
+        raise ValueError(f"axis lengths must be >= 1, got {in_length} -> {out_length}")
+    if mode == "matlab_bicubic":
+        weights, indices = _contributions(
+            in_length, out_length, out_length / in_length, True if antialias is None else bool(antialias)
+        )
+        matrix = _dense_matrix(weights, indices, in_length)
+    else:  # row i of the identity, resized along its width, is column i of A
+        basis = torch.eye(in_length, dtype=torch.float64).view(in_length, 1, 1, in_length)
+        matrix = resize(basis, size=(1, out_length), mode=mode, antialias=antialias).reshape(in_length, out_length).T
+    return matrix.to(device=device, dtype=dtype)

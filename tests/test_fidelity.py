@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sr_diffusion.fidelity import project_to_lr
+from sr_diffusion.fidelity import _min_norm_inverse, project_to_lr
 from sr_diffusion.metrics import lr_consistency, psnr
 from sr_diffusion.resize import resize
 from sr_diffusion.training.data import bicubic_downsample
@@ -24,14 +24,36 @@ def explicit_projection(x0: torch.Tensor, y: torch.Tensor, mode: str) -> torch.T
     return (flat + D.T @ torch.linalg.solve(D @ D.T, r)).T.reshape(c, H, W)
 
 
-@pytest.mark.parametrize("mode", ["matlab_bicubic", "area", "bilinear"])
+@pytest.mark.parametrize("mode", ["matlab_bicubic", "bicubic", "area", "bilinear", "nearest"])
 def test_matches_the_closed_form_projection(mode):
     g = torch.Generator().manual_seed(0)
-    x0 = 0.3 + 0.4 * torch.rand(3, 12, 12, generator=g, dtype=torch.float64)  # mid-range: no clamping
-    y = 0.3 + 0.4 * torch.rand(3, 4, 4, generator=g, dtype=torch.float64)
-    x = project_to_lr(x0, y, mode=mode, rounds=1, tolerance=1e-12, max_iterations=200)
+    x0 = 0.3 + 0.4 * torch.rand(3, 12, 9, generator=g, dtype=torch.float64)  # mid-range: no clamping
+    y = 0.3 + 0.4 * torch.rand(3, 4, 3, generator=g, dtype=torch.float64)  # not square: two different axes
+    x = project_to_lr(x0, y, mode=mode, rounds=1)
     assert torch.allclose(x, explicit_projection(x0, y, mode), atol=1e-9)
-    assert torch.allclose(resize(x[None], size=(4, 4), mode=mode)[0], y, atol=1e-9)
+    assert torch.allclose(resize(x[None], size=(4, 3), mode=mode)[0], y, atol=1e-9)
+
+
+def test_antialiased_torch_kernel_and_float32_input():
+    g = torch.Generator().manual_seed(3)
+    x0 = 0.3 + 0.4 * torch.rand(2, 3, 16, 16, generator=g)
+    target = x0.double() + 0.02 * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # needs no clamping
+    y = resize(target, size=(4, 4), mode="bilinear", antialias=True).float()
+    x = project_to_lr(x0, y, mode="bilinear", antialias=True, rounds=1)
+    assert x.dtype == torch.float32
+    down = resize(x.double(), size=(4, 4), mode="bilinear", antialias=True)
+    assert (down - y).abs().max() < 1e-5
+
+
+def test_a_rank_deficient_operator_gets_the_least_squares_change():
+    # two equal rows: A Aᵀ is singular, and (A Aᵀ)⁻¹ A falls back to pinv(A)ᵀ, whose transpose is still a right
+    # inverse on A's range and gives the minimum-norm least-squares solution
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
+    p = _min_norm_inverse(a)
+    assert torch.allclose(p, torch.linalg.pinv(a).T)
+    torch.testing.assert_close(a @ p.T @ a, a)
+    full = a[1:]
+    torch.testing.assert_close(_min_norm_inverse(full), torch.linalg.solve(full @ full.T, full))
 
 
 def test_consistent_images_are_left_alone_and_the_change_is_small(photo_tensor):

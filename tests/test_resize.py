@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sr_diffusion import resize as resize_module
-from sr_diffusion.resize import RESIZE_MODES, imresize, resize
+from sr_diffusion.resize import RESIZE_MODES, imresize, resize, resize_matrix
 
 # ----------------------------------------------------------------------------------------------------------
 # independent reference: MATLAB imresize, one output pixel at a time
@@ -330,3 +330,28 @@ def test_errors():
         resize(img, 0.5, mode="nearest", antialias=True)
     with pytest.raises(TypeError):
         resize(np.random.rand(8, 8, 3), 2, mode="bicubic")
+
+
+@pytest.mark.parametrize(
+    "mode,antialias",
+    [("matlab_bicubic", None), ("matlab_bicubic", False), ("bicubic", None), ("bicubic", True),
+     ("bilinear", True), ("area", None), ("nearest", None), ("nearest-exact", None)],
+)
+@pytest.mark.parametrize("size", [(5, 3), (26, 21)])  # down on both axes; up on both axes
+def test_resize_matrix_is_the_operator_of_resize(mode, antialias, size):
+    img = torch.rand(2, 3, 13, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a_h = resize_matrix(13, size[0], mode, antialias=antialias)
+    a_w = resize_matrix(7, size[1], mode, antialias=antialias)
+    assert a_h.shape == (size[0], 13) and a_w.shape == (size[1], 7) and a_h.dtype == torch.float64
+    expected = resize(img, size=size, mode=mode, antialias=antialias)
+    torch.testing.assert_close(a_h @ img @ a_w.T, expected, rtol=0, atol=1e-12)
+
+
+def test_resize_matrix_rows_and_errors():
+    a = resize_matrix(16, 4)  # MATLAB bicubic x1/4: every row is a widened kernel summing to 1
+    torch.testing.assert_close(a.sum(1), torch.ones(4, dtype=torch.float64))
+    assert resize_matrix(16, 4, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="mode"):
+        resize_matrix(16, 4, "lanczos")
+    with pytest.raises(ValueError, match=">= 1"):
+        resize_matrix(0, 4)
