@@ -23,13 +23,13 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from sr_diffusion.color_fix import COLOR_FIX_METHODS
 from sr_diffusion.color_fix import color_fix as apply_color_fix
 from sr_diffusion.fidelity import project_to_lr
-from sr_diffusion.image_processor import crop_to_size
+from sr_diffusion.image_processor import crop_to_size, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from .pipeline_output import SRPipelineOutput
 
-__all__ = ["SRSamplingMixin"]
+__all__ = ["NoiseSchedulerSRMixin", "SRSamplingMixin"]
 
 
 class SRSamplingMixin:
@@ -272,3 +272,98 @@ class SRSamplingMixin:
         if not return_dict:
             return (images,)
         return SRPipelineOutput(images=images)
+
+
+class NoiseSchedulerSRMixin(SRSamplingMixin):
+    """The call of the pixel-space pipelines driven by a diffusers noise scheduler with img2img ``strength`` (SR3,
+    SRDiff): checks, padding, timesteps, (tiled) chains, output. A pipeline provides ``check_components`` and
+    ``_sample(lr, latents, progress_bar, num_inference_steps, strength, extra_step_kwargs, generator,
+    callback_on_step_end, callback_on_step_end_tensor_inputs)``, the chain for one padded LR image or tile."""
+
+    def check_inputs(
+        self,
+        rgb: torch.Tensor,
+        num_inference_steps: int,
+        strength: float,
+        eta: float,
+        color_fix: str,
+        lr_consistency: bool,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        self.check_components()
+        self.check_steps_and_eta(num_inference_steps, eta)
+        self.check_strength(num_inference_steps, strength)
+        self.check_output_options(color_fix, lr_consistency)
+        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+
+    def upscale_with_strength(
+        self,
+        image,
+        num_inference_steps: int,
+        strength: float,
+        eta: float,
+        color_fix: str,
+        lr_consistency: bool,
+        tile_size: int | None,
+        tile_overlap: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        return_dict: bool,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ):
+        """The body of ``__call__`` (its arguments, in its order; documented there)."""
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+
+        # 1. Check inputs
+        pre = self.image_processor.preprocess(image)
+        self.check_inputs(
+            pre.rgb,
+            num_inference_steps,
+            strength,
+            eta,
+            color_fix,
+            lr_consistency,
+            tile_size,
+            tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        device = self._execution_device
+        rgb = pre.rgb.to(device)
+
+        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
+        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
+
+        # 3. Scheduler step arguments, and the steps per chain
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.get_timesteps(num_inference_steps, strength))
+
+        # 4. Sample (whole image, or tile by tile): the pipeline's chain
+        def sample(lr_tile: torch.Tensor, start: torch.Tensor | None, progress_bar) -> torch.Tensor:
+            return self._sample(
+                lr_tile,
+                start,
+                progress_bar,
+                num_inference_steps,
+                strength,
+                extra_step_kwargs,
+                generator,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+            )
+
+        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
+
+        # 5. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
+        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

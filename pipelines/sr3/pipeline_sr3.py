@@ -42,10 +42,10 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor
 from sr_diffusion.resize import resize
 
-from ..pipeline_utils import SRSamplingMixin
+from ..pipeline_utils import NoiseSchedulerSRMixin
 
 __all__ = ["SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
 
@@ -109,7 +109,7 @@ def sr3_model_output(
     return out.to(sample.dtype)
 
 
-class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
+class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     r"""Super-resolution with SR3 (Saharia et al., TPAMI 2022).
 
     Args:
@@ -194,26 +194,6 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         if out_channels != 3:
             raise ValueError(f"unet has out_channels={out_channels}, but SR3 predicts the RGB noise (3 channels)")
         self.check_noise_scheduler("SR3")  # alphas_cumprod also gives the noise level sqrt(alpha_bar_t) the UNet sees
-
-    def check_inputs(
-        self,
-        rgb: torch.Tensor,
-        num_inference_steps: int,
-        strength: float,
-        eta: float,
-        color_fix: str,
-        lr_consistency: bool,
-        tile_size: int | None,
-        tile_overlap: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-        callback_on_step_end_tensor_inputs: Sequence[str] | None,
-    ) -> None:
-        self.check_components()
-        self.check_steps_and_eta(num_inference_steps, eta)
-        self.check_strength(num_inference_steps, strength)
-        self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -335,14 +315,8 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
-        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
-            callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-
-        # 1. Check inputs
-        pre = self.image_processor.preprocess(image)
-        self.check_inputs(
-            pre.rgb,
+        return self.upscale_with_strength(
+            image,
             num_inference_steps,
             strength,
             eta,
@@ -352,35 +326,8 @@ class SR3Pipeline(SRSamplingMixin, DiffusionPipeline):
             tile_overlap,
             generator,
             latents,
+            output_type,
+            return_dict,
+            callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
-        self._interrupt = False
-        device = self._execution_device
-        rgb = pre.rgb.to(device)
-
-        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
-        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
-
-        # 3. Scheduler step arguments, and the steps per chain
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = len(self.get_timesteps(num_inference_steps, strength))
-
-        # 4.-6. Sample (whole image, or tile by tile)
-        def sample(lr_tile: torch.Tensor, noise: torch.Tensor | None, progress_bar) -> torch.Tensor:
-            return self._sample(
-                lr_tile,
-                noise,
-                progress_bar,
-                num_inference_steps,
-                strength,
-                extra_step_kwargs,
-                generator,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-            )
-
-        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
-
-        # 7. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

@@ -41,12 +41,12 @@ from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
+from sr_diffusion.image_processor import ImageInput, SRImageProcessor
 from sr_diffusion.models.rrdbnet import RRDBNet
 from sr_diffusion.models.srdiff_unet import SRDiffUNet
 from sr_diffusion.resize import imresize
 
-from ..pipeline_utils import SRSamplingMixin
+from ..pipeline_utils import NoiseSchedulerSRMixin
 
 __all__ = [
     "SRDiffPipeline",
@@ -152,7 +152,7 @@ def srdiff_res2img(res: torch.Tensor, img_lr_up: torch.Tensor, res_rescale: floa
     return res / res_rescale + img_lr_up
 
 
-class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
+class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     r"""Super-resolution with SRDiff (Li et al., Neurocomputing 2022).
 
     Args:
@@ -238,26 +238,6 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
                 f"rrdb_num_block={u.rrdb_num_block}"
             )
         self.check_noise_scheduler("SRDiff")
-
-    def check_inputs(
-        self,
-        rgb: torch.Tensor,
-        num_inference_steps: int,
-        strength: float,
-        eta: float,
-        color_fix: str,
-        lr_consistency: bool,
-        tile_size: int | None,
-        tile_overlap: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-        callback_on_step_end_tensor_inputs: Sequence[str] | None,
-    ) -> None:
-        self.check_components()
-        self.check_steps_and_eta(num_inference_steps, eta)
-        self.check_strength(num_inference_steps, strength)
-        self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -380,14 +360,8 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
-        callback_on_step_end_tensor_inputs = self.callback_tensor_names(
-            callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-
-        # 1. Check inputs
-        pre = self.image_processor.preprocess(image)
-        self.check_inputs(
-            pre.rgb,
+        return self.upscale_with_strength(
+            image,
             num_inference_steps,
             strength,
             eta,
@@ -397,35 +371,8 @@ class SRDiffPipeline(SRSamplingMixin, DiffusionPipeline):
             tile_overlap,
             generator,
             latents,
+            output_type,
+            return_dict,
+            callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
-        self._interrupt = False
-        device = self._execution_device
-        rgb = pre.rgb.to(device)
-
-        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet needs
-        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
-
-        # 3. Scheduler step arguments, and the steps per chain
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = len(self.get_timesteps(num_inference_steps, strength))
-
-        # 4.-7. Sample (whole image, or tile by tile)
-        def sample(lr_tile: torch.Tensor, x_T: torch.Tensor | None, progress_bar) -> torch.Tensor:
-            return self._sample(
-                lr_tile,
-                x_T,
-                progress_bar,
-                num_inference_steps,
-                strength,
-                extra_step_kwargs,
-                generator,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-            )
-
-        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
-
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
