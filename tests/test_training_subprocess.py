@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -124,6 +125,9 @@ def test_sigkill_then_resume_latest_gives_bit_identical_weights(reference_run, t
     assert f"Resuming from {out / f'checkpoint-{killed_at[-1]}'}" in resumed.stdout + resumed.stderr
 
     _assert_identical(_weights(out / "pipeline" / "model"), _weights(reference_run / "pipeline" / "model"))
+    # the same exported config: the checkpoint resumed from leaves no trace in it (no _name_or_path)
+    configs = [json.loads((run / "pipeline" / "model" / "config.json").read_text()) for run in (out, reference_run)]
+    assert configs[0] == configs[1] and "_name_or_path" not in configs[0]
     for part in ("model", "ema"):
         _assert_identical(_weights(out / "checkpoint-24" / part), _weights(reference_run / "checkpoint-24" / part))
     opt_a = torch.load(out / "checkpoint-24" / "optimizer.bin", weights_only=True)

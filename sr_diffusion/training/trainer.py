@@ -151,7 +151,9 @@ class Trainer:
             while models:
                 model = accelerator.unwrap_model(models.pop())
                 loaded = type(model).from_pretrained(Path(input_dir) / "model")
-                model.register_to_config(**loaded.config)
+                # its constructor arguments, not diffusers' bookkeeping (``_name_or_path`` would name the checkpoint
+                # in every later save, the exported pipeline included)
+                model.register_to_config(**{k: v for k, v in loaded.config.items() if not k.startswith("_")})
                 model.load_state_dict(loaded.state_dict())
                 del loaded
             if ema is not None:
