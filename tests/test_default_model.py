@@ -66,8 +66,8 @@ def test_regression_default_beats_bicubic(coffee, outputs):
 
 
 def test_generative_default_beats_bicubic_explains_its_input_and_is_sharper(coffee, outputs):
-    """On this held-out crop (seeds 0-3 measured: +1.78 to +1.97 dB over bicubic, 68 dB LR-consistency, 107% of the
-    HR gradient against the regression default's 89%): above bicubic, explains its input (>= 40 dB), sharper than
+    """On this held-out crop (seeds 0-3 measured: +1.77 to +1.98 dB over bicubic, 72 dB LR-consistency, 105-106% of
+    the HR gradient against the regression default's 89%): above bicubic, explains its input (>= 40 dB), sharper than
     the regression default. The README's numbers on the four whole photos are lower: a crop is one scene."""
     hr, lr = coffee
     sr = outputs["generative"]
