@@ -88,6 +88,36 @@ def test_estimator_learns_well_below_the_predict_the_mean_baseline_on_held_out_p
     assert all(ratio < 0.75 for ratio in scores["ratio"].values()), scores
 
 
+def test_evaluation_breaks_the_errors_down_by_the_final_stage():
+    """The JPEG quality is only visible when the final JPEG is not followed by the last resize: the evaluation
+    reports each case of the final stage separately, and the groups add up to the whole."""
+    from sr_diffusion.degradations import RealESRGANDegradation, RealESRGANDegradationConfig
+    from sr_diffusion.estimation import DegradationEstimator, degrade_with_targets
+    from sr_diffusion.training.data import make_generator
+    from sr_diffusion.training.degradation_estimator import FINAL_STAGE_GROUPS
+
+    torch.manual_seed(0)
+    model = DegradationEstimator(block_out_channels=(8, 16), head_channels=8)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # not the mean predictor
+    photos = [torch.rand(3, 80, 80, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    degradation = RealESRGANDegradation(RealESRGANDegradationConfig(scale=4, jpeg_prob2=0.7))
+    scores = evaluate_degradation_estimator(model, photos, degradation, num_samples=48, crop_size=64, batch_size=8)
+    groups = scores["by_final_stage"]
+    assert set(groups) == set(FINAL_STAGE_GROUPS)
+    assert sum(g["num_samples"] for g in groups.values()) == scores["num_samples"] == 48
+    for key in ("mae", "baseline_mae"):
+        for quantity, value in scores[key].items():
+            pooled = sum(g[key][quantity] * g["num_samples"] for g in groups.values()) / 48
+            assert pooled == pytest.approx(value, rel=1e-5)
+    assert groups["no_final_jpeg"]["baseline_mae"]["jpeg_quality"] == pytest.approx(100 - model.config.target_mean[2])
+    # asking for the parameters changes nothing else
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    lr, targets = degrade_with_targets(degradation, hr, make_generator(0))
+    lr2, targets2, params = degrade_with_targets(degradation, hr, make_generator(0), return_params=True)
+    assert torch.equal(lr, lr2) and torch.equal(targets.to_tensor(), targets2.to_tensor())
+    assert params["jpeg_first"].shape == (2,)
+
+
 @pytest.mark.slow
 def test_accelerate_launch_trains_a_loadable_estimator_and_scores_it(tmp_path):
     from sr_diffusion.estimation import DegradationEstimator
@@ -105,3 +135,4 @@ def test_accelerate_launch_trains_a_loadable_estimator_and_scores_it(tmp_path):
     assert len(model(torch.rand(2, 3, 16, 16)).estimate) == 2
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["num_samples"] == 16 and set(evaluation["ratio"]) == {"blur_sigma", "noise_sigma", "jpeg_quality"}
+    assert sum(group["num_samples"] for group in evaluation["by_final_stage"].values()) == 16

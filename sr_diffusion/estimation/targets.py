@@ -188,7 +188,9 @@ def _run_recorded(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def degrade_with_targets(degradation: RealESRGANDegradation, hr: torch.Tensor, generator: torch.Generator):
+def degrade_with_targets(
+    degradation: RealESRGANDegradation, hr: torch.Tensor, generator: torch.Generator, return_params: bool = False
+):
     """Degrade ``hr`` with ``degradation`` (its :meth:`~RealESRGANDegradation.sample_batch` then
     :meth:`~RealESRGANDegradation.apply`, one generator) and return the LR images with their targets.
 
@@ -196,11 +198,12 @@ def degrade_with_targets(degradation: RealESRGANDegradation, hr: torch.Tensor, g
         degradation: a :class:`~sr_diffusion.degradations.RealESRGANDegradation` (any config).
         hr: ``(B, 3, H, W)`` float in [0, 1].
         generator: the only source of randomness; the LR images are exactly ``degradation.degrade(hr, generator)``'s.
+        return_params: also return the parameters the degradation sampled (its ``sample_batch`` dict).
 
     Returns:
         ``(lr, targets)``: ``lr`` ``(B, 3, H / s, W / s)`` on the 8-bit grid, and a
         :class:`~sr_diffusion.estimation.DegradationEstimate` of ``(B,)`` float32 tensors on ``hr``'s device (module
-        docstring).
+        docstring); ``(lr, targets, params)`` with ``return_params``.
     """
     from .model import DegradationEstimate
 
@@ -240,4 +243,5 @@ def degrade_with_targets(degradation: RealESRGANDegradation, hr: torch.Tensor, g
     # JPEG: the final compression's quality, 100 when there is none
     quality = params["jpeg_quality2"].to(device=device, dtype=torch.float32)
     quality = torch.where(params["jpeg2"].to(device), quality, torch.full_like(quality, 100.0))
-    return lr, DegradationEstimate(blur_sigma=blur.to(device), noise_sigma=noise_sigma, jpeg_quality=quality)
+    targets = DegradationEstimate(blur_sigma=blur.to(device), noise_sigma=noise_sigma, jpeg_quality=quality)
+    return (lr, targets, params) if return_params else (lr, targets)

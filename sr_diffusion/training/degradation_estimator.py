@@ -38,6 +38,7 @@ __all__ = [
     "EstimatorConfig",
     "build_estimator_degradation",
     "calibrate_targets",
+    "FINAL_STAGE_GROUPS",
     "evaluate_degradation_estimator",
 ]
 
@@ -191,6 +192,30 @@ def calibrate_targets(
     return values.mean(0).tolist(), std.tolist()
 
 
+#: Groups of :func:`evaluate_degradation_estimator`'s breakdown, by what the degradation's final stage did.
+FINAL_STAGE_GROUPS = ("jpeg_last", "jpeg_before_resize", "no_final_jpeg")
+
+
+def _final_stage_group(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per image, the index in :data:`FINAL_STAGE_GROUPS`: the final JPEG is the last operation, it is followed by
+    the final [resize + sinc] (which blurs and resamples its 8x8 blocks), or there is no final JPEG."""
+    jpeg = params["jpeg2"].bool().flatten()
+    first = params["jpeg_first"].bool().flatten()
+    return torch.where(jpeg, torch.where(first, 1, 0), 2)
+
+
+def _scores(errors: torch.Tensor, baseline_errors: torch.Tensor) -> dict[str, Any]:
+    from sr_diffusion.estimation import QUANTITIES
+
+    mae, base = errors.mean(0), baseline_errors.mean(0)
+    return {
+        "mae": dict(zip(QUANTITIES, mae.tolist())),
+        "baseline_mae": dict(zip(QUANTITIES, base.tolist())),
+        "ratio": dict(zip(QUANTITIES, (mae / base.clamp_min(1e-12)).tolist())),
+        "num_samples": len(errors),
+    }
+
+
 @torch.no_grad()
 def evaluate_degradation_estimator(
     model,
@@ -211,10 +236,12 @@ def evaluate_degradation_estimator(
             default the model's training mean (``model.mean_estimate()``): the "predict the mean" baseline.
 
     Returns:
-        ``{"mae": {quantity: float}, "baseline_mae": {...}, "ratio": {...}, "num_samples": int}`` with
-        ``ratio = mae / baseline_mae`` (below 1: better than the baseline).
+        ``{"mae": {quantity: float}, "baseline_mae": {...}, "ratio": {...}, "num_samples": int, "by_final_stage":
+        {group: {the same keys}}}`` with ``ratio = mae / baseline_mae`` (below 1: better than the baseline) and the
+        groups of :data:`FINAL_STAGE_GROUPS` that occurred (a JPEG whose blocks the final resize blurred and
+        resampled leaves little trace of its quality in the LR image).
     """
-    from sr_diffusion.estimation import QUANTITIES, degrade_with_targets
+    from sr_diffusion.estimation import degrade_with_targets
 
     if not photos:
         raise ValueError("no photos to evaluate on")
@@ -225,24 +252,26 @@ def evaluate_degradation_estimator(
     device = next(model.parameters()).device
     generator = make_generator(seed, _EVALUATION)
     baseline = (model.mean_estimate() if baseline is None else baseline).to_tensor().cpu()
-    errors, baseline_errors = [], []
+    errors, baseline_errors, groups = [], [], []
     for n in _batches(num_samples, batch_size):
         index = torch.randint(0, len(photos), (n,), generator=generator).tolist()
         crops = [random_crop_pair(photos[i], None, crop_size, 1, generator)[0] for i in index]
         hr = torch.stack([c.float() / 255.0 if c.dtype == torch.uint8 else c.float() for c in crops])
-        lr, targets = degrade_with_targets(degradation, hr, generator)
+        lr, targets, params = degrade_with_targets(degradation, hr, generator, return_params=True)
         predicted = model(lr.to(device)).estimate.to_tensor().cpu()
         truth = targets.to_tensor().cpu()
         errors.append((predicted - truth).abs())
         baseline_errors.append((baseline - truth).abs())
+        groups.append(_final_stage_group(params).cpu())
     model.train(was_training)
-    mae, base = torch.cat(errors).mean(0), torch.cat(baseline_errors).mean(0)
-    return {
-        "mae": dict(zip(QUANTITIES, mae.tolist())),
-        "baseline_mae": dict(zip(QUANTITIES, base.tolist())),
-        "ratio": dict(zip(QUANTITIES, (mae / base.clamp_min(1e-12)).tolist())),
-        "num_samples": num_samples,
+    errors, baseline_errors, groups = torch.cat(errors), torch.cat(baseline_errors), torch.cat(groups)
+    result = _scores(errors, baseline_errors)
+    result["by_final_stage"] = {
+        name: _scores(errors[groups == g], baseline_errors[groups == g])
+        for g, name in enumerate(FINAL_STAGE_GROUPS)
+        if bool((groups == g).any())
     }
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
