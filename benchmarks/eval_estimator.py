@@ -18,11 +18,9 @@ import torch
 
 from sr_diffusion.estimation import QUANTITIES, DegradationEstimator
 from sr_diffusion.training import load_config
-from sr_diffusion.training.data import load_skimage_sklearn
 from sr_diffusion.training.degradation_estimator import (
     DegradationEstimatorExperimentConfig,
-    build_estimator_degradation,
-    evaluate_degradation_estimator,
+    evaluate_on_held_out_photos,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,17 +42,7 @@ def main() -> None:
 
     config = load_config(args.config, cls=DegradationEstimatorExperimentConfig)
     model = DegradationEstimator.from_pretrained(args.model)
-    photos = [img for _, img in load_skimage_sklearn("val")]
-    e = config.estimator
-    scores = evaluate_degradation_estimator(
-        model,
-        photos,
-        build_estimator_degradation(config),
-        num_samples=e.evaluation_samples,
-        crop_size=args.crop_size or config.data.gt_size,
-        seed=config.train.seed,
-        batch_size=e.evaluation_batch_size,
-    )
+    scores = evaluate_on_held_out_photos(model, config, crop_size=args.crop_size)
     rows = [("all", scores)] + [(GROUP_NAMES[name], group) for name, group in scores["by_final_stage"].items()]
     print("| samples | n | " + " | ".join(QUANTITIES) + " |")
     print("|---|---:|" + "---:|" * len(QUANTITIES))

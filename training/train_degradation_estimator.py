@@ -20,29 +20,15 @@ from sr_diffusion.training import Trainer, parse_args
 from sr_diffusion.training.degradation_estimator import (
     DegradationEstimatorExperimentConfig,
     DegradationEstimatorTask,
-    build_estimator_degradation,
-    evaluate_degradation_estimator,
+    evaluate_on_held_out_photos,
 )
 
 
 def evaluate(config, pipeline_dir: Path) -> dict:
     """Score the exported estimator on the held-out bundled photos; written to ``evaluation.json``."""
     from sr_diffusion.estimation import DegradationEstimator
-    from sr_diffusion.training.data import load_skimage_sklearn
 
-    model = DegradationEstimator.from_pretrained(pipeline_dir)
-    photos = [img for _, img in load_skimage_sklearn("val")]
-    e = config.estimator
-    result = evaluate_degradation_estimator(
-        model,
-        photos,
-        build_estimator_degradation(config),
-        num_samples=e.evaluation_samples,
-        crop_size=config.data.gt_size,
-        seed=config.train.seed,
-        batch_size=e.evaluation_batch_size,
-    )
-    result["photos"] = "held-out skimage_sklearn photos (chelsea, coffee, rocket, flower)"
+    result = evaluate_on_held_out_photos(DegradationEstimator.from_pretrained(pipeline_dir), config)
     (Path(config.train.output_dir) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, mae in result["mae"].items():
         print(f"{name}: MAE {mae:.4g} vs predict-the-mean {result['baseline_mae'][name]:.4g} "

@@ -40,6 +40,7 @@ __all__ = [
     "calibrate_targets",
     "FINAL_STAGE_GROUPS",
     "evaluate_degradation_estimator",
+    "evaluate_on_held_out_photos",
 ]
 
 logger = logging.getLogger(__name__)
@@ -271,6 +272,25 @@ def evaluate_degradation_estimator(
         for g, name in enumerate(FINAL_STAGE_GROUPS)
         if bool((groups == g).any())
     }
+    return result
+
+
+def evaluate_on_held_out_photos(model, config: ExperimentConfig, crop_size: int | None = None) -> dict[str, Any]:
+    """:func:`evaluate_degradation_estimator` with the settings of ``config`` (its ``estimator`` section, degradation,
+    seed and ``data.gt_size`` crops unless ``crop_size`` is given) on the held-out bundled photos."""
+    from .data import load_skimage_sklearn
+
+    e = config.estimator
+    result = evaluate_degradation_estimator(
+        model,
+        [img for _, img in load_skimage_sklearn("val")],
+        build_estimator_degradation(config),
+        num_samples=e.evaluation_samples,
+        crop_size=crop_size or config.data.gt_size,
+        seed=config.train.seed,
+        batch_size=e.evaluation_batch_size,
+    )
+    result["photos"] = "held-out skimage_sklearn photos (chelsea, coffee, rocket, flower)"
     return result
 
 
