@@ -88,6 +88,26 @@ class DegradationConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """``data.synthetic``: dead-leaves images (:class:`sr_diffusion.training.synthetic.DeadLeaves`) mixed
+    into the training crops, a ``fraction`` of the samples (0: photos only; 1: synthetic only).
+
+    ``r_min``/``r_max`` (output pixels; ``r_max`` null = the crop side), ``alpha``, ``supersample``,
+    ``shading`` and ``blur_sigma`` are the generator's arguments; ``palette``: ``photos`` draws the leaf
+    colours from pixels of the training images, ``uniform`` from the RGB cube.
+    """
+
+    fraction: float = 0.0
+    r_min: float = 1.0
+    r_max: float | None = None
+    alpha: float = 3.0
+    supersample: int = 2
+    shading: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    palette: Literal["photos", "uniform"] = "photos"
+
+
+@dataclass
 class DataConfig:
     """``data``: training images, crops, augmentation and loading.
 
@@ -107,6 +127,7 @@ class DataConfig:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     gt_size: int = 128
     random_downscale: list[float] | None = None  # [lo, hi]: shrink each HR photo by U[lo, hi] before cropping
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     use_hflip: bool = True
     use_rot: bool = True
     batch_size: int = 16
@@ -216,6 +237,15 @@ class ExperimentConfig:
                 d.degradation.type == "bicubic" and not d.degradation.kwargs,
                 "data.degradation",
                 "must be left unset with data.source='paired' (the LR images are given)",
+            )
+        _check(
+            0 <= d.synthetic.fraction <= 1, "data.synthetic.fraction", f"must be in [0, 1], got {d.synthetic.fraction}"
+        )
+        if d.source == "paired":
+            _check(
+                d.synthetic.fraction == 0,
+                "data.synthetic.fraction",
+                "must be 0 with data.source='paired' (synthetic images have no given LR)",
             )
         if d.degradation.type == "bicubic":
             _check(

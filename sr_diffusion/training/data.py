@@ -61,6 +61,7 @@ __all__ = [
     "BatchDegrader",
     "ValidationImage",
     "build_degradation",
+    "build_synthetic",
     "build_train_dataset",
     "build_train_dataloader",
     "build_validation_set",
@@ -86,7 +87,7 @@ SKIMAGE_SKLEARN_TRAIN = (
 SKIMAGE_SKLEARN_VAL = ("skimage/chelsea", "skimage/coffee", "skimage/rocket", "sklearn/flower")
 
 # Purposes mixed into derived seeds, so that streams never collide.
-_EPOCH, _SAMPLE, _DEGRADE = 1, 2, 3
+_EPOCH, _SAMPLE, _DEGRADE, _SYNTHETIC, _PALETTE = 1, 2, 3, 4, 5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,6 +262,10 @@ class SRTrainDataset(Dataset):
             crop is cut from the photo shrunk by a factor drawn uniformly from ``[lo, hi]`` (a
             ``gt_size / f`` region, MATLAB-bicubic resized to ``gt_size``), the multi-scale augmentation
             that gives a few large photos the sharper per-pixel statistics of smaller ones.
+        synthetic: an image generator with ``render(size, generator)`` (e.g.
+            :class:`~sr_diffusion.training.synthetic.DeadLeaves`), or None. Unpaired data only.
+        synthetic_fraction: the probability that a sample's HR crop is rendered by ``synthetic`` instead
+            of cut from a photo (drawn per position from its own stream, so photo samples are unchanged).
     """
 
     def __init__(
@@ -275,6 +280,8 @@ class SRTrainDataset(Dataset):
         use_rot: bool = True,
         seed: int = 0,
         random_downscale: Sequence[float] | None = None,
+        synthetic: Any = None,
+        synthetic_fraction: float = 0.0,
     ):
         if not hr_items:
             raise ValueError("the training set is empty")
@@ -291,6 +298,13 @@ class SRTrainDataset(Dataset):
         self.random_downscale = _check_downscale_range(random_downscale)
         if self.random_downscale is not None and lr_items is not None:
             raise ValueError("random_downscale needs unpaired data (an LR made from the HR crop)")
+        if not 0 <= synthetic_fraction <= 1:
+            raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
+        if synthetic_fraction > 0 and synthetic is None:
+            raise ValueError("synthetic_fraction > 0 needs a synthetic image generator")
+        if synthetic_fraction > 0 and lr_items is not None:
+            raise ValueError("synthetic images need unpaired data (an LR made from the HR crop)")
+        self.synthetic, self.synthetic_fraction = synthetic, float(synthetic_fraction)
 
     def __len__(self) -> int:
         """The number of distinct images (one epoch); positions beyond it wrap into later epochs."""
@@ -303,8 +317,12 @@ class SRTrainDataset(Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         if position < 0:
             raise IndexError(f"sample positions are >= 0, got {position}")
-        index = self.image_index(position)
         generator = make_generator(self.seed, _SAMPLE, position)
+        if self.synthetic_fraction > 0:
+            synthetic_generator = make_generator(self.seed, _SYNTHETIC, position)
+            if float(torch.rand((), generator=synthetic_generator)) < self.synthetic_fraction:
+                return self._with_lr(self.synthetic.render(self.gt_size, synthetic_generator), generator)
+        index = self.image_index(position)
         hr = _load_item(self.hr_items[index])
         lr = None
         if self.lr_items is not None:
@@ -315,12 +333,14 @@ class SRTrainDataset(Dataset):
             hr, lr = _as_float(hr), None if lr is None else _as_float(lr)
         else:
             hr = _downscaled_crop(hr, self.gt_size, self.random_downscale, generator)
-        if lr is None:
-            (hr,) = augment([hr], generator, self.use_hflip, self.use_rot)
-        else:
-            hr, lr = augment([hr, lr], generator, self.use_hflip, self.use_rot)
         if lr is not None:
+            hr, lr = augment([hr, lr], generator, self.use_hflip, self.use_rot)
             return {"hr": hr, "lr": lr}
+        (hr,) = augment([hr], generator, self.use_hflip, self.use_rot)
+        return self._with_lr(hr, generator)
+
+    def _with_lr(self, hr: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        """The sample of an unpaired HR crop: its bicubic LR, its degradation kernels, or the HR alone."""
         if isinstance(self.degradation, str):
             if self.degradation != "bicubic":
                 raise ValueError(f"unknown degradation {self.degradation!r}")
@@ -467,6 +487,7 @@ def build_train_dataset(config) -> SRTrainDataset:
         raise ValueError(f"unknown data.source {data.source!r}")
     if lr_items is None:
         degradation = build_degradation(data.degradation, scale)
+    synthetic = build_synthetic(data.synthetic, hr_items, config.train.seed) if data.synthetic.fraction > 0 else None
     return SRTrainDataset(
         hr_items,
         scale,
@@ -477,6 +498,32 @@ def build_train_dataset(config) -> SRTrainDataset:
         use_rot=data.use_rot,
         seed=config.train.seed,
         random_downscale=data.random_downscale,
+        synthetic=synthetic,
+        synthetic_fraction=data.synthetic.fraction,
+    )
+
+
+def build_synthetic(synthetic_config, hr_items: Sequence[ImageItem], seed: int, palette_images: int = 32):
+    """The :class:`~sr_diffusion.training.synthetic.DeadLeaves` generator of ``data.synthetic``; a ``photos``
+    palette holds 65536 pixels of (at most ``palette_images`` evenly spaced) training images."""
+    from sr_diffusion.training.synthetic import DeadLeaves, photo_palette
+
+    c = synthetic_config
+    palette = None
+    if c.palette == "photos":
+        step = max(1, len(hr_items) // palette_images)
+        images = [_load_item(item) for item in list(hr_items)[::step][:palette_images]]
+        palette = photo_palette(images, 65536, make_generator(seed, _PALETTE))
+    elif c.palette != "uniform":
+        raise ValueError(f"data.synthetic.palette must be 'photos' or 'uniform', got {c.palette!r}")
+    return DeadLeaves(
+        r_min=c.r_min,
+        r_max=c.r_max,
+        alpha=c.alpha,
+        supersample=c.supersample,
+        shading=c.shading,
+        blur_sigma=tuple(c.blur_sigma),
+        palette=palette,
     )
 
 
