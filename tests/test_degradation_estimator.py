@@ -52,7 +52,25 @@ def test_degrade_with_targets_returns_exactly_the_degradations_lr_images():
         assert torch.equal(lr, degradation.degrade(hr, torch.Generator().manual_seed(seed)))
         assert len(targets) == 4
         assert (targets.blur_sigma >= BLUR_SIGMA_MIN - 1e-6).all() and (targets.noise_sigma > 0).all()
-        assert ((targets.jpeg_quality >= 30) & (targets.jpeg_quality <= 95)).all()
+        quality = targets.jpeg_quality
+        assert (((quality >= 30) & (quality <= 95)) | (quality == 100)).all()
+
+
+def test_jpeg_target_is_the_quality_the_lr_grid_shows():
+    """The final JPEG's quality counts where its blocks lie on the LR grid: when it is the last operation, or when
+    the final resize it precedes keeps the size; a JPEG resampled by a size-changing final resize counts as none."""
+    hr = hr_batch(n=8, size=64)
+    for resize_prob2, resampled in (((0.0, 1.0, 0.0), True), ((0.0, 0.0, 1.0), False)):
+        config = RealESRGANDegradationConfig(jpeg_prob2=1.0, resize_prob2=resize_prob2, resize_range2=(0.5, 1.2))
+        _, targets, params = degrade_with_targets(
+            RealESRGANDegradation(config), hr, torch.Generator().manual_seed(0), return_params=True
+        )
+        first = params["jpeg_first"].bool()
+        assert first.any() and (~first).any()
+        drawn = params["jpeg_quality2"].float()
+        torch.testing.assert_close(targets.jpeg_quality[~first], drawn[~first])
+        expected = torch.full_like(drawn[first], 100.0) if resampled else drawn[first]
+        torch.testing.assert_close(targets.jpeg_quality[first], expected)
 
 
 def test_recorded_resizes_are_the_ones_apply_performs(monkeypatch):
