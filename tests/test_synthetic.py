@@ -210,6 +210,9 @@ def test_config_builds_a_photo_palette_generator(tmp_path):
     assert {tuple(p.tolist()) for p in hr.reshape(3, -1).T} <= photo_colours
     with pytest.raises(ConfigError, match="data.synthetic.fraction"):
         load_config(None, ["data.synthetic.fraction=2"])
+    bad = load_config(None, ["data.synthetic.fraction=0.5", "data.synthetic.r_min=0", "validation.source=none"])
+    with pytest.raises(ConfigError, match="data.synthetic: r_min must be > 0"):
+        build_train_dataset(bad)
     with pytest.raises(ConfigError, match="data.synthetic.fraction"):
         load_config(
             None,

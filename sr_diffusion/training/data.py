@@ -516,15 +516,20 @@ def build_synthetic(synthetic_config, hr_items: Sequence[ImageItem], seed: int, 
         palette = photo_palette(images, 65536, make_generator(seed, _PALETTE))
     elif c.palette != "uniform":
         raise ValueError(f"data.synthetic.palette must be 'photos' or 'uniform', got {c.palette!r}")
-    return DeadLeaves(
-        r_min=c.r_min,
-        r_max=c.r_max,
-        alpha=c.alpha,
-        supersample=c.supersample,
-        shading=c.shading,
-        blur_sigma=tuple(c.blur_sigma),
-        palette=palette,
-    )
+    try:
+        return DeadLeaves(
+            r_min=c.r_min,
+            r_max=c.r_max,
+            alpha=c.alpha,
+            supersample=c.supersample,
+            shading=c.shading,
+            blur_sigma=tuple(c.blur_sigma),
+            palette=palette,
+        )
+    except ValueError as error:  # name the config section, as every other config error does
+        from .config import ConfigError
+
+        raise ConfigError(f"data.synthetic: {error}") from error
 
 
 def build_train_dataloader(
