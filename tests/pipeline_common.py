@@ -43,7 +43,7 @@ import torch
 from sr_diffusion.metrics import lr_consistency
 from sr_diffusion.pipelines import AutoSRPipeline, SRPipelineOutput
 
-__all__ = ["SRPipelineTesterMixin"]
+__all__ = ["OffloadTracker", "SRPipelineTesterMixin"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,60 @@ REPO = Path(__file__).resolve().parents[1]
 def _public(config) -> dict:
     """A pipeline config without diffusers' bookkeeping (``_class_name``, ``_name_or_path``, ...)."""
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+class OffloadTracker:
+    """Follows accelerate's model-offload hooks on a CPU-only machine, where "on the device" and "offloaded" are the
+    same memory: it records, per hooked model, whether its hook has moved it to the execution device (``pre_forward``)
+    or back (``init_hook``, which ``offload()`` and ``maybe_free_model_hooks`` call), and every parameterised
+    submodule that runs while its model is offloaded — on a GPU, a device-mismatch error (an entry point such as
+    ``encode`` / ``decode`` that bypasses the model's ``forward`` without diffusers' ``apply_forward_hook``)."""
+
+    def __init__(self, monkeypatch):
+        from accelerate.hooks import CpuOffload
+
+        self.on_device: dict[int, bool] = {}
+        self.loaded: set[str] = set()
+        self.violations: list[str] = []
+        self.names: dict[int, str] = {}
+        pre_forward, init_hook = CpuOffload.pre_forward, CpuOffload.init_hook
+        tracker = self
+
+        def tracked_pre_forward(hook, module, *args, **kwargs):
+            result = pre_forward(hook, module, *args, **kwargs)
+            tracker.on_device[id(module)] = True
+            tracker.loaded.add(tracker.names.get(id(module), "?"))
+            return result
+
+        def tracked_init_hook(hook, module):
+            result = init_hook(hook, module)
+            tracker.on_device[id(module)] = False
+            return result
+
+        monkeypatch.setattr(CpuOffload, "pre_forward", tracked_pre_forward)
+        monkeypatch.setattr(CpuOffload, "init_hook", tracked_init_hook)
+
+    def watch(self, pipe) -> list[str]:
+        """Watch every hooked component of ``pipe`` (after ``enable_model_cpu_offload``); returns their names."""
+        hooked = []
+        for name, component in pipe.components.items():
+            if not isinstance(component, torch.nn.Module) or id(component) not in self.on_device:
+                continue
+            hooked.append(name)
+            self.names[id(component)] = name
+            for sub_name, sub in component.named_modules():
+                if next(sub.parameters(recurse=False), None) is None:
+                    continue
+
+                sub.register_forward_pre_hook(self._checker(component, f"{name}.{sub_name}".rstrip(".")))
+        return hooked
+
+    def _checker(self, owner: torch.nn.Module, where: str):
+        def check(module, args):
+            if not self.on_device[id(owner)]:
+                self.violations.append(where)
+
+        return check
 
 
 class SRPipelineTesterMixin:
@@ -236,6 +290,32 @@ class SRPipelineTesterMixin:
 
         with pytest.raises(ValueError, match="lr_consistency must be a bool"):
             self._run(pipe, lr_consistency="yes")
+
+    # ------------------------------------------------------------------------------------------ offload
+
+    def test_model_cpu_offload_runs_every_model_on_the_device_and_changes_nothing(self, monkeypatch):
+        """``enable_model_cpu_offload`` (here with ``device="cpu"``: the hooks run as on a GPU machine): the same
+        image, every hooked model moved to the device before any of its layers runs, and all offloaded afterwards."""
+        pipe = self.get_pipeline()
+        reference = self._run(pipe)
+        tracker = OffloadTracker(monkeypatch)
+        pipe.enable_model_cpu_offload(device="cpu")
+        hooked = tracker.watch(pipe)
+        sequence = [n for n in pipe.model_cpu_offload_seq.split("->") if getattr(pipe, n, None) is not None]
+        assert set(sequence) <= set(hooked), (sequence, hooked)
+        assert str(pipe._execution_device) == "cpu:0"
+
+        torch.testing.assert_close(self._run(pipe), reference, rtol=0, atol=0)
+        assert not tracker.violations, f"layers ran while their model was offloaded: {sorted(set(tracker.violations))}"
+        assert tracker.loaded, "no model was moved to the device"
+        assert not any(tracker.on_device[id(getattr(pipe, n))] for n in hooked), "models left on the device"
+
+        # the instrument itself: a layer of an offloaded model, called directly, is caught
+        name = next(iter(tracker.loaded))
+        layer = next(m for m in getattr(pipe, name).modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        conv = isinstance(layer, torch.nn.Conv2d)
+        layer(torch.zeros(1, layer.in_channels, 3, 3) if conv else torch.zeros(1, layer.in_features))
+        assert tracker.violations
 
     # ------------------------------------------------------------------------------------------ callbacks
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from pipeline_common import SRPipelineTesterMixin
+from pipeline_common import OffloadTracker, SRPipelineTesterMixin
 from sd_pipeline_common import SDPipelineTesterMixin, run, tiny_inputs
 from seesr_tiny import (
     IMAGE_DIM,
@@ -23,6 +23,7 @@ from seesr_tiny import (
 )
 from stablesr_tiny import lr_image, tiny_text_encoder, tiny_unet
 
+from sr_diffusion.estimation import DegradationEstimator
 from sr_diffusion.models.seesr import seesr_controlnet_from_unet, seesr_image_attentions
 from sr_diffusion.pipelines import AutoSRPipeline
 from sr_diffusion.pipelines.seesr import SeeSRPipeline, seesr_scheduler
@@ -168,6 +169,25 @@ def test_the_extractors_prompts_are_used_and_the_callers_win():
     )
     # the user's negative prompt is used verbatim: "" differs from SeeSR's default
     assert (run(extracting, negative_prompt="") - auto).abs().max() > 1e-4
+
+
+def test_model_cpu_offload_with_a_dape_and_a_degradation_estimator(monkeypatch):
+    """``prompt="auto"`` and ``fidelity="auto"`` under ``enable_model_cpu_offload``: the DAPE is offloaded in sequence
+    and runs on the device, the estimator (kept on the device) runs, and the image is the one without offload."""
+    torch.manual_seed(0)
+    estimator = DegradationEstimator(block_out_channels=(8, 16), head_channels=8).eval()
+    pipe = make_pipe(prompt_extractor=tiny_dape(), degradation_estimator=estimator)
+    image = lr_image(0, size=(16, 16))
+    reference = run(pipe, image=image, prompt="auto", fidelity="auto")
+    tracker = OffloadTracker(monkeypatch)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert "prompt_extractor" in tracker.watch(pipe)
+    ran = []
+    estimator.register_forward_pre_hook(lambda module, args: ran.append(args[0].shape))
+    torch.testing.assert_close(run(pipe, image=image, prompt="auto", fidelity="auto"), reference, rtol=0, atol=0)
+    assert not tracker.violations, sorted(set(tracker.violations))
+    assert {"prompt_extractor", "text_encoder", "controlnet", "unet", "vae"} <= tracker.loaded
+    assert ran, "the degradation estimator did not run"
 
 
 def test_a_dape_extracts_prompts_and_saves_and_loads_with_the_pipeline(tmp_path):
