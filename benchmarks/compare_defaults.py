@@ -10,6 +10,10 @@ markdown table of the means (the README's) and per-photo rows, and writes a side
 (input, bicubic, generative default, regression default, HR), enlarged 2x (nearest).
 
     .venv/bin/python benchmarks/compare_defaults.py [--out docs/default_x4_comparison.png] [--threads 2]
+    .venv/bin/python benchmarks/compare_defaults.py --split train    # the same on the 11 photos they trained on
+
+``--split train`` scores the photos both models were trained on (no side-by-side crop): the gap between the two
+splits is how much of what a model reaches it owes to having seen the photos.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/default_x4_comparison.png", help="side-by-side crop PNG")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--split", choices=("val", "train"), default="val", help="held-out photos, or training ones")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +79,7 @@ def main() -> None:
 
     rows: dict[str, list[dict]] = {name: [] for name in METHODS}
     names = []
-    for index, (name, photo) in enumerate(load_skimage_sklearn("val")):
+    for index, (name, photo) in enumerate(load_skimage_sklearn(args.split)):
         hr = photo.float()[None] / 255
         h, w = hr.shape[-2:]
         hr = hr[..., : h - h % SCALE, : w - w % SCALE]
@@ -84,7 +89,7 @@ def main() -> None:
         for method, sr in outputs.items():
             sr = (sr * 255).round() / 255
             rows[method].append({**score(sr, hr, SCALE), "lr_consistency": float(lr_consistency(lr, sr, SCALE)[0])})
-        if name == CROP[0]:
+        if name == CROP[0] and args.split == "val":
             _, top, left, side = CROP
             crop = {m: to_pil(sr[..., top : top + side, left : left + side]) for m, sr in outputs.items()}
             lr_crop = to_pil(lr[..., top // SCALE : (top + side) // SCALE, left // SCALE : (left + side) // SCALE])
@@ -97,7 +102,8 @@ def main() -> None:
             grid.save(args.out)
 
     keys = ("psnr_y", "ssim_y", "lr_consistency", "grad_ratio")
-    print("| x4, held-out photos | Y-PSNR (dB) | Y-SSIM | LR-consistency (dB) | gradient vs HR |")
+    photos = "held-out" if args.split == "val" else "training"
+    print(f"| x4, {photos} photos | Y-PSNR (dB) | Y-SSIM | LR-consistency (dB) | gradient vs HR |")
     print("|---|---|---|---|---|")
     for method in METHODS:
         mean = {k: sum(r[k] for r in rows[method]) / len(rows[method]) for k in keys}
@@ -107,7 +113,8 @@ def main() -> None:
     for i, name in enumerate(names):
         cells = "  ".join(f"{m}: {rows[m][i]['psnr_y']:.2f} dB {100 * rows[m][i]['grad_ratio']:.0f}%" for m in METHODS)
         print(f"{name:<16} {cells}")
-    print(f"wrote {args.out}")
+    if args.split == "val":
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
