@@ -1,6 +1,6 @@
 """``SDPipelineTesterMixin``: what every SR pipeline on a Stable Diffusion base (StableSR, PASD, SeeSR) must support
 beyond :class:`~pipeline_common.SRPipelineTesterMixin` — attention backends, the xformers switch, SD LoRAs through
-``load_lora_weights``, bf16, and a valid offload sequence (diffusers' ``test_pipelines_common.py`` style).
+``load_lora_weights``, bf16 and fp16, and a valid offload sequence (diffusers' ``test_pipelines_common.py`` style).
 
 A test class inherits both mixins and provides ``pipeline_class``, ``get_dummy_components`` and
 ``get_dummy_inputs`` as for :class:`~pipeline_common.SRPipelineTesterMixin`.
@@ -8,6 +8,7 @@ A test class inherits both mixins and provides ``pipeline_class``, ``get_dummy_c
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
@@ -126,10 +127,11 @@ class SDPipelineTesterMixin:
         pipe.unload_lora_weights()
         torch.testing.assert_close(self._sd_run(pipe), base, rtol=0, atol=1e-5)
 
-    def test_bf16_components_give_a_close_finite_image(self):
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_half_precision_components_give_a_close_finite_image(self, dtype):
         pipe = self.get_pipeline()
         reference = self._sd_run(pipe)
-        pipe.to(torch.bfloat16)
+        pipe.to(dtype)
         low = self._sd_run(pipe)
         assert low.dtype == torch.float32 and torch.isfinite(low).all()
         assert (low - reference).abs().mean() < 0.05
