@@ -108,6 +108,24 @@ def upscale_call_kwargs(pipe, args) -> dict:
     return kwargs
 
 
+def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[Path]:
+    """Where each input's result goes. ``output`` is a folder (created as needed; results keep the inputs' relative
+    paths, with ``--suffix`` and ``--ext``), or, for a single input image, an image file path: an ``output`` with an
+    image extension that is not an existing folder (its format is the extension's)."""
+    if output.suffix.lower() in IMAGE_EXTENSIONS and not output.is_dir():
+        if len(inputs) != 1:
+            raise CLIError(
+                f"{output}: an output file takes one input image, got {len(inputs)}; give an output folder instead"
+            )
+        if args.ext is not None or args.suffix:
+            raise CLIError(f"{output}: --ext and --suffix name files in an output folder, not an output file")
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"{output}: output exists and is neither a folder nor an image file name")
+    ext = args.ext or "png"
+    return [output / rel.with_name(f"{rel.stem}{args.suffix}.{ext}") for _, rel in inputs]
+
+
 def cmd_upscale(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -115,16 +133,13 @@ def cmd_upscale(args) -> int:
     from sr_diffusion.image_processor import ImageLoadError, load_image, save_image
 
     inputs = collect_inputs(args.inputs)
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir}: output exists and is not a folder")
+    targets = output_targets(inputs, Path(args.output), args)
     input_paths = {p.resolve() for p, _ in inputs}
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     call_kwargs = upscale_call_kwargs(pipe, args)
 
     failures = 0
-    for path, rel in tqdm(inputs, desc="upscale", unit="img", disable=args.quiet):
-        target = out_dir / rel.with_name(f"{rel.stem}{args.suffix}.{args.ext}")
+    for (path, _), target in tqdm(list(zip(inputs, targets)), desc="upscale", unit="img", disable=args.quiet):
         if target.resolve() in input_paths:
             print(f"error: {path}: output {target} would overwrite an input; skipped", file=sys.stderr)
             failures += 1
@@ -379,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("upscale", help="upscale image files or folders")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument(
+        "-o", "--output", required=True, help="output folder, or an image file (.png, .jpg, ...) for one input image"
+    )
     add_runtime(p)
     p.add_argument("--scale", type=float, default=None, dest="outscale", help="output scale (default: the model's own)")
     p.add_argument("--tile-overlap", type=int, default=32)
@@ -401,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--fidelity", choices=["auto"], help="auto: fidelity knobs from the degradation estimator")
     sd.add_argument("--color-fix", choices=["none", "adain", "wavelet"], help="colour fix (default: the method's)")
     sd.add_argument("--seed", type=int, help="seed of each image's noise (default: the global RNG)")
-    p.add_argument("--ext", default="png", choices=["png", "webp", "jpg", "tif"])
+    p.add_argument("--ext", choices=["png", "webp", "jpg", "tif"], help="output folder: file format (default: png)")
     p.add_argument("--suffix", default="", help="appended to each output file name's stem")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

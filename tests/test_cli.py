@@ -73,6 +73,30 @@ def test_never_overwrites_inputs(model_dir, inputs, capsys):
     assert (inputs / "a.png").read_bytes() == before
 
 
+def test_an_output_file_for_one_input(model_dir, inputs, tmp_path, capsys):
+    """``-o result.jpg`` with one input image writes that file, in the extension's format; anything that needs a
+    folder (several inputs, --ext, --suffix) is refused before any work, and an existing folder named like an image
+    stays a folder."""
+    base = ["--model", str(model_dir), "-q"]
+    out = tmp_path / "deep" / "result.jpg"
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(out), *base]) == 0
+    with PIL.Image.open(out) as image:
+        assert image.format == "JPEG" and image.size == (96, 80)
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(inputs / "a.png"), *base]) == 1  # never the input
+    assert "would overwrite an input" in capsys.readouterr().err
+    for extra in (["--ext", "webp"], ["--suffix", "_x4"]):
+        assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "r.png"), *base, *extra]) == 2
+    assert main(["upscale", str(inputs), "-o", str(tmp_path / "r.png"), *base]) == 2
+    err = capsys.readouterr().err
+    assert "--ext and --suffix name files in an output folder" in err and "takes one input image, got 3" in err
+    assert not (tmp_path / "r.png").exists()
+    (tmp_path / "folder.png").mkdir()
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "folder.png"), *base]) == 0
+    assert (tmp_path / "folder.png" / "a.png").is_file()
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "notes.txt"), *base]) == 2
+    assert "neither a folder nor an image file name" in capsys.readouterr().err
+
 def test_one_line_errors(tmp_path, model_dir, capsys):
     assert main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
     assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(model_dir)]) == 2
