@@ -96,23 +96,44 @@ def test_recorded_resizes_are_the_ones_apply_performs(monkeypatch):
         assert {mode for _, mode in calls[2:]} == {draws.final_mode} and len(calls) in (3, 4)
 
 
-def test_noise_target_is_the_added_noise_on_the_lr_grid():
-    """Only stage 2, Gaussian sigma 10, no resize before the final one and no sinc: the target is ~10."""
-    config = RealESRGANDegradationConfig(
-        noise_prob=0.0,
-        gaussian_noise_prob2=1.0,
-        noise_range2=(10.0, 10.0),
-        resize_prob2=(0.0, 0.0, 1.0),
-        final_sinc_prob=0.0,
-        jpeg_prob2=0.0,
-    )
-    hr = torch.full((4, 3, 64, 64), 0.5)  # mid-grey: no clamping
-    _, targets = degrade_with_targets(RealESRGANDegradation(config), hr, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(targets.noise_sigma, torch.full((4,), 10.0), rtol=0.08, atol=0)
-    assert (targets.jpeg_quality == 100).all()  # no final JPEG
+def test_noise_target_is_the_noise_the_lr_image_shows():
+    """Only stage 2, grey Gaussian noise of sigma 10 on mid-grey, no resize before the final one and no sinc: the
+    target is ~10. A final JPEG of quality 30 removes much of that noise and the target follows it (95: nearly none);
+    without noise it is exactly 0; and the target is the LR image minus the same run replayed without the noise."""
+
+    def noise_targets(**overrides):
+        config = RealESRGANDegradationConfig(
+            noise_prob=0.0,
+            gaussian_noise_prob2=1.0,
+            gray_noise_prob2=1.0,  # JPEG's chroma subsampling would remove part of colour noise even at quality 95
+            noise_range2=(10.0, 10.0),
+            resize_prob2=(0.0, 0.0, 1.0),
+            final_sinc_prob=0.0,
+            **{"jpeg_prob2": 0.0, **overrides},
+        )
+        hr = torch.full((4, 3, 64, 64), 0.5)  # mid-grey: no clamping
+        return degrade_with_targets(RealESRGANDegradation(config), hr, torch.Generator().manual_seed(0))[1]
+
+    plain = noise_targets()
+    torch.testing.assert_close(plain.noise_sigma, torch.full((4,), 10.0), rtol=0.08, atol=0)
+    assert (plain.jpeg_quality == 100).all()  # no final JPEG
+    high = noise_targets(jpeg_prob2=1.0, jpeg_range2=(95, 95)).noise_sigma
+    low = noise_targets(jpeg_prob2=1.0, jpeg_range2=(30, 30)).noise_sigma
+    torch.testing.assert_close(high, plain.noise_sigma, rtol=0.1, atol=0)  # quality 95 keeps nearly all of it
+    assert (low < 0.7 * high).all(), (low, high)
+
     silent = RealESRGANDegradationConfig(noise_prob=0.0, noise_prob2=0.0)
     _, targets = degrade_with_targets(RealESRGANDegradation(silent), hr_batch(), torch.Generator().manual_seed(1))
     assert (targets.noise_sigma == 0).all()
+
+    # the definition, on the full chain: LR minus the replay without noise, which repeats every other draw
+    degradation, hr = RealESRGANDegradation(), hr_batch(n=3, size=48)
+    lr, targets, params = degrade_with_targets(degradation, hr, torch.Generator().manual_seed(2), return_params=True)
+    generator = torch.Generator().manual_seed(2)
+    degradation.sample_batch(3, generator)
+    noiseless = targets_module._NoiselessReplay(degradation.config).apply(hr, params, generator)
+    torch.testing.assert_close(targets.noise_sigma, 255 * (lr - noiseless).square().mean((1, 2, 3)).sqrt())
+    assert 0 < float((lr - noiseless).abs().max()) and (targets.noise_sigma > 0).all()
 
 
 def test_blur_sigma_of_gaussians_sinc_filters_and_bottlenecks():

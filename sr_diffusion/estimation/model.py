@@ -55,8 +55,8 @@ _RANGES = {"blur_sigma": (BLUR_SIGMA_MIN, None), "noise_sigma": (0.0, None), "jp
 # Mean and standard deviation of the targets under the default training distribution (Real-ESRGAN x4plus with each
 # noise / JPEG stage switched off 20% of the time, 192-pixel HR crops of the bundled training photos); training
 # re-measures them (estimator.calibration_samples; these are its values on 512 crops, seed 0).
-_DEFAULT_MEAN = (0.73, 9.2, 75.6)
-_DEFAULT_STD = (0.26, 6.7, 23.6)
+_DEFAULT_MEAN = (0.73, 8.8, 75.6)
+_DEFAULT_STD = (0.26, 6.0, 23.6)
 _BLOCK = 8  # JPEG's block size
 
 

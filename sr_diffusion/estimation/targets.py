@@ -26,12 +26,12 @@ sigma", so each target is defined as the equivalent of one first-order operation
     not modelled beyond the bottleneck.
 
 ``noise_sigma`` (0..255 scale)
-    The standard deviation of the noise the two noise stages added, as it is in the LR image: the actual noise
-    realisations (Gaussian or Poisson, colour or grey, after clamping) are recorded where they are added and carried
-    to the LR grid through the same linear operations that follow them (stage 1: ``kernel2``, the second resize, the
-    final resize and the sinc filter; stage 2: the final resize and the sinc filter), then measured over all pixels
-    and channels. The JPEG compressions and the final 8-bit rounding are not applied to it (they remove part of the
-    noise, and the rounding adds ``255 / sqrt(12) / 255 ~ 0.29``).
+    The standard deviation of the noise as the LR image shows it: the difference between the LR image and the same
+    degradation replayed without its noise (every draw the same: the noise stages still draw their noise, so nothing
+    after them changes, but do not add it), over all pixels and channels. Everything after a noise stage acts on its
+    noise as on the image: the resizes and filters blur it, the JPEG compressions remove part of it (what they do
+    differently to the noisy image counts as noise), and clamping and the 8-bit rounding apply. Noise that a JPEG
+    removed is not part of the target: the LR image carries no trace of it.
 
 ``jpeg_quality`` (1..100)
     The quality of the JPEG compression the LR grid shows: that of the final JPEG when its 8x8 blocks lie on the LR
@@ -42,8 +42,8 @@ sigma", so each target is defined as the equivalent of one first-order operation
     tell its quality from the mean's, 1.17x the predict-the-mean error against 0.27x where the blocks stay on the LR
     grid).
 
-The parameters are read by a private subclass of the degradation that records its batch-wide resize draws and the
-noise it adds while running the unchanged degradation code (same draws, bit-identical LR images).
+The parameters are read by a private subclass of the degradation that records its batch-wide resize draws while running
+the unchanged degradation code (same draws, bit-identical LR images); a second subclass replays it without the noise.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from sr_diffusion.degradations import RealESRGANDegradation
-from sr_diffusion.degradations.ops import INTERPOLATION_MODES, filter2d, resize
+from sr_diffusion.degradations.ops import INTERPOLATION_MODES
 
 __all__ = ["BLUR_SIGMA_MIN", "degrade_with_targets", "effective_blur_sigma"]
 
@@ -140,13 +140,13 @@ def effective_blur_sigma(
 
 class _RecordingRealESRGAN(RealESRGANDegradation):
     """:class:`RealESRGANDegradation` that records, while :meth:`apply` runs unchanged, the batch-wide resize draws
-    (stage 1, stage 2, and the final interpolation mode, drawn right after them) and the noise each stage added."""
+    (stage 1, stage 2, and the final interpolation mode, drawn right after them) and which noise stages ran."""
 
     def __init__(self, config):
         super().__init__(config)
         self.resizes: list[tuple[float, str]] = []
         self.final_mode: str | None = None
-        self.noise: dict[int, torch.Tensor] = {}
+        self.noise_stages: list[int] = []
 
     def _draw_resize(self, generator, probs, scale_range):
         factor, mode = RealESRGANDegradation._draw_resize(generator, probs, scale_range)
@@ -159,9 +159,17 @@ class _RecordingRealESRGAN(RealESRGANDegradation):
         return factor, mode
 
     def _noise(self, img, params, stage, generator):
-        noisy = super()._noise(img, params, stage, generator)
-        self.noise[stage] = noisy - img
-        return noisy
+        self.noise_stages.append(stage)
+        return super()._noise(img, params, stage, generator)
+
+
+class _NoiselessReplay(_RecordingRealESRGAN):
+    """:class:`_RecordingRealESRGAN` whose noise stages draw their noise (the generator advances exactly as in the
+    recorded run) but do not add it."""
+
+    def _noise(self, img, params, stage, generator):
+        super()._noise(img, params, stage, generator)
+        return img
 
 
 @dataclass
@@ -170,7 +178,8 @@ class _Draws:
 
     resizes: list[tuple[float, str]]
     final_mode: str
-    noise: dict[int, torch.Tensor]
+    noise_stages: list[int]
+    apply_state: torch.Tensor  # the generator's state when apply started: replaying from it repeats every draw
 
 
 def _run_recorded(
@@ -178,13 +187,23 @@ def _run_recorded(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Draws]:
     recorder = _RecordingRealESRGAN(degradation.config)
     params = recorder.sample_batch(hr.shape[0], generator)
+    apply_state = generator.get_state()
     lr = recorder.apply(hr, params, generator)
-    if len(recorder.resizes) != 2 or recorder.final_mode is None or set(recorder.noise) != {1, 2}:
+    if len(recorder.resizes) != 2 or recorder.final_mode is None or recorder.noise_stages != [1, 2]:
         raise RuntimeError(
             "RealESRGANDegradation.apply no longer draws two resizes and adds noise twice as the degradation "
             "estimator's targets expect; update sr_diffusion/estimation/targets.py"
         )
-    return lr, params, _Draws(recorder.resizes, recorder.final_mode, recorder.noise)
+    return lr, params, _Draws(recorder.resizes, recorder.final_mode, recorder.noise_stages, apply_state)
+
+
+def _replay_without_noise(
+    degradation: RealESRGANDegradation, hr: torch.Tensor, params: dict[str, torch.Tensor], draws: _Draws, device
+) -> torch.Tensor:
+    """The LR images of the recorded run with its noise left out (every other draw the same)."""
+    generator = torch.Generator(device=device)
+    generator.set_state(draws.apply_state)
+    return _NoiselessReplay(degradation.config).apply(hr, params, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,7 +238,7 @@ def degrade_with_targets(
     lr, params, draws = _run_recorded(degradation, hr, generator)
     s = degradation.scale
     h, w = hr.shape[-2:]
-    (f1, mode1), (f2, mode2) = draws.resizes
+    (f1, _), (f2, _) = draws.resizes
     size1 = (max(1, int(h * f1)), max(1, int(w * f1)))
     size2 = (max(1, int(h / s * f2)), max(1, int(w / s * f2)))
     lr_size = lr.shape[-2:]
@@ -238,11 +257,9 @@ def degrade_with_targets(
         full(max(p1, p2, 1.0)),
     )
 
-    # noise: carry each stage's realisation to the LR grid through the linear operations after it
-    noise = filter2d(draws.noise[1], params["kernel2"].to(device))
-    noise = resize(noise, size2, mode2) + draws.noise[2]
-    noise = filter2d(resize(noise, tuple(lr_size), draws.final_mode), params["sinc_kernel"].to(device))
-    noise_sigma = 255.0 * noise.float().square().mean(dim=(1, 2, 3)).sqrt()
+    # noise: what the LR image shows of it, against the same run without it
+    noiseless = _replay_without_noise(degradation, hr, params, draws, generator.device)
+    noise_sigma = 255.0 * (lr - noiseless.to(lr.device)).float().square().mean(dim=(1, 2, 3)).sqrt().to(device)
 
     # JPEG: the final compression's quality where its blocks stay on the LR grid, else 100
     quality = params["jpeg_quality2"].to(device=device, dtype=torch.float32)
