@@ -136,6 +136,19 @@ def test_noise_target_is_the_noise_the_lr_image_shows():
     assert 0 < float((lr - noiseless).abs().max()) and (targets.noise_sigma > 0).all()
 
 
+def test_a_draw_after_the_second_noise_stage_is_refused(monkeypatch):
+    """The noiseless replay repeats the recorded draws only while the second noise stage is the chain's last draw."""
+    original = RealESRGANDegradation.apply
+
+    def drawing_late(self, hr, kernels, generator):
+        lr = original(self, hr, kernels, generator)
+        torch.rand((), generator=generator)
+        return lr
+
+    monkeypatch.setattr(RealESRGANDegradation, "apply", drawing_late)
+    with pytest.raises(RuntimeError, match="the second noise being its last draw"):
+        degrade_with_targets(RealESRGANDegradation(), hr_batch(n=2, size=32), torch.Generator().manual_seed(0))
+
 def test_blur_sigma_of_gaussians_sinc_filters_and_bottlenecks():
     def sigma(kernel, pitch, bottleneck=1.0):
         chain = [(kernel[None], torch.tensor([pitch], dtype=F64))]

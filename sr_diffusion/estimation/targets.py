@@ -147,6 +147,7 @@ class _RecordingRealESRGAN(RealESRGANDegradation):
         self.resizes: list[tuple[float, str]] = []
         self.final_mode: str | None = None
         self.noise_stages: list[int] = []
+        self.state_after_noise: torch.Tensor | None = None
 
     def _draw_resize(self, generator, probs, scale_range):
         factor, mode = RealESRGANDegradation._draw_resize(generator, probs, scale_range)
@@ -160,12 +161,15 @@ class _RecordingRealESRGAN(RealESRGANDegradation):
 
     def _noise(self, img, params, stage, generator):
         self.noise_stages.append(stage)
-        return super()._noise(img, params, stage, generator)
+        noisy = super()._noise(img, params, stage, generator)
+        self.state_after_noise = generator.get_state()
+        return noisy
 
 
 class _NoiselessReplay(_RecordingRealESRGAN):
-    """:class:`_RecordingRealESRGAN` whose noise stages draw their noise (the generator advances exactly as in the
-    recorded run) but do not add it."""
+    """:class:`_RecordingRealESRGAN` whose noise stages draw their noise but do not add it. Every other draw is the
+    recorded run's: stage 1 sees the same image in both runs (its draws match even where their number depends on the
+    values, as Poisson sampling's may), and stage 2's noise is the chain's last draw (checked by the recorded run)."""
 
     def _noise(self, img, params, stage, generator):
         super()._noise(img, params, stage, generator)
@@ -189,10 +193,12 @@ def _run_recorded(
     params = recorder.sample_batch(hr.shape[0], generator)
     apply_state = generator.get_state()
     lr = recorder.apply(hr, params, generator)
-    if len(recorder.resizes) != 2 or recorder.final_mode is None or recorder.noise_stages != [1, 2]:
+    after_noise = recorder.state_after_noise
+    last_draw = after_noise is not None and torch.equal(after_noise, generator.get_state())
+    if len(recorder.resizes) != 2 or recorder.final_mode is None or recorder.noise_stages != [1, 2] or not last_draw:
         raise RuntimeError(
-            "RealESRGANDegradation.apply no longer draws two resizes and adds noise twice as the degradation "
-            "estimator's targets expect; update sr_diffusion/estimation/targets.py"
+            "RealESRGANDegradation.apply no longer draws two resizes and adds noise twice, the second noise being its "
+            "last draw, as the degradation estimator's targets expect; update sr_diffusion/estimation/targets.py"
         )
     return lr, params, _Draws(recorder.resizes, recorder.final_mode, recorder.noise_stages, apply_state)
 
