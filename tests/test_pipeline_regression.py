@@ -5,6 +5,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from pipeline_common import OffloadTracker
 
 from sr_diffusion.models import EDSR, RRDBNet, SRVGGNetCompact, SwinIR
 from sr_diffusion.pipelines import AutoSRPipeline, RegressionSRPipeline, SRPipelineOutput
@@ -167,6 +168,20 @@ def test_bf16_close_to_fp32(photo_tensor):
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.05
 
+
+def test_model_cpu_offload_with_tiling_and_self_ensemble(monkeypatch, photo_tensor):
+    """``enable_model_cpu_offload`` (``device="cpu"``: accelerate's hooks run as on a GPU machine): the model runs on
+    the device in every tile and ensemble pass, the image is unchanged, and the model is offloaded afterwards."""
+    pipe = make_pipe("edsr")
+    x = photo_tensor[..., :16, :16]
+    kwargs = {"output_type": "pt", "tile_size": 8, "tile_overlap": 2, "self_ensemble": True}
+    reference = pipe(x, **kwargs).images
+    tracker = OffloadTracker(monkeypatch)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert tracker.watch(pipe) == ["model"]
+    torch.testing.assert_close(pipe(x, **kwargs).images, reference, rtol=0, atol=0)
+    assert tracker.loaded == {"model"} and not tracker.violations
+    assert not tracker.on_device[id(pipe.model)]
 
 def test_saved_folder_loads_in_a_fresh_process(tmp_path):
     """diffusers resolves our component classes only from sys.modules; both loaders must import them."""
