@@ -348,6 +348,31 @@ def test_fewer_steps_respace_the_chain():
     assert (short - full).abs().max() > 1e-4
 
 
+def test_custom_timesteps_run_that_chain():
+    """``timesteps=[5, 2]`` is ``num_inference_steps=2`` of 6; ``[5, 3, 1]`` runs those steps and differs; a chain that
+    is not a decreasing subset of the trained timesteps, or given with num_inference_steps, is refused."""
+    pipe = make_pipe(scheduler=tiny_scheduler(num_train_timesteps=6))
+    seen: list[int] = []
+
+    def record(pipeline, i, t, callback_kwargs):
+        seen.append(int(t))
+        return callback_kwargs
+
+    def run(**kwargs):
+        seen.clear()
+        generator = torch.Generator().manual_seed(0)
+        return pipe(lr_image(0), generator=generator, output_type="pt", callback_on_step_end=record, **kwargs).images
+
+    two = run(num_inference_steps=2)
+    torch.testing.assert_close(run(timesteps=[5, 2]), two, rtol=0, atol=0)
+    custom = run(timesteps=[5, 3, 1])
+    assert seen == [5, 3, 1] and pipe.num_timesteps == 3 and (custom - two).abs().max() > 1e-4
+    for bad in ([], [2, 5], [5, 5, 1], [6, 1], [5, -1], [5.0, 2], "52"):
+        with pytest.raises(ValueError, match="timesteps must be"):
+            run(timesteps=bad)
+    with pytest.raises(ValueError, match="either num_inference_steps or timesteps"):
+        run(num_inference_steps=2, timesteps=[5, 2])
+
 def test_latents_override_starts_the_chain_there():
     pipe = make_pipe()
     image = lr_image(0)

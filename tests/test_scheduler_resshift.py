@@ -311,6 +311,16 @@ def test_timesteps():
     journal = ResShiftScheduler.from_preset("v3")
     journal.set_timesteps(4)
     assert journal.timesteps.tolist() == [3, 2, 1, 0]
+    # a custom chain: any strictly decreasing subset of the trained timesteps
+    scheduler.set_timesteps(timesteps=[14, 6, 1])
+    assert scheduler.timesteps.tolist() == [14, 6, 1] and scheduler.num_inference_steps == 3
+    assert [scheduler.previous_timestep(t) for t in (14, 6, 1)] == [6, 1, -1]
+    with pytest.raises(ValueError, match="not in the current chain"):
+        scheduler.previous_timestep(5)
+    with pytest.raises(ValueError, match="strictly decreasing trained timesteps in \\[0, 14\\]"):
+        scheduler.set_timesteps(timesteps=[15, 3])
+    with pytest.raises(ValueError, match="not both"):
+        scheduler.set_timesteps(3, timesteps=[14, 6, 1])
 
 
 def test_respaced_posterior_uses_previous_kept_step():

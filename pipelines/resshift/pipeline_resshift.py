@@ -292,6 +292,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         self,
         rgb: torch.Tensor,
         num_inference_steps: int | None,
+        timesteps: Sequence[int] | None,
         color_fix: str,
         lr_consistency: bool,
         tile_size: int | None,
@@ -305,6 +306,8 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         # num_inference_steps=None means all of its T trained steps
         if num_inference_steps is not None:
             self.check_num_inference_steps(num_inference_steps)
+        if timesteps is not None:
+            self.scheduler.check_timesteps(timesteps)
         self.check_output_options(color_fix, lr_consistency)
         self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
 
@@ -361,6 +364,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         self,
         image: ImageInput | Sequence[ImageInput],
         num_inference_steps: int | None = None,
+        timesteps: Sequence[int] | None = None,
         color_fix: str = "none",
         lr_consistency: bool | None = None,
         tile_size: int | None = None,
@@ -380,6 +384,8 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             num_inference_steps: ``S``, ``1 <= S <= T``; default (None) the pipeline's configured default
                 (``config.num_inference_steps``), else the scheduler's ``T`` trained steps, as the reference. Fewer
                 steps keep a subset of the trained timesteps (``ResShiftScheduler.set_timesteps``).
+            timesteps: the chain itself instead of ``num_inference_steps``: a strictly decreasing subset of the trained
+                timesteps, e.g. ``[3, 1]`` of 4 (``num_inference_steps=3`` of 4 is ``[3, 2, 0]``).
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`).
             lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
@@ -411,12 +417,15 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         # 1. Check inputs
         if lr_consistency is None:
             lr_consistency = bool(self.config.get("lr_consistency", False))
-        if num_inference_steps is None:
+        if timesteps is not None and num_inference_steps is not None:
+            raise ValueError("Give either num_inference_steps or timesteps, not both.")
+        if num_inference_steps is None and timesteps is None:
             num_inference_steps = self.config.get("num_inference_steps")
         pre = self.image_processor.preprocess(image)
         self.check_inputs(
             pre.rgb,
             num_inference_steps,
+            timesteps,
             color_fix,
             lr_consistency,
             tile_size,
@@ -433,7 +442,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
 
         # 3. Timesteps: once for all tiles (ResShiftScheduler's steps keep no state), all of them (no strength)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         self._num_timesteps = len(self.scheduler.timesteps)
 
         # 4.-7. Sample (whole image, or tile by tile)

@@ -23,6 +23,7 @@ Indexing follows the reference code: the paper's step ``t = 1..T`` is the intege
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -305,7 +306,12 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
     # Timesteps
     # ------------------------------------------------------------------------------------------------------------------
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
         """Choose the chain run at inference.
 
         ResShift is trained for, and normally sampled with, all ``T`` steps (``num_inference_steps=None`` or ``T``):
@@ -324,11 +330,23 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
           ``int((S - 1) T / S) < T-1`` when ``S < T`` (e.g. 12 for ``T=15, S=5``), where ``eta`` is well below 1 and
           the prior's mean ``y_0`` is off by ``(1 - eta) e_0``. Kept to reproduce the reference code.
 
+        Or ``timesteps``, the chain itself (diffusers' custom timesteps): any strictly decreasing subset of the trained
+        timesteps, e.g. ``[3, 1]`` of ``T = 4``; starting below ``T-1`` starts from the approximate prior above.
+
         Args:
-            num_inference_steps: ``S`` with ``1 <= S <= T``; ``None`` means ``T``.
+            num_inference_steps: ``S`` with ``1 <= S <= T``; ``None`` means ``T`` (or ``len(timesteps)``).
             device: where to put ``self.timesteps``.
+            timesteps: the kept timesteps, strictly decreasing, in ``[0, T-1]``; not with ``num_inference_steps``.
         """
         num_train = self.config.num_train_timesteps
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("Give either num_inference_steps or timesteps, not both.")
+            kept = self.check_timesteps(timesteps)
+            self.num_inference_steps = len(kept)
+            self._prev_timestep = self._previous_table(kept)
+            self.timesteps = kept.to(device)
+            return
         if num_inference_steps is None:
             num_inference_steps = num_train
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
@@ -347,6 +365,24 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self._prev_timestep = self._previous_table(timesteps)
         self.timesteps = timesteps.to(device)
+
+    def check_timesteps(self, timesteps: Sequence[int]) -> torch.Tensor:
+        """``timesteps`` as a ``(S,)`` long tensor if they are a valid custom chain (non-empty, ints, strictly
+        decreasing, within the ``T`` trained timesteps), else a ``ValueError`` saying what is wrong."""
+        num_train = self.config.num_train_timesteps
+        values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps
+        if (
+            not isinstance(values, Sequence)
+            or isinstance(values, str)
+            or not values
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in values)
+        ):
+            raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}.")
+        if any(a <= b for a, b in zip(values, values[1:])) or not 0 <= values[-1] <= values[0] < num_train:
+            raise ValueError(
+                f"timesteps must be strictly decreasing trained timesteps in [0, {num_train - 1}], got {list(values)}."
+            )
+        return torch.tensor(values, dtype=torch.long)
 
     def _previous_table(self, timesteps: torch.Tensor) -> torch.Tensor:
         """For each trained timestep: the previous one in ``timesteps`` (-1: x_0 follows; -2: not in the chain)."""
