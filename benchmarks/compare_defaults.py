@@ -46,6 +46,16 @@ METHODS = (
 CROP = ("skimage/chelsea", 24, 112, 160)
 
 
+def photo_pairs(split: str = "val"):
+    """``(index, name, hr, lr)`` for each bundled photo of ``split``: HR ``(1, 3, H, W)`` in [0, 1] mod-cropped to a
+    multiple of 4, LR its MATLAB-bicubic x4 downsampling on the 8-bit grid; ``index`` is the photo's seed."""
+    for index, (name, photo) in enumerate(load_skimage_sklearn(split)):
+        hr = photo.float()[None] / 255
+        h, w = hr.shape[-2:]
+        hr = hr[..., : h - h % SCALE, : w - w % SCALE]
+        yield index, name, hr, bicubic_downsample(hr, SCALE)
+
+
 def to_pil(x: torch.Tensor) -> PIL.Image.Image:
     return SRImageProcessor().postprocess(x, output_type="pil")[0]
 
@@ -79,11 +89,7 @@ def main() -> None:
 
     rows: dict[str, list[dict]] = {name: [] for name in METHODS}
     names = []
-    for index, (name, photo) in enumerate(load_skimage_sklearn(args.split)):
-        hr = photo.float()[None] / 255
-        h, w = hr.shape[-2:]
-        hr = hr[..., : h - h % SCALE, : w - w % SCALE]
-        lr = bicubic_downsample(hr, SCALE)
+    for index, name, hr, lr in photo_pairs(args.split):
         outputs = upscale_all(lr, pipes, seed=index)
         names.append(name)
         for method, sr in outputs.items():
