@@ -182,7 +182,6 @@ class _Draws:
 
     resizes: list[tuple[float, str]]
     final_mode: str
-    noise_stages: list[int]
     apply_state: torch.Tensor  # the generator's state when apply started: replaying from it repeats every draw
 
 
@@ -200,7 +199,7 @@ def _run_recorded(
             "RealESRGANDegradation.apply no longer draws two resizes and adds noise twice, the second noise being its "
             "last draw, as the degradation estimator's targets expect; update sr_diffusion/estimation/targets.py"
         )
-    return lr, params, _Draws(recorder.resizes, recorder.final_mode, recorder.noise_stages, apply_state)
+    return lr, params, _Draws(recorder.resizes, recorder.final_mode, apply_state)
 
 
 def _replay_without_noise(

@@ -338,15 +338,19 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
             device: where to put ``self.timesteps``.
             timesteps: the kept timesteps, strictly decreasing, in ``[0, T-1]``; not with ``num_inference_steps``.
         """
-        num_train = self.config.num_train_timesteps
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("Give either num_inference_steps or timesteps, not both.")
-            kept = self.check_timesteps(timesteps)
-            self.num_inference_steps = len(kept)
-            self._prev_timestep = self._previous_table(kept)
-            self.timesteps = kept.to(device)
-            return
+            chain = self.check_timesteps(timesteps)
+        else:
+            chain = self._spaced_timesteps(num_inference_steps)
+        self.num_inference_steps = len(chain)
+        self._prev_timestep = self._previous_table(chain)
+        self.timesteps = chain.to(device)
+
+    def _spaced_timesteps(self, num_inference_steps: int | None) -> torch.Tensor:
+        """The ``"leading"`` / ``"trailing"`` chain of ``num_inference_steps`` steps (:meth:`set_timesteps`)."""
+        num_train = self.config.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = num_train
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
@@ -361,10 +365,7 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
             kept = [int(stride * x) for x in range(num_inference_steps)]
         else:  # "trailing"
             kept = [math.floor(num_train - stride * x + 0.5) - 1 for x in range(num_inference_steps)]
-        timesteps = torch.tensor(sorted(set(kept), reverse=True), dtype=torch.long)
-        self.num_inference_steps = num_inference_steps
-        self._prev_timestep = self._previous_table(timesteps)
-        self.timesteps = timesteps.to(device)
+        return torch.tensor(sorted(set(kept), reverse=True), dtype=torch.long)
 
     def check_timesteps(self, timesteps: Sequence[int]) -> torch.Tensor:
         """``timesteps`` as a ``(S,)`` long tensor if they are a valid custom chain (non-empty, ints, strictly
