@@ -34,6 +34,8 @@ def tiny(name: str, scale: int, **kwargs):
 
 CASES = (
     [("edsr", s, {}) for s in (1, 2, 3, 4, 8)]
+    + [("edsr", s, {"upsampler": "nearest_conv"}) for s in (2, 3, 4)]
+    + [("edsr", 4, {"upsample_init": "icnr"})]
     + [("rrdbnet", s, {}) for s in (1, 2, 4, 8)]
     + [("swinir", s, {"upsampler": "pixelshuffle"}) for s in (1, 2, 3, 4, 8)]
     + [("swinir", s, {"upsampler": "pixelshuffledirect"}) for s in (1, 2, 3, 4)]

@@ -12,7 +12,6 @@ EDSR-PyTorch repository are converted by :mod:`sr_diffusion.checkpoints`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +21,15 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .outputs import RegressionModelOutput, check_sample, conv_flops
+from .upsamplers import (
+    UPSAMPLERS,
+    NearestConvUpsampler,
+    icnr_pixelshuffle_upsampler_,
+    make_pixelshuffle_upsampler,
+    pixelshuffle_upsampler_flops,
+)
 
-__all__ = ["EDSR"]
+__all__ = ["EDSR", "make_pixelshuffle_upsampler", "pixelshuffle_upsampler_flops"]
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -44,33 +50,6 @@ class ResidualBlockNoBN(nn.Module):
         return x + out
 
 
-def make_pixelshuffle_upsampler(scale: int, num_feat: int) -> nn.Sequential:
-    """Conv(C → r²C) + PixelShuffle(r) stages: log2(scale) stages of r=2, or one of r=3; empty for 1.
-
-    Conv layers sit at even indices (``upsample.0``, ``upsample.2``, ...), as in BasicSR and SwinIR.
-    """
-    layers: list[nn.Module] = []
-    if scale == 3:
-        layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
-    elif scale >= 1 and scale & (scale - 1) == 0:
-        for _ in range(int(math.log2(scale))):
-            layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-    else:
-        raise ValueError(f"pixel-shuffle upsampling supports scale 1, 3 or a power of 2, got {scale}")
-    return nn.Sequential(*layers)
-
-
-def pixelshuffle_upsampler_flops(scale: int, num_feat: int, height: int, width: int) -> int:
-    """FLOPs of :func:`make_pixelshuffle_upsampler` for an ``height × width`` feature map."""
-    if scale == 3:
-        return conv_flops(num_feat, 9 * num_feat, 3, height, width)
-    flops = 0
-    for _ in range(int(math.log2(scale))):
-        flops += conv_flops(num_feat, 4 * num_feat, 3, height, width)
-        height, width = 2 * height, 2 * width
-    return flops
-
-
 class EDSR(ModelMixin, ConfigMixin):
     r"""EDSR super-resolution network (baseline and full size via the config).
 
@@ -86,6 +65,11 @@ class EDSR(ModelMixin, ConfigMixin):
         res_scale (`float`): residual scaling inside each block (1.0 baseline, 0.1 full).
         img_range (`float`): the pixel range the weights were trained for (255.0).
         rgb_mean (`tuple[float]`): per-channel mean subtracted in [0, 1] units (DIV2K mean).
+        upsampler (`str`): ``"pixelshuffle"`` (the paper's and every released model's: conv to ``r²·C`` +
+            ``PixelShuffle``) or ``"nearest_conv"`` (nearest-neighbour ×2 + conv + LeakyReLU per stage, ESRGAN's;
+            every output pixel gets the same kernel, so no sub-pixel mesh): :mod:`~sr_diffusion.models.upsamplers`.
+        upsample_init (`str`): ``"default"`` (PyTorch's) or ``"icnr"`` (pixel-shuffle convs start as
+            conv + nearest upsampling; :func:`~sr_diffusion.models.upsamplers.icnr_`).
     """
 
     @register_to_config
@@ -99,20 +83,32 @@ class EDSR(ModelMixin, ConfigMixin):
         res_scale: float = 1.0,
         img_range: float = 255.0,
         rgb_mean: Sequence[float] = DIV2K_RGB_MEAN,
+        upsampler: str = "pixelshuffle",
+        upsample_init: str = "default",
     ):
         super().__init__()
         if num_in_ch != num_out_ch or len(rgb_mean) != num_in_ch:
             raise ValueError(
-                f"EDSR needs num_in_ch == num_out_ch == len(rgb_mean), got {num_in_ch}, {num_out_ch}, "
-                f"{len(rgb_mean)}"
+                f"EDSR needs num_in_ch == num_out_ch == len(rgb_mean), got {num_in_ch}, {num_out_ch}, {len(rgb_mean)}"
             )
         if upscale not in (1, 2, 3, 4, 8):
             raise ValueError(f"EDSR supports upscale 1, 2, 3, 4 or 8, got {upscale}")
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        if upsample_init not in ("default", "icnr") or (upsample_init == "icnr" and upsampler != "pixelshuffle"):
+            raise ValueError(
+                f"upsample_init must be 'default', or 'icnr' with the pixelshuffle upsampler, got {upsample_init!r}"
+            )
         self.register_buffer("mean", torch.tensor(list(rgb_mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
         self.body = nn.Sequential(*[ResidualBlockNoBN(num_feat, res_scale) for _ in range(num_block)])
         self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.upsample = make_pixelshuffle_upsampler(upscale, num_feat)
+        if upsampler == "pixelshuffle":
+            self.upsample = make_pixelshuffle_upsampler(upscale, num_feat)
+            if upsample_init == "icnr":
+                icnr_pixelshuffle_upsampler_(self.upsample)
+        else:
+            self.upsample = NearestConvUpsampler(upscale, num_feat)
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
 
     @property
@@ -142,6 +138,9 @@ class EDSR(ModelMixin, ConfigMixin):
         c = self.config
         flops = conv_flops(c.num_in_ch, c.num_feat, 3, height, width)
         flops += (2 * c.num_block + 1) * conv_flops(c.num_feat, c.num_feat, 3, height, width)
-        flops += pixelshuffle_upsampler_flops(c.upscale, c.num_feat, height, width)
+        if c.upsampler == "pixelshuffle":
+            flops += pixelshuffle_upsampler_flops(c.upscale, c.num_feat, height, width)
+        else:
+            flops += self.upsample.flops(height, width)
         flops += conv_flops(c.num_feat, c.num_out_ch, 3, height * c.upscale, width * c.upscale)
         return flops

@@ -38,8 +38,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from .edsr import DIV2K_RGB_MEAN, make_pixelshuffle_upsampler, pixelshuffle_upsampler_flops
+from .edsr import DIV2K_RGB_MEAN
 from .outputs import RegressionModelOutput, check_sample, conv_flops
+from .upsamplers import make_pixelshuffle_upsampler, pixelshuffle_upsampler_flops
 
 __all__ = ["SwinIR"]
 
@@ -111,9 +112,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer(
-            "relative_position_index", relative_position_index(window_size), persistent=False
-        )
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -135,9 +134,7 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             attn_mask = bias.unsqueeze(0) + mask.unsqueeze(1)  # nW, heads, N, N
             if b_ != nw:
-                attn_mask = (
-                    attn_mask.unsqueeze(0).expand(b_ // nw, -1, -1, -1, -1).reshape(b_, *attn_mask.shape[1:])
-                )
+                attn_mask = attn_mask.unsqueeze(0).expand(b_ // nw, -1, -1, -1, -1).reshape(b_, *attn_mask.shape[1:])
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(b_, n, c))
 
@@ -174,9 +171,7 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(
-        self, x: torch.Tensor, x_size: tuple[int, int], attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], attn_mask: torch.Tensor | None) -> torch.Tensor:
         height, width = x_size
         b, n, c = x.shape
         ws, shift = self.window_size, self.shift_size
@@ -194,9 +189,7 @@ class SwinTransformerBlock(nn.Module):
 class BasicLayer(nn.Module):
     """``depth`` Swin blocks, alternating regular and shifted windows."""
 
-    def __init__(
-        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, qkv_bias: bool = True
-    ):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, qkv_bias: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(
@@ -205,9 +198,7 @@ class BasicLayer(nn.Module):
             for i in range(depth)
         )
 
-    def forward(
-        self, x: torch.Tensor, x_size: tuple[int, int], attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], attn_mask: torch.Tensor | None) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, x_size, attn_mask)
         return x
@@ -231,9 +222,7 @@ def resi_connection_flops(dim: int, kind: str, height: int, width: int) -> int:
         return conv_flops(dim, dim, 3, height, width)
     q = dim // 4
     return (
-        conv_flops(dim, q, 3, height, width)
-        + conv_flops(q, q, 1, height, width)
-        + conv_flops(q, dim, 3, height, width)
+        conv_flops(dim, q, 3, height, width) + conv_flops(q, q, 1, height, width) + conv_flops(q, dim, 3, height, width)
     )
 
 
@@ -254,9 +243,7 @@ class RSTB(nn.Module):
         self.residual_group = BasicLayer(dim, depth, num_heads, window_size, mlp_ratio, qkv_bias)
         self.conv = make_resi_connection(dim, resi_connection)
 
-    def forward(
-        self, x: torch.Tensor, x_size: tuple[int, int], attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, _n, c = x.shape
         h = self.residual_group(x, x_size, attn_mask).transpose(1, 2).reshape(b, c, *x_size)
         return self.conv(h).flatten(2).transpose(1, 2) + x
@@ -326,13 +313,9 @@ class SwinIR(ModelMixin, ConfigMixin):
         if resi_connection not in RESI_CONNECTIONS:
             raise ValueError(f"resi_connection must be one of {RESI_CONNECTIONS}, got {resi_connection!r}")
         if len(depths) != len(num_heads) or not depths:
-            raise ValueError(
-                f"depths and num_heads need the same non-zero length, got {depths} and {num_heads}"
-            )
+            raise ValueError(f"depths and num_heads need the same non-zero length, got {depths} and {num_heads}")
         if any(embed_dim % h for h in num_heads):
-            raise ValueError(
-                f"embed_dim {embed_dim} is not divisible by every entry of num_heads {num_heads}"
-            )
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by every entry of num_heads {num_heads}")
         allowed = {"pixelshuffle": (1, 2, 3, 4, 8), "nearest+conv": (2, 4), "": (1,)}.get(upsampler)
         if (allowed is not None and upscale not in allowed) or upscale < 1:
             raise ValueError(f"upsampler {upsampler!r} supports upscale {allowed}, got {upscale}")
@@ -438,9 +421,7 @@ class SwinIR(ModelMixin, ConfigMixin):
             out = self.upsample(feat)
         elif c.upsampler == "nearest+conv":
             feat = self.conv_before_upsample(feat)
-            feat = F.leaky_relu(
-                self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True
-            )
+            feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
             if c.upscale == 4:
                 feat = F.leaky_relu(
                     self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True

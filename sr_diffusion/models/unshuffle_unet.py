@@ -11,6 +11,16 @@ resolution. :class:`PixelUnshuffleUNet` gets the same cost in pixel space with a
 so a ×4 model with ``r = 4`` runs its convolutions on the LR grid: 16x fewer positions than a UNet on ``x_t`` itself,
 while the chain, the loss and the LR-consistency stay in pixel space (nothing is lost to an autoencoder).
 
+The output side is a choice (``upsampler``). ``"pixelshuffle"`` (above) predicts each ``r × r`` block of the output
+from one LR position with ``r²`` unrelated kernels, which leaves a faint ``r``-periodic mesh on smooth areas
+(:mod:`~sr_diffusion.models.upsamplers`). ``"nearest_conv"`` has the UNet predict ``F = block_out_channels[0]``
+features on the LR grid and upsamples them ESRGAN's way, with every conv at its output resolution::
+
+    h = UNet2DModel(u, t)                                 (N, F, H/r, W/r)
+    out = conv_last(NearestConvUpsampler_r(h))            (N, C_out, H, W)   [+ lq if lq_residual]
+
+so every output pixel is computed by the same kernels (``hr_channels`` wide at the full resolution).
+
 It follows the ``ResShiftUNet`` calling convention, ``unet(sample, timestep, lq=..., return_dict=False)``, so
 :class:`~sr_diffusion.pipelines.ResShiftPipeline` and :class:`~sr_diffusion.training.ResShiftTask` take it as they
 take the paper's Swin-UNet.
@@ -23,9 +33,11 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from .outputs import check_sample
 from .resshift_unet import ResShiftUNetOutput
+from .upsamplers import UPSAMPLERS, NearestConvUpsampler, icnr_
 
 __all__ = ["PixelUnshuffleUNet"]
 
@@ -60,6 +72,10 @@ class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         attention_head_dim: int | None = 8,
         dropout: float = 0.0,
+        upsampler: str = "pixelshuffle",
+        upsample_init: str = "default",
+        hr_channels: int = 32,
+        lq_residual: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -71,12 +87,21 @@ class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if lq_channels < 0:
             raise ValueError(f"lq_channels must be at least 0, got {lq_channels}")
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        if upsample_init not in ("default", "icnr") or (upsample_init == "icnr" and upsampler != "pixelshuffle"):
+            raise ValueError(
+                f"upsample_init must be 'default', or 'icnr' with the pixelshuffle upsampler, got {upsample_init!r}"
+            )
+        if lq_residual and (upsampler != "nearest_conv" or lq_channels != out_channels):
+            raise ValueError("lq_residual needs upsampler='nearest_conv' and lq_channels == out_channels")
         levels = len(block_out_channels)
         r2 = unshuffle_factor**2
+        shuffle_out = upsampler == "pixelshuffle"
         self.unet = UNet2DModel(
             sample_size=sample_size // unshuffle_factor,
             in_channels=(in_channels + lq_channels) * r2,
-            out_channels=out_channels * r2,
+            out_channels=out_channels * r2 if shuffle_out else block_out_channels[0],
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
             down_block_types=tuple(down_block_types or ("DownBlock2D",) * levels),
@@ -85,6 +110,13 @@ class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
             attention_head_dim=attention_head_dim,
             dropout=dropout,
         )
+        if shuffle_out:
+            if upsample_init == "icnr":
+                icnr_(self.unet.conv_out.weight, unshuffle_factor)
+                nn.init.zeros_(self.unet.conv_out.bias)
+        else:
+            self.upsample = NearestConvUpsampler(unshuffle_factor, block_out_channels[0], hr_channels)
+            self.conv_last = nn.Conv2d(hr_channels, out_channels, 3, 1, 1)
 
     @property
     def input_multiple(self) -> int:
@@ -118,7 +150,12 @@ class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
                 raise ValueError(f"lq must be {expected} (the LR image at x_t's size), got {got}")
             parts.append(F.pixel_unshuffle(lq.to(sample.dtype), r))
         out = self.unet(torch.cat(parts, dim=1), timestep, return_dict=False)[0]
-        out = F.pixel_shuffle(out, r)
+        if self.config.upsampler == "pixelshuffle":
+            out = F.pixel_shuffle(out, r)
+        else:
+            out = self.conv_last(self.upsample(out))
+            if self.config.lq_residual:
+                out = out + lq.to(out.dtype)
         if not return_dict:
             return (out,)
         return ResShiftUNetOutput(sample=out)
