@@ -55,7 +55,6 @@ def tiny_model():
     return SRVGGNetCompact(num_feat=8, num_conv=2, upscale=4)
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
@@ -131,8 +130,22 @@ def test_parse_args_shortcuts_and_usage_errors(tmp_path, capsys):
     )
     assert config.train.output_dir == str(tmp_path / "x:y")  # taken verbatim, not parsed as YAML
     assert config.train.resume_from_checkpoint == "latest" and config.train.seed == 3
-    config = parse_args(["--config", str(TINY), "--checkpoints_total_limit", "2", "--checkpointing_steps", "7",
-                         "--max_train_steps", "30", "--seed", "5", "--mixed_precision", "bf16"])
+    config = parse_args(
+        [
+            "--config",
+            str(TINY),
+            "--checkpoints_total_limit",
+            "2",
+            "--checkpointing_steps",
+            "7",
+            "--max_train_steps",
+            "30",
+            "--seed",
+            "5",
+            "--mixed_precision",
+            "bf16",
+        ]
+    )
     t = config.train
     assert (t.checkpoints_total_limit, t.checkpointing_steps, t.max_steps, t.seed) == (2, 7, 30, 5)
     assert t.mixed_precision == "bf16"
@@ -148,7 +161,9 @@ def test_shipped_configs_are_valid():
         config = load_config(path)
         model = build_regression_model(config)
         assert model.upscale == config.scale
-    assert load_config(DEFAULT_X4).data.source == "skimage_sklearn"
+    default = load_config(DEFAULT_X4)  # the shipped fallback trains on the photo corpus (training/prepare_photos.py)
+    assert default.data.source == "folder" and default.data.hr_dirs == ["data/photos/train"]
+    assert default.validation.hr_dirs == ["data/photos/val"] and default.model.kwargs["upsampler"] == "nearest_conv"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,8 +449,6 @@ def test_checkpoint_crash_mid_save_keeps_previous_and_latest_ignores_partial(
 # ----------------------------------------------------------------------------------------------------------
 # a tiny run in-process
 # ----------------------------------------------------------------------------------------------------------
-
-
 
 
 def test_tiny_run_learns_and_exports_a_pipeline(tmp_path, fresh_accelerate_state, one_thread):

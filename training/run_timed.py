@@ -14,8 +14,8 @@ that feed it) is only known by running them together. So, for a spec of runs::
 1. **probe**: every run starts at once with an unreachable ``max_steps`` and no checkpoints or validation; after
    ``--probe`` seconds the step counts (read from each run's progress bar) give each run's rate under the same
    contention, and the runs are stopped;
-2. **train**: every run starts again from scratch with ``train.max_steps = rate × (budget − probe − start-up) ×
-   --safety``, so they all finish inside the budget with their schedules complete; each exports its pipeline as the
+2. **train**: every run starts again from scratch with ``train.max_steps = rate × (budget − probe − start-up −
+   --reserve) × --safety``, so they all finish inside the budget with their schedules complete; each exports its pipeline as the
    scripts do (``train.output_dir/pipeline``);
 3. a summary (``sweep.json``: each run's rate, steps, wall time and exit code) is written to ``--out``.
 
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, required=True, help="wall-clock seconds for probe + training")
     parser.add_argument("--probe", type=float, default=50.0, help="seconds of the rate probe")
     parser.add_argument("--safety", type=float, default=0.9, help="fraction of the estimated steps to schedule")
+    parser.add_argument("--reserve", type=float, default=20.0, help="seconds kept for each run's export and exit")
     parser.add_argument("--out", required=True, help="folder for the runs' output_dirs and sweep.json")
     parser.add_argument("--only", nargs="*", help="names of the runs to start (default: all)")
     parser.add_argument(
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     runs = {}
     for name in names:
         s = summary[name]
-        steps = int(s["probe_rate"] * max(left - s["start_up_s"] - 15, 0) * args.safety)
+        steps = int(s["probe_rate"] * max(left - s["start_up_s"] - args.reserve, 0) * args.safety)
         if steps < 10:
             print(f"[train] {name}: skipped ({steps} steps fit)", flush=True)
             continue
