@@ -115,15 +115,21 @@ class DataConfig:
       * ``skimage_sklearn``: the public-domain / CC photos bundled with scikit-image and scikit-learn
         (see :mod:`sr_diffusion.training.data`), minus the held-out validation photos;
       * ``folder``: every image under ``hr_dirs`` (recursive; png/jpg/jpeg/webp/bmp/tif/tiff), LR made
-        by ``degradation``;
+        by ``degradation``; with ``include_bundled`` the ``skimage_sklearn`` training photos too (e.g.
+        ``hr_dirs: [data/photos/train]``, the corpus of ``training/prepare_photos.py``, plus those);
       * ``paired``: ``hr_dirs[i]`` and ``lr_dirs[i]`` hold the same names (LR name =
         ``lr_filename_tmpl.format(hr_stem)`` with any image extension), crops aligned by ``scale``.
+
+    ``image_cache_mb``: each data process keeps decoded image files (uint8 for 8-bit files) up to this
+    many MiB, least recently used evicted first, instead of decoding the file for every sample; 0
+    disables it. The samples are identical either way.
     """
 
     source: Literal["skimage_sklearn", "folder", "paired"] = "skimage_sklearn"
     hr_dirs: list[str] = field(default_factory=list)
     lr_dirs: list[str] = field(default_factory=list)
     lr_filename_tmpl: str = "{}"
+    include_bundled: bool = False
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     gt_size: int = 128
     random_downscale: list[float] | None = None  # [lo, hi]: shrink each HR photo by U[lo, hi] before cropping
@@ -132,6 +138,7 @@ class DataConfig:
     use_rot: bool = True
     batch_size: int = 16
     num_workers: int = 4
+    image_cache_mb: float = 2048
 
 
 @dataclass
@@ -227,6 +234,12 @@ class ExperimentConfig:
         _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
         if d.source in ("folder", "paired"):
             _check(bool(d.hr_dirs), "data.hr_dirs", f"is required when data.source={d.source!r}")
+        _check(
+            not d.include_bundled or d.source == "folder",
+            "data.include_bundled",
+            f"adds the bundled photos to data.source='folder' only, got data.source={d.source!r}",
+        )
+        _check(d.image_cache_mb >= 0, "data.image_cache_mb", f"must be >= 0 (0 disables), got {d.image_cache_mb}")
         if d.source == "paired":
             _check(
                 len(d.lr_dirs) == len(d.hr_dirs),

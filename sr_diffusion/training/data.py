@@ -33,6 +33,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
     "bicubic_downsample",
     "random_crop_pair",
     "augment",
+    "DecodedImageCache",
     "SRTrainDataset",
     "StepBatchSampler",
     "BatchDegrader",
@@ -245,6 +247,63 @@ def _load_item(item: ImageItem) -> torch.Tensor:
     return item if isinstance(item, torch.Tensor) else load_rgb(item)
 
 
+def _decode_compact(path: str | os.PathLike) -> torch.Tensor:
+    """:func:`load_rgb` of ``path``, stored as uint8 (3, H, W) when that is lossless, else float32.
+
+    The uint8 form is kept only if ``u8.float() / 255`` reproduces the float decode exactly (8-bit
+    files), so a crop of it converted by ``_as_float`` is bit-identical to the same crop of the float
+    image; 16-bit and float files stay float32.
+    """
+    rgb = load_rgb(path)
+    u8 = (rgb * 255.0).round_().to(torch.uint8)
+    return u8 if torch.equal(_as_float(u8), rgb) else rgb
+
+
+class DecodedImageCache:
+    """Decoded training images of one process (or data worker), least-recently-used first out.
+
+    ``get(path)`` decodes an image file once (:func:`_decode_compact`: uint8 (3, H, W) for 8-bit files,
+    4x smaller than float32) and keeps it while the cached images fit in ``max_bytes``; an image larger
+    than the whole budget is returned without being kept. ``max_bytes=0`` disables caching. The cache
+    is not pickled (DataLoader workers start empty and fill their own); ``decodes`` counts file decodes.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.nbytes = 0
+        self.decodes = 0
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_bytes"])
+
+    def get(self, path: str | os.PathLike) -> torch.Tensor:
+        key = os.fspath(path)
+        img = self._images.get(key)
+        if img is not None:
+            self._images.move_to_end(key)
+            return img
+        img = _decode_compact(path)
+        self.decodes += 1
+        size = img.numel() * img.element_size()
+        if size > self.max_bytes:
+            return img
+        while self.nbytes + size > self.max_bytes:
+            _, evicted = self._images.popitem(last=False)
+            self.nbytes -= evicted.numel() * evicted.element_size()
+        self._images[key] = img
+        self.nbytes += size
+        return img
+
+
 class SRTrainDataset(Dataset):
     """Random training crops; ``dataset[p]`` is the sample at stream position ``p`` (any int >= 0).
 
@@ -266,6 +325,9 @@ class SRTrainDataset(Dataset):
             :class:`~sr_diffusion.training.synthetic.DeadLeaves`), or None. Unpaired data only.
         synthetic_fraction: the probability that a sample's HR crop is rendered by ``synthetic`` instead
             of cut from a photo (drawn per position from its own stream, so photo samples are unchanged).
+        image_cache_mb: budget of the per-process :class:`DecodedImageCache` for images given as paths
+            (each DataLoader worker has its own); 0 decodes the file for every sample. Samples are
+            identical either way.
     """
 
     def __init__(
@@ -282,6 +344,7 @@ class SRTrainDataset(Dataset):
         random_downscale: Sequence[float] | None = None,
         synthetic: Any = None,
         synthetic_fraction: float = 0.0,
+        image_cache_mb: float = 2048,
     ):
         if not hr_items:
             raise ValueError("the training set is empty")
@@ -305,6 +368,15 @@ class SRTrainDataset(Dataset):
         if synthetic_fraction > 0 and lr_items is not None:
             raise ValueError("synthetic images need unpaired data (an LR made from the HR crop)")
         self.synthetic, self.synthetic_fraction = synthetic, float(synthetic_fraction)
+        if image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be >= 0, got {image_cache_mb}")
+        self.image_cache = DecodedImageCache(int(image_cache_mb * 2**20))
+
+    def _load(self, item: ImageItem) -> torch.Tensor:
+        """An item as a (3, H, W) tensor: in-memory tensors as they are, files through the decode cache."""
+        if isinstance(item, torch.Tensor):
+            return item
+        return self.image_cache.get(item) if self.image_cache.max_bytes > 0 else load_rgb(item)
 
     def __len__(self) -> int:
         """The number of distinct images (one epoch); positions beyond it wrap into later epochs."""
@@ -323,10 +395,10 @@ class SRTrainDataset(Dataset):
             if float(torch.rand((), generator=synthetic_generator)) < self.synthetic_fraction:
                 return self._with_lr(self.synthetic.render(self.gt_size, synthetic_generator), generator)
         index = self.image_index(position)
-        hr = _load_item(self.hr_items[index])
+        hr = self._load(self.hr_items[index])
         lr = None
         if self.lr_items is not None:
-            lr = _load_item(self.lr_items[index])
+            lr = self._load(self.lr_items[index])
             _check_pair(hr, lr, self.scale, self.hr_items[index])
         if self.random_downscale is None:
             hr, lr = random_crop_pair(hr, lr, self.gt_size, self.scale, generator)
@@ -481,6 +553,8 @@ def build_train_dataset(config) -> SRTrainDataset:
         hr_items = [img for _, img in load_skimage_sklearn("train")]
     elif data.source == "folder":
         hr_items = scan_images(data.hr_dirs)
+        if data.include_bundled:
+            hr_items += [img for _, img in load_skimage_sklearn("train")]
     elif data.source == "paired":
         hr_items, lr_items = _paired_files(data.hr_dirs, data.lr_dirs, data.lr_filename_tmpl)
     else:
@@ -500,6 +574,7 @@ def build_train_dataset(config) -> SRTrainDataset:
         random_downscale=data.random_downscale,
         synthetic=synthetic,
         synthetic_fraction=data.synthetic.fraction,
+        image_cache_mb=data.image_cache_mb,
     )
 
 
