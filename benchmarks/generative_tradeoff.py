@@ -1,11 +1,11 @@
 """The generative default's PSNR / sharpness trade-off on the held-out photos: which of its trained timesteps run
 (the chain), and the mean of K samples.
 
-Same protocol as ``compare_defaults.py`` (x4 MATLAB-bicubic LR on the 8-bit grid, seed = the photo's index, the
-pipeline's LR-consistency projection on): for each chain (``--chains``, comma-separated trained timesteps) and each
-``K`` of ``--average`` (the mean of K samples of the pipeline's default chain and of the full chain, sample k seeded
-``index + 1000 k``), the mean Y-PSNR (crop_border 4) and the mean luminance gradient over the HR photo's. Both knobs
-move along one line (BENCHMARKS.md).
+On the bundled held-out photos of ``compare_defaults.py`` (``sr_diffusion.heldout.bundled_images``: x4 MATLAB-bicubic
+LR on the 8-bit grid; seed = the photo's index; the pipeline's LR-consistency projection on): for each chain
+(``--chains``, comma-separated trained timesteps) and each ``K`` of ``--average`` (the mean of K samples of the
+pipeline's default chain and of the full chain, sample k seeded ``index + 1000 k``), the mean Y-PSNR (crop_border 4)
+and the mean luminance gradient over the HR photo's. Both knobs move along one line (BENCHMARKS.md).
 
     .venv/bin/python benchmarks/generative_tradeoff.py [--model DIR] [--chains 3 3,2,0] [--average 2 3] [--threads 2]
 """
@@ -15,17 +15,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-from compare_defaults import photo_pairs
 
 from sr_diffusion.defaults import DEFAULT_MODELS
 from sr_diffusion.evaluation import score
+from sr_diffusion.heldout import bundled_images
 from sr_diffusion.pipelines import AutoSRPipeline
 
 
 def mean_score(pipe, pairs, samples: int = 1, **kwargs) -> tuple[float, float]:
     """Mean Y-PSNR and gradient ratio over ``pairs`` of the mean of ``samples`` outputs of ``pipe(lr, **kwargs)``."""
     psnr, grad = [], []
-    for index, _, hr, lr in pairs:
+    for index, image in enumerate(pairs):
+        hr, lr = image.hr, image.lr
         outputs = [
             pipe(lr, generator=torch.Generator().manual_seed(index + 1000 * k), output_type="pt", **kwargs).images
             for k in range(samples)
@@ -47,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = AutoSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    pairs = list(photo_pairs("val"))
+    pairs = bundled_images()
 
     print("| sampling | Y-PSNR (dB) | gradient vs HR |")
     print("|---|---:|---:|")

@@ -15,8 +15,10 @@ def comparison_grid(
     sr: PIL.Image.Image,
     extra: Sequence[tuple[str, PIL.Image.Image]] = (),
     label_height: int = 18,
+    sr_label: str = "sr_diffusion",
 ) -> PIL.Image.Image:
-    """LR (nearest and bicubic upsampled to the SR size) next to the SR output and any ``extra`` panels.
+    """LR (nearest and bicubic upsampled to the SR size) next to the SR output (labelled ``sr_label``) and any
+    ``extra`` panels.
 
     Each panel has a text label above it. All panels are shown at the SR output's size.
     """
@@ -25,7 +27,7 @@ def comparison_grid(
     panels = [
         ("input (nearest)", lr_rgb.resize(size, PIL.Image.Resampling.NEAREST)),
         ("bicubic", lr_rgb.resize(size, PIL.Image.Resampling.BICUBIC)),
-        ("sr_diffusion", sr.convert("RGB")),
+        (sr_label, sr.convert("RGB")),
     ]
     panels += [(name, img.convert("RGB").resize(size, PIL.Image.Resampling.BICUBIC)) for name, img in extra]
     gap = 4
