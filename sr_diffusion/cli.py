@@ -288,14 +288,54 @@ def _seesr_pipeline(args):
     return convert_seesr(args.checkpoint, args.base, upscale=args.scale or 4)
 
 
+def _is_our_pipeline_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a pipeline written by ``save_pretrained`` of this package and nothing else: a
+    ``model_index.json`` naming one of our classes, and only the component folders (or files) it lists beside it."""
+    import json
+
+    from sr_diffusion.pipelines import PIPELINE_CLASSES
+
+    try:
+        model_index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(model_index, dict) or model_index.get("_class_name") not in PIPELINE_CLASSES:
+        return False
+    return all(entry.name == "model_index.json" or entry.name in model_index for entry in folder.iterdir())
+
+
+def check_convert_output(out_dir: Path, sources: list[str], overwrite: bool) -> None:
+    """Refuse an output folder ``convert`` may not write, before any work. ``--overwrite`` replaces only a pipeline
+    folder written by this package (see :func:`_is_our_pipeline_folder`) that holds none of the ``sources`` (the
+    checkpoint, --vae, --base): nothing the command did not write is ever deleted."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: output exists and is not a folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise CLIError(f"{out_dir}: output folder exists and is not empty (--overwrite replaces an earlier output)")
+    resolved = out_dir.resolve()
+    for source in sources:
+        source_path = Path(source).resolve()
+        if source_path == resolved or resolved in source_path.parents or source_path in resolved.parents:
+            raise CLIError(f"{out_dir}: output folder contains or is inside the input {source}; choose another folder")
+    if not _is_our_pipeline_folder(out_dir):
+        raise CLIError(
+            f"{out_dir}: --overwrite only replaces a pipeline folder written by sr-diffusion, and this folder holds "
+            "other files; choose a new or empty folder"
+        )
+
+
 def cmd_convert(args) -> int:
     from sr_diffusion.checkpoints import CheckpointError, load_regression_model
     from sr_diffusion.pipelines import RegressionSRPipeline
     from sr_diffusion.utils import atomic_directory
 
     out_dir = Path(args.output)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise CLIError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
+    sources = [s for s in (args.checkpoint, args.vae, args.base) if s]
+    check_convert_output(out_dir, sources, args.overwrite)
     try:
         family = args.arch or _detect_family(args.checkpoint)
         if family == "resshift":
@@ -443,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", help="StableSR, PASD, SeeSR: a diffusers Stable Diffusion folder of the checkpoint's family"
     )
     p.add_argument("--norm-groups", type=int, help="SR3: GroupNorm groups of the training config (not in the file)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder, only one that holds a pipeline written by sr-diffusion (the new one "
+        "is written beside it, then swapped in)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="score SR outputs against HR images, or a model on HR images")

@@ -97,6 +97,7 @@ def test_an_output_file_for_one_input(model_dir, inputs, tmp_path, capsys):
     assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "notes.txt"), *base]) == 2
     assert "neither a folder nor an image file name" in capsys.readouterr().err
 
+
 def test_one_line_errors(tmp_path, model_dir, capsys):
     assert main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
     assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(model_dir)]) == 2
@@ -301,3 +302,52 @@ def test_model_and_regression_are_exclusive(model_dir, inputs, tmp_path, capsys)
     out = tmp_path / "out"
     assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "--regression"]) == 2
     assert "either --model or --regression" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 13: nothing lost, nothing crashes
+
+
+def _tiny_rrdb_checkpoint(path):
+    torch.manual_seed(0)
+    torch.save({"params_ema": RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4).state_dict()}, path)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_convert_overwrite_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    """``convert dl/net.pth dl/ --overwrite`` and ``--overwrite`` onto a project folder are refused in one line with
+    every file kept; --overwrite replaces only an earlier output of the command (a folder holding only a pipeline)."""
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    _tiny_rrdb_checkpoint(dl / "RealESRGAN_x4.pth")
+    (dl / "notes.txt").write_text("mine")
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print(1)")
+    before = {folder: _snapshot(folder) for folder in (dl, project)}
+    checkpoint = str(dl / "RealESRGAN_x4.pth")
+    assert main(["convert", checkpoint, str(dl), "--overwrite"]) == 2
+    assert main(["convert", checkpoint, str(dl) + "/", "--overwrite"]) == 2
+    assert main(["convert", checkpoint, str(project), "--overwrite"]) == 2
+    assert main(["convert", checkpoint, str(tmp_path), "--overwrite"]) == 2  # a folder above the input
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    assert "contains or is inside the input" in lines[0] and "written by sr-diffusion" in lines[2]
+    assert {folder: _snapshot(folder) for folder in (dl, project)} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+    out = tmp_path / "converted"
+    assert main(["convert", checkpoint, str(out)]) == 0
+    assert main(["convert", checkpoint, str(out)]) == 2  # exists: --overwrite needed
+    assert main(["convert", checkpoint, str(out), "--overwrite"]) == 0  # an earlier output: replaced
+    assert (out / "model_index.json").is_file()
+    (out / "my_notes.txt").write_text("mine")  # no longer only ours
+    assert main(["convert", checkpoint, str(out), "--overwrite"]) == 2
+    assert (out / "my_notes.txt").read_text() == "mine"
+    (tmp_path / "a_file").write_text("x")
+    assert main(["convert", checkpoint, str(tmp_path / "a_file"), "--overwrite"]) == 2
+    assert (tmp_path / "a_file").read_text() == "x"
+    assert "not a folder" in capsys.readouterr().err
