@@ -75,6 +75,23 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _number(kind: type, minimum: float, name: str):
+    """An argparse ``type``: a finite ``kind`` (int or float) at least ``minimum``; anything else is a usage error
+    (one line, exit status 2) naming the cause."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
+
+
 # ---------------------------------------------------------------------------------------------------
 # upscale
 
@@ -147,7 +164,7 @@ def cmd_upscale(args) -> int:
         if args.skip_existing and target.exists():
             continue
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=args.max_pixels and int(args.max_pixels))
             if "generator" in call_kwargs:  # every image from the same seed: its result does not depend on the order
                 call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
             result = pipe(image, **call_kwargs).images[0]
@@ -417,8 +434,15 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit status 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sr-diffusion", description="Image super-resolution, the diffusers way.")
+    parser = _Parser(prog="sr-diffusion", description="Image super-resolution, the diffusers way.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_runtime(p):
@@ -460,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--seed", type=int, help="seed of each image's noise (default: the global RNG)")
     p.add_argument("--ext", choices=["png", "webp", "jpg", "tif"], help="output folder: file format (default: png)")
     p.add_argument("--suffix", default="", help="appended to each output file name's stem")
+    p.add_argument(
+        "--max-pixels",
+        type=_number(float, 1, "a number of pixels (>= 1)"),
+        default=None,
+        help="the largest input image, in pixels (default: 1e8, or SR_DIFFUSION_MAX_PIXELS); larger files are "
+        "refused from their header, before decoding",
+    )
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_upscale)
@@ -511,7 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # a usage error (one line, already printed) or --help
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.func(args)
     except (CLIError, ValueError, OSError) as err:

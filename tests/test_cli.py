@@ -351,3 +351,48 @@ def test_convert_overwrite_never_deletes_what_it_did_not_write(tmp_path, capsys)
     assert main(["convert", checkpoint, str(tmp_path / "a_file"), "--overwrite"]) == 2
     assert (tmp_path / "a_file").read_text() == "x"
     assert "not a folder" in capsys.readouterr().err
+
+
+def _png(width, height, idat=b""):
+    """A PNG (1-bit grayscale) with the given header size and raw IDAT payload (none: a header-only bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + (chunk(b"IDAT", idat) if idat else b"") + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_one_failed_file(model_dir, inputs, tmp_path, capsys):
+    """A 66-byte PNG claiming 100000x100000 and a small all-zero 20000x20000 PNG are refused from their header (an
+    ImageLoadError from the API, one line in a folder run, the rest processed); --max-pixels raises the limit."""
+    import zlib
+
+    from sr_diffusion.image_processor import ImageLoadError, load_image
+
+    (inputs / "bomb.png").write_bytes(_png(100_000, 100_000, zlib.compress(b"\x00" * 64)))
+    assert (inputs / "bomb.png").stat().st_size < 100
+    row = b"\x00" * (1 + 20_000 // 8)
+    (inputs / "zeros.png").write_bytes(_png(20_000, 20_000, zlib.compress(row * 20_000, 9)))
+    with pytest.raises(ImageLoadError, match="over the 100-megapixel limit.*--max-pixels"):
+        load_image(inputs / "bomb.png")
+    with pytest.raises(ImageLoadError, match="400.0 megapixels"):
+        load_image(inputs / "zeros.png")
+    with pytest.raises(ImageLoadError, match="over the 0.0001-megapixel limit"):
+        load_image(inputs / "a.png", max_pixels=100)
+
+    out = tmp_path / "out"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and err[-1] == "2 of 5 image(s) failed"
+    assert all("megapixel limit" in line and line.startswith("error: ") for line in err[:2])
+    assert sorted(p.name for p in out.rglob("*.png")) == ["a.png", "b.png", "c.png"]
+    # the limit is the option's
+    base = ["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "limited"), "--model", str(model_dir), "-q"]
+    assert main([*base, "--max-pixels", "400"]) == 1
+    assert "over the 0.0004-megapixel limit" in capsys.readouterr().err
+    assert main([*base, "--max-pixels", "480"]) == 0
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "--max-pixels", "0"]) == 2
+    assert "--max-pixels" in capsys.readouterr().err
