@@ -140,7 +140,17 @@ def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[
     if output.exists() and not output.is_dir():
         raise CLIError(f"{output}: output exists and is neither a folder nor an image file name")
     ext = args.ext or "png"
-    return [output / rel.with_name(f"{rel.stem}{args.suffix}.{ext}") for _, rel in inputs]
+    targets = [output / rel.with_name(f"{rel.stem}{args.suffix}.{ext}") for _, rel in inputs]
+    seen: dict[Path, Path] = {}
+    for (path, _), target in zip(inputs, targets):
+        key = target.resolve()
+        if key in seen:
+            raise CLIError(
+                f"{seen[key]} and {path} would both be written to {target}; rename one, or upscale them in separate "
+                "runs or output folders"
+            )
+        seen[key] = path
+    return targets
 
 
 def cmd_upscale(args) -> int:

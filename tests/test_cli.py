@@ -396,3 +396,24 @@ def test_decompression_bombs_are_one_failed_file(model_dir, inputs, tmp_path, ca
     assert main([*base, "--max-pixels", "480"]) == 0
     assert main(["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "--max-pixels", "0"]) == 2
     assert "--max-pixels" in capsys.readouterr().err
+
+
+def test_outputs_never_overwrite_each_other(model_dir, inputs, tmp_path, capsys):
+    """``a.png`` and ``a.jpg`` in one folder, or ``tree/a/x.png tree/b/x.png`` as two arguments, would write one file:
+    refused in one line before any work (nothing written)."""
+    PIL.Image.open(inputs / "a.png").convert("RGB").save(inputs / "a.jpg")
+    tree = tmp_path / "tree"
+    for sub in ("a", "b"):
+        (tree / sub).mkdir(parents=True)
+        PIL.Image.open(inputs / "c.png").save(tree / sub / "x.png")
+    out = tmp_path / "out"
+    base = ["-o", str(out), "--model", str(model_dir), "-q"]
+    assert main(["upscale", str(inputs), *base]) == 2
+    assert main(["upscale", str(tree / "a" / "x.png"), str(tree / "b" / "x.png"), *base]) == 2
+    assert main(["upscale", str(tree / "a"), str(tree / "b"), *base]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all("would both be written to" in line for line in lines)
+    assert "a.jpg" in lines[0] and "a.png" in lines[0]
+    assert not out.exists()
+    assert main(["upscale", str(tree), *base]) == 0  # a folder keeps its relative paths: no collision
+    assert (out / "a" / "x.png").is_file() and (out / "b" / "x.png").is_file()
