@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -60,31 +61,54 @@ def load_pipeline(model: str | None, device: str | None, dtype: str, regression:
         pass
     if model and regression:
         raise CLIError("give either --model or --regression, not both")
+    device = check_device(device)
     folder = Path(model) if model else default_pipeline_dir("regression" if regression else "generative")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
         pipe = AutoSRPipeline.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot load model from {folder}: {err}") from err
-    pipe = pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_device(device: str | None) -> str:
+    """``device`` (default: ``cuda`` if available, else ``cpu``) checked by allocating on it: a malformed name or a
+    device this machine lacks is a :class:`CLIError`, before any model is loaded."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CLIError(f"--device {device}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from None
+    try:
+        torch.empty(1, device=parsed)
+    except Exception as err:  # RuntimeError (no such GPU), AssertionError (torch built without CUDA), ...
+        no_gpu = parsed.type == "cuda" and not torch.cuda.is_available()
+        reason = "no usable CUDA GPU on this machine (torch.cuda.is_available() is False)" if no_gpu else _one_line(err)
+        raise CLIError(f"--device {device}: {reason}") from None
+    return device
 
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _number(kind: type, minimum: float, name: str):
-    """An argparse ``type``: a finite ``kind`` (int or float) at least ``minimum``; anything else is a usage error
-    (one line, exit status 2) naming the cause."""
+def _number(kind: type, minimum: float | None, name: str, maximum: float | None = None):
+    """An argparse ``type``: a finite ``kind`` (int or float) in ``[minimum, maximum]`` (``None``: unbounded);
+    anything else is a usage error (one line, exit status 2) naming the cause."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
-        if value != value or value in (float("inf"), float("-inf")) or value < minimum:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
         return value
 
@@ -179,8 +203,13 @@ def cmd_upscale(args) -> int:
                 call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
             result = pipe(image, **call_kwargs).images[0]
             save_image(result, target)
-        except (ImageLoadError, ValueError, RuntimeError, OSError) as err:
-            print(f"error: {path}: {_one_line(err)}", file=sys.stderr)
+        except Exception as err:  # one failed file, never the end of the run
+            reason = (
+                _one_line(err)
+                if isinstance(err, (ImageLoadError, ValueError, RuntimeError, OSError))
+                else (f"{type(err).__name__}: {_one_line(err)}")
+            )
+            print(f"error: {path}: {reason}", file=sys.stderr)
             failures += 1
     if failures:
         print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
@@ -444,6 +473,10 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+#: ``--seed``: what ``torch.Generator().manual_seed`` takes
+SEED = _number(int, 0, f"a seed (an integer in [0, {2**64 - 1}])", maximum=2**64 - 1)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line on stderr (exit status 2) instead of the usage block."""
 
@@ -464,7 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-        p.add_argument("--tile", type=int, default=None, help="tile size in input pixels (default: no tiling)")
+        p.add_argument(
+            "--tile",
+            type=_number(int, 1, "a tile size (an integer >= 1)"),
+            default=None,
+            help="tile size in input pixels (default: no tiling)",
+        )
 
     p = sub.add_parser("upscale", help="upscale image files or folders")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
@@ -472,8 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="output folder, or an image file (.png, .jpg, ...) for one input image"
     )
     add_runtime(p)
-    p.add_argument("--scale", type=float, default=None, dest="outscale", help="output scale (default: the model's own)")
-    p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument(
+        "--scale",
+        type=_number(float, 1e-3, "a scale (a number > 0)"),
+        default=None,
+        dest="outscale",
+        help="output scale (default: the model's own)",
+    )
+    p.add_argument("--tile-overlap", type=_number(int, 0, "a tile overlap (an integer >= 0)"), default=32)
     p.add_argument(
         "--self-ensemble", action="store_true", default=None, help="x8 self-ensemble (slower, slightly better)"
     )
@@ -487,11 +531,20 @@ def build_parser() -> argparse.ArgumentParser:
     sd = p.add_argument_group("diffusion pipelines (a pipeline without the keyword refuses the option)")
     sd.add_argument("--prompt", help='text prompt ("auto": the prompt extractor\'s; your words come first)')
     sd.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (used verbatim)")
-    sd.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps (default: the method's)")
-    sd.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the method's)")
+    sd.add_argument(
+        "--steps",
+        type=_number(int, 1, "a number of steps (an integer >= 1)"),
+        dest="num_inference_steps",
+        help="denoising steps (default: the method's)",
+    )
+    sd.add_argument(
+        "--guidance-scale",
+        type=_number(float, None, "a finite number"),
+        help="classifier-free guidance scale (default: the method's)",
+    )
     sd.add_argument("--fidelity", choices=["auto"], help="auto: fidelity knobs from the degradation estimator")
     sd.add_argument("--color-fix", choices=["none", "adain", "wavelet"], help="colour fix (default: the method's)")
-    sd.add_argument("--seed", type=int, help="seed of each image's noise (default: the global RNG)")
+    sd.add_argument("--seed", type=SEED, help="seed of each image's noise (default: the global RNG)")
     p.add_argument("--ext", choices=["png", "webp", "jpg", "tif"], help="output folder: file format (default: png)")
     p.add_argument("--suffix", default="", help="appended to each output file name's stem")
     p.add_argument(
@@ -513,7 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift", "sr3", "srdiff", "stablesr", "pasd", "seesr"],
         help="default: auto-detect",
     )
-    p.add_argument("--scale", type=int, help="expected scale; an error if the checkpoint's differs")
+    p.add_argument(
+        "--scale",
+        type=_number(int, 1, "a scale (an integer >= 1)"),
+        help="expected scale; an error if the checkpoint's differs",
+    )
     p.add_argument("--preset", help="ResShift: the noise schedule the file was trained with (v1, v2, v3, bicsr, ...)")
     p.add_argument(
         "--vae",
@@ -523,7 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base", help="StableSR, PASD, SeeSR: a diffusers Stable Diffusion folder of the checkpoint's family"
     )
-    p.add_argument("--norm-groups", type=int, help="SR3: GroupNorm groups of the training config (not in the file)")
+    p.add_argument(
+        "--norm-groups",
+        type=_number(int, 1, "a number of groups (an integer >= 1)"),
+        help="SR3: GroupNorm groups of the training config (not in the file)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -536,16 +597,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hr", required=True, help="folder of HR (ground-truth) images")
     p.add_argument("--sr", help="folder of SR outputs with the same file stems as --hr")
     add_runtime(p)
-    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--scale", type=_number(int, 1, "a scale (an integer >= 1)"), default=4)
     p.add_argument("--degradation", default="bicubic", choices=["bicubic", "realesrgan", "bsrgan"])
-    p.add_argument("--crop-border", type=int, default=None, help="default: the scale")
-    p.add_argument("--seed", type=int, default=0, help="seed for random degradations")
+    p.add_argument(
+        "--crop-border", type=_number(int, 0, "a border (an integer >= 0)"), default=None, help="default: the scale"
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seed for random degradations")
     p.add_argument("-o", "--output", help="folder for metrics.json and metrics.csv")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="upscale the bundled sample photo and write a side-by-side comparison")
     p.add_argument("-o", "--output", default="outputs/demo", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of a generative model's noise")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of a generative model's noise")
     add_runtime(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -565,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure nobody foresaw: still one line (SR_DIFFUSION_TRACEBACK=1 shows where)
+        if os.environ.get("SR_DIFFUSION_TRACEBACK"):
+            raise
+        print(f"error: {type(err).__name__}: {_one_line(err)} (SR_DIFFUSION_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

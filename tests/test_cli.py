@@ -417,3 +417,20 @@ def test_outputs_never_overwrite_each_other(model_dir, inputs, tmp_path, capsys)
     assert not out.exists()
     assert main(["upscale", str(tree), *base]) == 0  # a folder keeps its relative paths: no collision
     assert (out / "a" / "x.png").is_file() and (out / "b" / "x.png").is_file()
+
+
+def test_runtime_arguments_are_one_line_errors(model_dir, inputs, tmp_path, capsys):
+    """--device bogus, --device cuda without a GPU, --scale inf and a seed past 64 bits: one line naming the option,
+    exit 2, no traceback, nothing written."""
+    out = tmp_path / "out"
+    base = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]
+    cases = [(["--device", "bogus"], "not a torch device name"), (["--scale", "inf"], "--scale: 'inf'"),
+             (["--seed", "99999999999999999999"], "is not a seed (an integer in [0, 18446744073709551615])"),
+             (["--tile", "-3"], "--tile: '-3'"), (["--scale", "nan"], "--scale: 'nan'")]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no usable CUDA GPU"))
+    for extra, reason in cases:
+        assert main([*base, *extra]) == 2, extra
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and reason in line, line
+    assert not out.exists()
