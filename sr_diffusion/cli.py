@@ -177,6 +177,31 @@ def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[
     return targets
 
 
+def check_writable(targets: list[Path]) -> None:
+    """Refuse outputs that cannot be written, before any work: for each output folder, its nearest existing ancestor
+    must be a folder where a file can be created (tried with a temporary file, so read-only mounts and permissions
+    are both caught)."""
+    import tempfile
+
+    checked: set[Path] = set()
+    for folder in {target.parent for target in targets}:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing in checked:
+            continue
+        if not existing.is_dir():
+            raise CLIError(f"{folder}: cannot create the output folder: {existing} is a file")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise CLIError(
+                f"{folder}: output is not writable ({err.strerror or _one_line(err)} in {existing})"
+            ) from None
+        checked.add(existing)
+
+
 def cmd_upscale(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -185,6 +210,7 @@ def cmd_upscale(args) -> int:
 
     inputs = collect_inputs(args.inputs)
     targets = output_targets(inputs, Path(args.output), args)
+    check_writable(targets)
     input_paths = {p.resolve() for p, _ in inputs}
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     call_kwargs = upscale_call_kwargs(pipe, args)

@@ -1,6 +1,7 @@
 """The ``sr-diffusion`` command line, run in-process through ``main(argv)``."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -434,3 +435,27 @@ def test_runtime_arguments_are_one_line_errors(model_dir, inputs, tmp_path, caps
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ") and reason in line, line
     assert not out.exists()
+
+
+def test_unwritable_output_is_refused_before_any_work(model_dir, inputs, tmp_path, capsys, monkeypatch):
+    """A read-only output folder (or a file in the output's path) is one line before the model is even loaded."""
+    import os
+
+    import sr_diffusion.cli as cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_loading)
+    if os.geteuid() == 0:  # root writes through permissions: a read-only file system instead
+        readonly = Path("/proc/sr_diffusion_out")
+    else:
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+    (tmp_path / "file").write_text("x")
+    for out in (readonly, readonly / "deeper" / "r.png", tmp_path / "file" / "sub"):
+        assert main(["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and ("not writable" in line or "is a file" in line), line
+    assert (tmp_path / "file").read_text() == "x"
