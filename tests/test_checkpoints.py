@@ -739,3 +739,35 @@ def test_file_errors(tmp_path, rrdb_x2_file):
 def test_detect_accepts_wrapped_dicts(rrdb_x2_file):
     _, sd = rrdb_x2_file
     assert detect_architecture({"params_ema": {f"module.{k}": v for k, v in sd.items()}})[0] == "rrdbnet"
+
+
+class _RunsCode:
+    """Unpickling this runs ``os.system`` (a harmless ``true`` here): what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_code_running_pickles_are_refused_plainly(tmp_path, capsys):
+    """A checkpoint holding a code-running object (torch >= 2.6 words it ``Trying to load unsupported GLOBAL
+    posix.system``), or a plain pickle, is refused with a message that says so, and never suggests
+    ``weights_only=False``; the CLI prints it as one line."""
+    import pickle
+
+    from sr_diffusion.cli import main
+
+    torch.save({"params": {"w": torch.zeros(1)}, "payload": _RunsCode()}, tmp_path / "evil.pth")
+    (tmp_path / "evil.pkl.pth").write_bytes(pickle.dumps({"payload": _RunsCode()}, protocol=4))
+    for name, what in (("evil.pth", r"a pickled (posix|nt)\.system object"), ("evil.pkl.pth", "pickled Python")):
+        with pytest.raises(CheckpointError) as info:
+            load_state_dict(tmp_path / name)
+        message = str(info.value)
+        assert re.search(f"{re.escape(name)} holds {what}", message), message
+        assert "is refused: loading it would need unsafe unpickling, which can execute code" in message
+        assert "weights_only" not in message and "truncated" not in message
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "execute code" in line and not (tmp_path / "out").exists()
