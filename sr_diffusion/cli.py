@@ -15,6 +15,9 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+#: The smallest ``--tile``: tiles of a few pixels give a model almost nothing to see (--tile 1 is a grey mush)
+MIN_TILE = 16
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -163,6 +166,11 @@ def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[
         return [output]
     if output.exists() and not output.is_dir():
         raise CLIError(f"{output}: output exists and is neither a folder nor an image file name")
+    if not output.exists() and output.suffix:
+        raise CLIError(
+            f"{output}: {output.suffix} is not an output image format ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "for an output folder with a dot in its name, create the folder first"
+        )
     ext = args.ext or "png"
     targets = [output / rel.with_name(f"{rel.stem}{args.suffix}.{ext}") for _, rel in inputs]
     seen: dict[Path, Path] = {}
@@ -210,6 +218,8 @@ def cmd_upscale(args) -> int:
 
     inputs = collect_inputs(args.inputs)
     targets = output_targets(inputs, Path(args.output), args)
+    if args.tile is not None and args.tile_overlap >= args.tile:
+        raise CLIError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
     check_writable(targets)
     input_paths = {p.resolve() for p, _ in inputs}
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
@@ -525,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
         p.add_argument(
             "--tile",
-            type=_number(int, 1, "a tile size (an integer >= 1)"),
+            type=_number(
+                int, MIN_TILE, f"a tile size (an integer >= {MIN_TILE}: a smaller tile sees too little of the image)"
+            ),
             default=None,
             help="tile size in input pixels (default: no tiling)",
         )

@@ -42,7 +42,7 @@ def test_upscale_folder(model_dir, inputs, tmp_path):
 def test_upscale_scale_tile_and_skip_existing(model_dir, inputs, tmp_path):
     out = tmp_path / "out"
     args = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]
-    assert main(args + ["--scale", "2", "--tile", "8", "--tile-overlap", "4"]) == 0
+    assert main(args + ["--scale", "2", "--tile", "16", "--tile-overlap", "4"]) == 0
     assert PIL.Image.open(out / "a.png").size == (48, 40)
     mtime = (out / "a.png").stat().st_mtime_ns
     assert main(args + ["--skip-existing"]) == 0
@@ -459,3 +459,33 @@ def test_unwritable_output_is_refused_before_any_work(model_dir, inputs, tmp_pat
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ") and ("not writable" in line or "is a file" in line), line
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_silent_nonsense_is_refused_or_fixed(model_dir, inputs, tmp_path, capsys):
+    """--tile 1 --tile-overlap 0 (a grey mush) and -o out.gif / out.xyz (a folder of that name) are refused in one
+    line; a 1x1 or 300x1 image keeps its colour through the regression pipeline (its model sees an edge-replicated
+    neighbourhood)."""
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.pipelines import AutoSRPipeline
+
+    base = ["upscale", str(inputs / "a.png"), "--model", str(model_dir), "-q"]
+    for extra in (["--tile", "1", "--tile-overlap", "0"], ["--tile", "4"], ["--tile", "16", "--tile-overlap", "16"]):
+        assert main([*base, "-o", str(tmp_path / "tiled"), *extra]) == 2
+    for name in ("out.gif", "out.xyz"):
+        assert main([*base, "-o", str(tmp_path / name)]) == 2
+        assert not (tmp_path / name).exists()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
+    assert "--tile: '1'" in lines[0] and "smaller than --tile" in lines[2] and ".gif is not an output" in lines[3]
+    assert not (tmp_path / "tiled").exists()
+
+    pipe = AutoSRPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    reference = np.asarray(pipe(PIL.Image.new("RGB", (32, 32), (200, 30, 60))).images[0])[48:80, 48:80]
+    for size in ((1, 1), (300, 1)):
+        PIL.Image.new("RGB", size, (200, 30, 60)).save(tmp_path / "tiny.png")
+        assert main(["upscale", str(tmp_path / "tiny.png"), "-o", str(tmp_path / "tiny"), "--model", str(model_dir),
+                     "-q"]) == 0  # fmt: skip
+        out = np.asarray(load_image(tmp_path / "tiny" / "tiny.png")).astype(float)
+        assert out.shape == (size[1] * 4, size[0] * 4, 3)
+        assert np.abs(out.mean((0, 1)) - reference.mean((0, 1))).max() < 3
