@@ -489,3 +489,44 @@ def test_silent_nonsense_is_refused_or_fixed(model_dir, inputs, tmp_path, capsys
         out = np.asarray(load_image(tmp_path / "tiny" / "tiny.png")).astype(float)
         assert out.shape == (size[1] * 4, size[0] * 4, 3)
         assert np.abs(out.mean((0, 1)) - reference.mean((0, 1))).max() < 3
+
+
+def test_fuzzed_images_fail_alone(model_dir, photo, tmp_path, capsys):
+    """200 seeded corruptions (bit flips, truncations, header edits) of PNG, JPEG and WebP files in one folder run:
+    each file is written or fails alone in one line, and the run finishes."""
+    import io
+
+    rng = np.random.default_rng(13)
+    originals = {}
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(photo[:16, :16]).save(buffer, format=fmt)
+        originals[ext] = buffer.getvalue()
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    for i in range(200):
+        ext = ("png", "jpg", "webp")[i % 3]
+        data = bytearray(originals[ext])
+        kind = i % 4
+        if kind == 0:  # bit flips anywhere
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                data[pos] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:  # truncation
+            data = data[: int(rng.integers(1, len(data)))]
+        elif kind == 2:  # header edits: random bytes in the first 40
+            for pos in rng.integers(0, min(40, len(data)), size=int(rng.integers(1, 6))):
+                data[pos] = int(rng.integers(0, 256))
+        else:  # a huge claimed size in the header region (PNG IHDR width/height, elsewhere any 4 bytes)
+            pos = 16 if ext == "png" else int(rng.integers(0, min(40, len(data) - 4)))
+            data[pos : pos + 4] = int(rng.integers(1, 2**31)).to_bytes(4, "big")
+        (folder / f"{i:03d}.{ext}").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    status = main(["upscale", str(folder), "-o", str(out), "--model", str(model_dir), "-q"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    failed = [line for line in lines if not line.endswith("image(s) failed")]
+    assert status in (0, 1) and (status == 1) == bool(failed)
+    assert all(line.startswith("error: ") and "Traceback" not in line for line in failed)
+    names = [line.split(": ")[1].rsplit("/", 1)[-1] for line in failed]
+    assert len(names) == len(set(names))  # each failure is one line for one file
+    written = {p.stem for p in out.glob("*.png")} if out.exists() else set()
+    assert written.isdisjoint(Path(n).stem for n in names) and len(written) + len(names) == 200
