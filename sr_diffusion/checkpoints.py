@@ -63,6 +63,8 @@ __all__ = [
     "load_regression_model",
     "load_state_dict",
     "preview",
+    "torch_load_weights",
+    "unsafe_pickle_refusal",
     "unwrap_state_dict",
 ]
 
@@ -99,9 +101,7 @@ def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(9)
     size = path.stat().st_size
-    if head[:4] == b"PK\x03\x04" or (
-        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    ):
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "torch"
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
         return "safetensors"
@@ -152,20 +152,52 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
             ) from err
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_weights(path)
         except Exception as err:  # torch raises RuntimeError, OSError, EOFError, UnpicklingError, ...
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            if found:
-                raise CheckpointError(
-                    f"checkpoint {path} holds a {found.group(1)} object, not only tensors; it is refused because "
-                    "loading it would need unsafe unpickling. Re-save just the state dict (or convert it to "
-                    ".safetensors) from a trusted environment"
-                ) from err
+            unsafe = unsafe_pickle_refusal(err, f"checkpoint {path}")
+            if unsafe:
+                raise CheckpointError(unsafe) from err
             raise CheckpointError(
                 f"checkpoint {path} could not be read (truncated or corrupt?): {type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}"
             ) from err
     return _unwrap(obj, key, f"checkpoint {path}")
+
+
+def torch_load_weights(path) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, without torch's warning about the pickle
+    protocol of a plain pickle (the refusal that follows says what matters)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unsafe_pickle_refusal(err: BaseException, source: str) -> str | None:
+    """The message refusing ``source`` when ``err`` is torch's safe (``weights_only``) loader meeting a pickled object
+    beyond tensors (a class or function such as ``posix.system``, or an opcode it does not run), else ``None``.
+
+    Matched on the exception type and on both wordings torch has used (``Unsupported global: GLOBAL x`` and
+    ``Trying to load unsupported GLOBAL x``). Torch's own text invites re-running with ``weights_only=False``; this
+    says plainly that the file is refused, because loading it could run code from it.
+    """
+    import pickle
+
+    text = str(err)
+    if not (isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text):
+        return None
+    found = re.search(r"unsupported\s+(?:global:\s+)?GLOBAL\s+([\w.]+)", text, re.IGNORECASE)
+    if found:
+        what = f"a pickled {found.group(1)} object"
+    else:
+        operand = re.search(r"Unsupported operand \S+", text)
+        what = f"pickled Python objects ({operand.group(0) if operand else type(err).__name__})"
+    return (
+        f"{source} holds {what}, not only tensors, and is refused: loading it would need unsafe unpickling, which "
+        "can execute code hidden in the file. If you trust its source, re-save just the state dict (or convert it to "
+        ".safetensors) there"
+    )
 
 
 def unwrap_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -187,9 +219,7 @@ def _unwrap(obj: Any, key: str | None, source: str) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{source} is not a state dict (it holds a {type(obj).__name__})")
         if key is not None:
             if key not in obj:
-                raise CheckpointError(
-                    f"{source} has no {key!r} entry; its top-level keys are {preview(obj)}"
-                )
+                raise CheckpointError(f"{source} has no {key!r} entry; its top-level keys are {preview(obj)}")
             obj, key = obj[key], None
             continue
         nested = next((k for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -200,9 +230,7 @@ def _unwrap(obj: Any, key: str | None, source: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{source} is not a state dict (it holds no tensors)")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(
-            f"{source} is not a state dict: entries {preview(not_tensors)} are not tensors"
-        )
+        raise CheckpointError(f"{source} is not a state dict: entries {preview(not_tensors)} are not tensors")
     state_dict = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
@@ -304,9 +332,7 @@ def _pixelshuffle_scale(convs: list[torch.Tensor], num_feat: int, source: str) -
         return 3
     if all(w.shape[0] == 4 * num_feat for w in convs):
         return 2 ** len(convs)
-    raise CheckpointError(
-        f"{source}: upsampling convs with {[w.shape[0] for w in convs]} channels fit no scale"
-    )
+    raise CheckpointError(f"{source}: upsampling convs with {[w.shape[0] for w in convs]} channels fit no scale")
 
 
 def _edsr(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
@@ -341,9 +367,7 @@ def _edsr_official(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, d
             if weight is not None and not torch.allclose(
                 weight.float().flatten(1), torch.eye(weight.shape[0]), atol=1e-6
             ):
-                raise CheckpointError(
-                    f"{source}: {name} is not an identity mean shift (rgb_std != 1 is not supported)"
-                )
+                raise CheckpointError(f"{source}: {name} is not an identity mean shift (rgb_std != 1 is not supported)")
         bias = sd["add_mean.bias"].float()
         # the bias is rgb_range · mean with the mean in (0, 1): it tells the range the model was trained on
         rgb_range = 255.0 if bias.abs().max() > 1.5 else 1.0
@@ -420,13 +444,9 @@ def _esrgan_old(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict
     # model.0 conv, model.1 trunk, then per ×2 stage (upsample, conv, lrelu), then HR conv, lrelu, last conv
     num_up = (top[-1] - 4) // 3 if top else 0
     if num_up < 1 or top != [0] + [3 + 3 * k for k in range(num_up)] + [2 + 3 * num_up, 4 + 3 * num_up]:
-        raise CheckpointError(
-            f"{source}: old-style ESRGAN top-level convs model.{top} do not fit the known layout"
-        )
+        raise CheckpointError(f"{source}: old-style ESRGAN top-level convs model.{top} do not fit the known layout")
     if num_up == 1:
-        raise CheckpointError(
-            f"{source}: old-style ESRGAN with a single ×2 upsampling stage is not supported"
-        )
+        raise CheckpointError(f"{source}: old-style ESRGAN with a single ×2 upsampling stage is not supported")
     mapping = {0: "conv_first", 2 + 3 * num_up: "conv_hr", 4 + 3 * num_up: "conv_last"}
     mapping.update({3 + 3 * k: f"conv_up{k + 1}" for k in range(num_up)})
     converted = {}
@@ -445,25 +465,16 @@ def _esrgan_old(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict
 
 def _swinir(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
     if "absolute_pos_embed" in sd:
-        raise CheckpointError(
-            f"{source}: SwinIR with absolute position embedding (ape=True) is not supported"
-        )
+        raise CheckpointError(f"{source}: SwinIR with absolute position embedding (ape=True) is not supported")
     conv_first = _get(sd, "conv_first.weight", source)
     embed_dim, in_chans = (int(v) for v in conv_first.shape[:2])
     layers = _indices(sd, r"layers\.(\d+)\.residual_group\.blocks\.0\.attn\.qkv\.weight")
-    depths = [
-        len(_indices(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.attn\.qkv\.weight")) for i in layers
-    ]
-    tables = [
-        _get(sd, f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", source)
-        for i in layers
-    ]
+    depths = [len(_indices(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.attn\.qkv\.weight")) for i in layers]
+    tables = [_get(sd, f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", source) for i in layers]
     num_heads = [int(t.shape[1]) for t in tables]
     window_size = (math.isqrt(int(tables[0].shape[0])) + 1) // 2
     if (2 * window_size - 1) ** 2 != tables[0].shape[0]:
-        raise CheckpointError(
-            f"{source}: relative_position_bias_table has {tables[0].shape[0]} rows, not (2·ws-1)²"
-        )
+        raise CheckpointError(f"{source}: relative_position_bias_table has {tables[0].shape[0]} rows, not (2·ws-1)²")
     hidden = int(_get(sd, "layers.0.residual_group.blocks.0.mlp.fc1.weight", source).shape[0])
     resi_connection = "3conv" if "layers.0.conv.0.weight" in sd else "1conv"
 
@@ -508,16 +519,12 @@ def _srvgg(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
     convs = [i for i in _indices(sd, r"body\.(\d+)\.weight") if sd[f"body.{i}.weight"].ndim == 4]
     last = convs[-1]
     if convs != list(range(0, last + 1, 2)) or last < 2:
-        raise CheckpointError(
-            f"{source}: SRVGGNetCompact convs must sit at body.0, body.2, ..., found {convs}"
-        )
+        raise CheckpointError(f"{source}: SRVGGNetCompact convs must sit at body.0, body.2, ..., found {convs}")
     num_feat, num_in_ch = (int(v) for v in sd["body.0.weight"].shape[:2])
     out = int(sd[f"body.{last}.weight"].shape[0])
     upscale = math.isqrt(out // num_in_ch)
     if upscale * upscale * num_in_ch != out:
-        raise CheckpointError(
-            f"{source}: last conv with {out} channels fits no scale for {num_in_ch} channels"
-        )
+        raise CheckpointError(f"{source}: last conv with {out} channels fits no scale for {num_in_ch} channels")
     config = {
         "num_in_ch": num_in_ch,
         "num_out_ch": num_in_ch,
@@ -584,9 +591,7 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, di
     return arch, config
 
 
-def _check_keys(
-    model_cls: type, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str
-):
+def _check_keys(model_cls: type, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str):
     """Strict comparison of names and shapes against the model built (on the meta device) from config."""
     with torch.device("meta"):
         model = model_cls(**config)
@@ -659,14 +664,10 @@ def load_regression_model(
     model_cls = REGRESSION_MODELS[found]
     unknown = set(config_overrides) - set(config)
     if unknown:
-        raise TypeError(
-            f"{model_cls.__name__} has no hyper-parameter(s) {sorted(unknown)}; it takes {sorted(config)}"
-        )
+        raise TypeError(f"{model_cls.__name__} has no hyper-parameter(s) {sorted(unknown)}; it takes {sorted(config)}")
     config.update(config_overrides)
     if found == "edsr" and "rgb_mean" in config_overrides:
-        converted["mean"] = torch.tensor(list(config_overrides["rgb_mean"]), dtype=torch.float32).view(
-            1, -1, 1, 1
-        )
+        converted["mean"] = torch.tensor(list(config_overrides["rgb_mean"]), dtype=torch.float32).view(1, -1, 1, 1)
     if scale is not None and int(scale) != int(config[_SCALE_KEY[found]]):
         raise CheckpointError(f"{source} is {_describe(found, config)}, but scale={scale} was requested")
 

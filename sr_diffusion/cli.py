@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
+
+#: The smallest ``--tile``: tiles of a few pixels give a model almost nothing to see (--tile 1 is a grey mush)
+MIN_TILE = 16
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -60,19 +64,59 @@ def load_pipeline(model: str | None, device: str | None, dtype: str, regression:
         pass
     if model and regression:
         raise CLIError("give either --model or --regression, not both")
+    device = check_device(device)
     folder = Path(model) if model else default_pipeline_dir("regression" if regression else "generative")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
         pipe = AutoSRPipeline.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot load model from {folder}: {err}") from err
-    pipe = pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def check_device(device: str | None) -> str:
+    """``device`` (default: ``cuda`` if available, else ``cpu``) checked by allocating on it: a malformed name or a
+    device this machine lacks is a :class:`CLIError`, before any model is loaded."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CLIError(f"--device {device}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from None
+    try:
+        torch.empty(1, device=parsed)
+    except Exception as err:  # RuntimeError (no such GPU), AssertionError (torch built without CUDA), ...
+        no_gpu = parsed.type == "cuda" and not torch.cuda.is_available()
+        reason = "no usable CUDA GPU on this machine (torch.cuda.is_available() is False)" if no_gpu else _one_line(err)
+        raise CLIError(f"--device {device}: {reason}") from None
+    return device
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _number(kind: type, minimum: float | None, name: str, maximum: float | None = None):
+    """An argparse ``type``: a finite ``kind`` (int or float) in ``[minimum, maximum]`` (``None``: unbounded);
+    anything else is a usage error (one line, exit status 2) naming the cause."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,8 +166,48 @@ def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[
         return [output]
     if output.exists() and not output.is_dir():
         raise CLIError(f"{output}: output exists and is neither a folder nor an image file name")
+    if not output.exists() and output.suffix:
+        raise CLIError(
+            f"{output}: {output.suffix} is not an output image format ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "for an output folder with a dot in its name, create the folder first"
+        )
     ext = args.ext or "png"
-    return [output / rel.with_name(f"{rel.stem}{args.suffix}.{ext}") for _, rel in inputs]
+    targets = [output / rel.with_name(f"{rel.stem}{args.suffix}.{ext}") for _, rel in inputs]
+    seen: dict[Path, Path] = {}
+    for (path, _), target in zip(inputs, targets):
+        key = target.resolve()
+        if key in seen:
+            raise CLIError(
+                f"{seen[key]} and {path} would both be written to {target}; rename one, or upscale them in separate "
+                "runs or output folders"
+            )
+        seen[key] = path
+    return targets
+
+
+def check_writable(targets: list[Path]) -> None:
+    """Refuse outputs that cannot be written, before any work: for each output folder, its nearest existing ancestor
+    must be a folder where a file can be created (tried with a temporary file, so read-only mounts and permissions
+    are both caught)."""
+    import tempfile
+
+    checked: set[Path] = set()
+    for folder in {target.parent for target in targets}:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing in checked:
+            continue
+        if not existing.is_dir():
+            raise CLIError(f"{folder}: cannot create the output folder: {existing} is a file")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise CLIError(
+                f"{folder}: output is not writable ({err.strerror or _one_line(err)} in {existing})"
+            ) from None
+        checked.add(existing)
 
 
 def cmd_upscale(args) -> int:
@@ -134,6 +218,9 @@ def cmd_upscale(args) -> int:
 
     inputs = collect_inputs(args.inputs)
     targets = output_targets(inputs, Path(args.output), args)
+    if args.tile is not None and args.tile_overlap >= args.tile:
+        raise CLIError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
+    check_writable(targets)
     input_paths = {p.resolve() for p, _ in inputs}
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     call_kwargs = upscale_call_kwargs(pipe, args)
@@ -147,13 +234,18 @@ def cmd_upscale(args) -> int:
         if args.skip_existing and target.exists():
             continue
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=args.max_pixels and int(args.max_pixels))
             if "generator" in call_kwargs:  # every image from the same seed: its result does not depend on the order
                 call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
             result = pipe(image, **call_kwargs).images[0]
             save_image(result, target)
-        except (ImageLoadError, ValueError, RuntimeError, OSError) as err:
-            print(f"error: {path}: {_one_line(err)}", file=sys.stderr)
+        except Exception as err:  # one failed file, never the end of the run
+            reason = (
+                _one_line(err)
+                if isinstance(err, (ImageLoadError, ValueError, RuntimeError, OSError))
+                else (f"{type(err).__name__}: {_one_line(err)}")
+            )
+            print(f"error: {path}: {reason}", file=sys.stderr)
             failures += 1
     if failures:
         print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
@@ -288,14 +380,54 @@ def _seesr_pipeline(args):
     return convert_seesr(args.checkpoint, args.base, upscale=args.scale or 4)
 
 
+def _is_our_pipeline_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a pipeline written by ``save_pretrained`` of this package and nothing else: a
+    ``model_index.json`` naming one of our classes, and only the component folders (or files) it lists beside it."""
+    import json
+
+    from sr_diffusion.pipelines import PIPELINE_CLASSES
+
+    try:
+        model_index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(model_index, dict) or model_index.get("_class_name") not in PIPELINE_CLASSES:
+        return False
+    return all(entry.name == "model_index.json" or entry.name in model_index for entry in folder.iterdir())
+
+
+def check_convert_output(out_dir: Path, sources: list[str], overwrite: bool) -> None:
+    """Refuse an output folder ``convert`` may not write, before any work. ``--overwrite`` replaces only a pipeline
+    folder written by this package (see :func:`_is_our_pipeline_folder`) that holds none of the ``sources`` (the
+    checkpoint, --vae, --base): nothing the command did not write is ever deleted."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: output exists and is not a folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise CLIError(f"{out_dir}: output folder exists and is not empty (--overwrite replaces an earlier output)")
+    resolved = out_dir.resolve()
+    for source in sources:
+        source_path = Path(source).resolve()
+        if source_path == resolved or resolved in source_path.parents or source_path in resolved.parents:
+            raise CLIError(f"{out_dir}: output folder contains or is inside the input {source}; choose another folder")
+    if not _is_our_pipeline_folder(out_dir):
+        raise CLIError(
+            f"{out_dir}: --overwrite only replaces a pipeline folder written by sr-diffusion, and this folder holds "
+            "other files; choose a new or empty folder"
+        )
+
+
 def cmd_convert(args) -> int:
     from sr_diffusion.checkpoints import CheckpointError, load_regression_model
     from sr_diffusion.pipelines import RegressionSRPipeline
     from sr_diffusion.utils import atomic_directory
 
     out_dir = Path(args.output)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise CLIError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
+    sources = [s for s in (args.checkpoint, args.vae, args.base) if s]
+    check_convert_output(out_dir, sources, args.overwrite)
     try:
         family = args.arch or _detect_family(args.checkpoint)
         if family == "resshift":
@@ -377,8 +509,19 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+#: ``--seed``: what ``torch.Generator().manual_seed`` takes
+SEED = _number(int, 0, f"a seed (an integer in [0, {2**64 - 1}])", maximum=2**64 - 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit status 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sr-diffusion", description="Image super-resolution, the diffusers way.")
+    parser = _Parser(prog="sr-diffusion", description="Image super-resolution, the diffusers way.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_runtime(p):
@@ -390,7 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-        p.add_argument("--tile", type=int, default=None, help="tile size in input pixels (default: no tiling)")
+        p.add_argument(
+            "--tile",
+            type=_number(
+                int, MIN_TILE, f"a tile size (an integer >= {MIN_TILE}: a smaller tile sees too little of the image)"
+            ),
+            default=None,
+            help="tile size in input pixels (default: no tiling)",
+        )
 
     p = sub.add_parser("upscale", help="upscale image files or folders")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
@@ -398,8 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="output folder, or an image file (.png, .jpg, ...) for one input image"
     )
     add_runtime(p)
-    p.add_argument("--scale", type=float, default=None, dest="outscale", help="output scale (default: the model's own)")
-    p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument(
+        "--scale",
+        type=_number(float, 1e-3, "a scale (a number > 0)"),
+        default=None,
+        dest="outscale",
+        help="output scale (default: the model's own)",
+    )
+    p.add_argument("--tile-overlap", type=_number(int, 0, "a tile overlap (an integer >= 0)"), default=32)
     p.add_argument(
         "--self-ensemble", action="store_true", default=None, help="x8 self-ensemble (slower, slightly better)"
     )
@@ -413,13 +569,29 @@ def build_parser() -> argparse.ArgumentParser:
     sd = p.add_argument_group("diffusion pipelines (a pipeline without the keyword refuses the option)")
     sd.add_argument("--prompt", help='text prompt ("auto": the prompt extractor\'s; your words come first)')
     sd.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (used verbatim)")
-    sd.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps (default: the method's)")
-    sd.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the method's)")
+    sd.add_argument(
+        "--steps",
+        type=_number(int, 1, "a number of steps (an integer >= 1)"),
+        dest="num_inference_steps",
+        help="denoising steps (default: the method's)",
+    )
+    sd.add_argument(
+        "--guidance-scale",
+        type=_number(float, None, "a finite number"),
+        help="classifier-free guidance scale (default: the method's)",
+    )
     sd.add_argument("--fidelity", choices=["auto"], help="auto: fidelity knobs from the degradation estimator")
     sd.add_argument("--color-fix", choices=["none", "adain", "wavelet"], help="colour fix (default: the method's)")
-    sd.add_argument("--seed", type=int, help="seed of each image's noise (default: the global RNG)")
+    sd.add_argument("--seed", type=SEED, help="seed of each image's noise (default: the global RNG)")
     p.add_argument("--ext", choices=["png", "webp", "jpg", "tif"], help="output folder: file format (default: png)")
     p.add_argument("--suffix", default="", help="appended to each output file name's stem")
+    p.add_argument(
+        "--max-pixels",
+        type=_number(float, 1, "a number of pixels (>= 1)"),
+        default=None,
+        help="the largest input image, in pixels (default: 1e8, or SR_DIFFUSION_MAX_PIXELS); larger files are "
+        "refused from their header, before decoding",
+    )
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_upscale)
@@ -432,7 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift", "sr3", "srdiff", "stablesr", "pasd", "seesr"],
         help="default: auto-detect",
     )
-    p.add_argument("--scale", type=int, help="expected scale; an error if the checkpoint's differs")
+    p.add_argument(
+        "--scale",
+        type=_number(int, 1, "a scale (an integer >= 1)"),
+        help="expected scale; an error if the checkpoint's differs",
+    )
     p.add_argument("--preset", help="ResShift: the noise schedule the file was trained with (v1, v2, v3, bicsr, ...)")
     p.add_argument(
         "--vae",
@@ -442,31 +618,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base", help="StableSR, PASD, SeeSR: a diffusers Stable Diffusion folder of the checkpoint's family"
     )
-    p.add_argument("--norm-groups", type=int, help="SR3: GroupNorm groups of the training config (not in the file)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--norm-groups",
+        type=_number(int, 1, "a number of groups (an integer >= 1)"),
+        help="SR3: GroupNorm groups of the training config (not in the file)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder, only one that holds a pipeline written by sr-diffusion (the new one "
+        "is written beside it, then swapped in)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="score SR outputs against HR images, or a model on HR images")
     p.add_argument("--hr", required=True, help="folder of HR (ground-truth) images")
     p.add_argument("--sr", help="folder of SR outputs with the same file stems as --hr")
     add_runtime(p)
-    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--scale", type=_number(int, 1, "a scale (an integer >= 1)"), default=4)
     p.add_argument("--degradation", default="bicubic", choices=["bicubic", "realesrgan", "bsrgan"])
-    p.add_argument("--crop-border", type=int, default=None, help="default: the scale")
-    p.add_argument("--seed", type=int, default=0, help="seed for random degradations")
+    p.add_argument(
+        "--crop-border", type=_number(int, 0, "a border (an integer >= 0)"), default=None, help="default: the scale"
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seed for random degradations")
     p.add_argument("-o", "--output", help="folder for metrics.json and metrics.csv")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="upscale the bundled sample photo and write a side-by-side comparison")
     p.add_argument("-o", "--output", default="outputs/demo", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of a generative model's noise")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of a generative model's noise")
     add_runtime(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # a usage error (one line, already printed) or --help
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.func(args)
     except (CLIError, ValueError, OSError) as err:
@@ -476,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure nobody foresaw: still one line (SR_DIFFUSION_TRACEBACK=1 shows where)
+        if os.environ.get("SR_DIFFUSION_TRACEBACK"):
+            raise
+        print(f"error: {type(err).__name__}: {_one_line(err)} (SR_DIFFUSION_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ pipeline can upscale them on their own and put them back; nothing is resized or 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 __all__ = [
     "ImageInput",
     "ImageLoadError",
+    "MAX_IMAGE_PIXELS",
     "PreprocessedImage",
     "SRImageProcessor",
     "load_image",
@@ -37,28 +39,72 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 class ImageLoadError(ValueError):
-    """An input file is missing, empty, not an image, or truncated."""
+    """An input file is missing, empty, not an image, truncated, or over the pixel limit."""
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+#: The most pixels (width x height) :func:`load_image` decodes by default: 100 megapixels, 1.2 GB as float32 RGB.
+#: Checked from the file's header, before decoding, so a decompression bomb (a tiny file whose header claims a huge
+#: image) costs nothing. The environment variable ``SR_DIFFUSION_MAX_PIXELS`` or ``load_image(max_pixels=...)`` (the
+#: CLI's ``--max-pixels``) raise it. PIL's own, process-wide ``PIL.Image.MAX_IMAGE_PIXELS`` is not used.
+MAX_IMAGE_PIXELS = 100_000_000
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _max_pixels(max_pixels: int | None) -> int:
+    if max_pixels is not None:
+        return max_pixels
+    env = os.environ.get("SR_DIFFUSION_MAX_PIXELS")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ImageLoadError(f"SR_DIFFUSION_MAX_PIXELS={env!r} is not a number of pixels") from None
+    return MAX_IMAGE_PIXELS
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> PIL.Image.Image:
     """Open an image file fully (decoding every pixel now) and apply its EXIF orientation.
 
-    Raises :class:`ImageLoadError` naming the file for a missing, empty, non-image or truncated file.
+    ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`, or ``SR_DIFFUSION_MAX_PIXELS``) bounds width x height; the size
+    is read from the header and checked before any pixel is decoded.
+
+    Raises :class:`ImageLoadError` naming the file for a missing, empty, non-image, corrupt or truncated file, and
+    for an image over the pixel limit (the message says how to raise it).
     """
     path = Path(path)
+    limit = _max_pixels(max_pixels)
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"{path}: file is empty (0 bytes)")
     try:
-        with PIL.Image.open(path) as img:
+        with _PIL_LIMIT_LOCK:  # our limit replaces PIL's process-wide one, only while the header is read
+            pil_limit, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = PIL.Image.open(path)
+            finally:
+                PIL.Image.MAX_IMAGE_PIXELS = pil_limit
+    except PIL.UnidentifiedImageError as err:
+        raise ImageLoadError(f"{path}: not an image file PIL can read") from err
+    except Exception as err:  # a corrupt header can raise anything from inside a PIL plugin
+        raise ImageLoadError(f"{path}: corrupt image header ({type(err).__name__}: {err})") from err
+    with img:
+        width, height = img.size
+        if width * height > limit:
+            raise ImageLoadError(
+                f"{path}: image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+                f"{limit / 1e6:g}-megapixel limit (a decompression bomb?); if it is genuine, raise the limit with "
+                "--max-pixels, SR_DIFFUSION_MAX_PIXELS or load_image(max_pixels=...)"
+            )
+        try:
             img.load()  # decode now so truncated files fail here, not later
             img = PIL.ImageOps.exif_transpose(img)
             img.load()
-    except PIL.UnidentifiedImageError as err:
-        raise ImageLoadError(f"{path}: not an image file PIL can read") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
+        except Exception as err:  # PIL's decoders raise other types on some corrupt files
+            raise ImageLoadError(f"{path}: corrupt image ({type(err).__name__}: {err})") from err
     return img
 
 
@@ -123,9 +169,7 @@ def _check_float_range(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise ValueError("image contains NaN or infinite values")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(
-            f"float images must have values in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]"
-        )
+        raise ValueError(f"float images must have values in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]")
 
 
 @dataclass

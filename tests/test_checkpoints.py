@@ -231,11 +231,7 @@ def rrdb_forward(x, p, nb, scale):
     if scale in (1, 2):  # BasicSR pixel_unshuffle: view + permute
         s = 4 if scale == 1 else 2
         b, ch, hh, ww = x.shape
-        x = (
-            x.view(b, ch, hh // s, s, ww // s, s)
-            .permute(0, 1, 3, 5, 2, 4)
-            .reshape(b, ch * s * s, hh // s, ww // s)
-        )
+        x = x.view(b, ch, hh // s, s, ww // s, s).permute(0, 1, 3, 5, 2, 4).reshape(b, ch * s * s, hh // s, ww // s)
     fea = c(x, "conv_first")
     trunk = fea
     for i in range(nb):
@@ -298,9 +294,7 @@ def test_realesrgan_params_ema_layout(tmp_path, scale):
     model = check_loaded(paths, RRDBNet, {"scale": scale, "num_feat": 8, "num_grow_ch": 4}, reference, x)
     assert model.input_multiple == {1: 4, 2: 2, 4: 1}[scale]
     # the non-EMA weights on request
-    assert torch.equal(
-        load_state_dict(paths[0], key="params")["conv_last.weight"], params["conv_last.weight"]
-    )
+    assert torch.equal(load_state_dict(paths[0], key="params")["conv_last.weight"], params["conv_last.weight"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,9 +434,7 @@ def swinir_official_forward(sd, x, cfg, img_size):
             bias = table[sd[f"{p}.attn.relative_position_index"].view(-1)].view(n, n, -1).permute(2, 0, 1)
             attn = attn + bias.unsqueeze(0)
             if shift:
-                mask = (
-                    sd[f"{p}.attn_mask"] if (h, w) == (img_size, img_size) else official_mask(h, w, ws, shift)
-                )
+                mask = sd[f"{p}.attn_mask"] if (h, w) == (img_size, img_size) else official_mask(h, w, ws, shift)
                 nw = mask.shape[0]
                 attn = attn.view(bn // nw, nw, nh, n, n) + mask.unsqueeze(1).unsqueeze(0)
                 attn = attn.view(-1, nh, n, n)
@@ -641,9 +633,7 @@ def test_unwrap_state_dict_nesting_and_prefixes():
     assert unwrap_state_dict({"params": {"a": t}, "params_ema": {"b": t}}, key="params") == {"a": t}
     assert unwrap_state_dict({"state_dict": {"module.x.weight": t, "module.y": t}}) == {"x.weight": t, "y": t}
     assert unwrap_state_dict({"model": {"w": t}}) == {"w": t}
-    assert unwrap_state_dict({"model.0.weight": t}) == {
-        "model.0.weight": t
-    }  # old ESRGAN keys are not nesting
+    assert unwrap_state_dict({"model.0.weight": t}) == {"model.0.weight": t}  # old ESRGAN keys are not nesting
     with pytest.raises(CheckpointError, match="not a state dict"):
         unwrap_state_dict([t])
     with pytest.raises(CheckpointError, match="'epoch'"):
@@ -738,9 +728,7 @@ def test_file_errors(tmp_path, rrdb_x2_file):
 
     misnamed = tmp_path / "really_a_pth.safetensors"
     misnamed.write_bytes(data)
-    with pytest.raises(
-        CheckpointError, match=r"really_a_pth\.safetensors is not a readable safetensors file"
-    ):
+    with pytest.raises(CheckpointError, match=r"really_a_pth\.safetensors is not a readable safetensors file"):
         load_state_dict(misnamed)
     # content decides for other suffixes: safetensors saved as .bin loads, safely
     as_bin = tmp_path / "model.bin"
@@ -751,3 +739,35 @@ def test_file_errors(tmp_path, rrdb_x2_file):
 def test_detect_accepts_wrapped_dicts(rrdb_x2_file):
     _, sd = rrdb_x2_file
     assert detect_architecture({"params_ema": {f"module.{k}": v for k, v in sd.items()}})[0] == "rrdbnet"
+
+
+class _RunsCode:
+    """Unpickling this runs ``os.system`` (a harmless ``true`` here): what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_code_running_pickles_are_refused_plainly(tmp_path, capsys):
+    """A checkpoint holding a code-running object (torch >= 2.6 words it ``Trying to load unsupported GLOBAL
+    posix.system``), or a plain pickle, is refused with a message that says so, and never suggests
+    ``weights_only=False``; the CLI prints it as one line."""
+    import pickle
+
+    from sr_diffusion.cli import main
+
+    torch.save({"params": {"w": torch.zeros(1)}, "payload": _RunsCode()}, tmp_path / "evil.pth")
+    (tmp_path / "evil.pkl.pth").write_bytes(pickle.dumps({"payload": _RunsCode()}, protocol=4))
+    for name, what in (("evil.pth", r"a pickled (posix|nt)\.system object"), ("evil.pkl.pth", "pickled Python")):
+        with pytest.raises(CheckpointError) as info:
+            load_state_dict(tmp_path / name)
+        message = str(info.value)
+        assert re.search(f"{re.escape(name)} holds {what}", message), message
+        assert "is refused: loading it would need unsafe unpickling, which can execute code" in message
+        assert "weights_only" not in message and "truncated" not in message
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "execute code" in line and not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """The ``sr-diffusion`` command line, run in-process through ``main(argv)``."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -41,7 +42,7 @@ def test_upscale_folder(model_dir, inputs, tmp_path):
 def test_upscale_scale_tile_and_skip_existing(model_dir, inputs, tmp_path):
     out = tmp_path / "out"
     args = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]
-    assert main(args + ["--scale", "2", "--tile", "8", "--tile-overlap", "4"]) == 0
+    assert main(args + ["--scale", "2", "--tile", "16", "--tile-overlap", "4"]) == 0
     assert PIL.Image.open(out / "a.png").size == (48, 40)
     mtime = (out / "a.png").stat().st_mtime_ns
     assert main(args + ["--skip-existing"]) == 0
@@ -96,6 +97,7 @@ def test_an_output_file_for_one_input(model_dir, inputs, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "notes.txt"), *base]) == 2
     assert "neither a folder nor an image file name" in capsys.readouterr().err
+
 
 def test_one_line_errors(tmp_path, model_dir, capsys):
     assert main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
@@ -301,3 +303,230 @@ def test_model_and_regression_are_exclusive(model_dir, inputs, tmp_path, capsys)
     out = tmp_path / "out"
     assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "--regression"]) == 2
     assert "either --model or --regression" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 13: nothing lost, nothing crashes
+
+
+def _tiny_rrdb_checkpoint(path):
+    torch.manual_seed(0)
+    torch.save({"params_ema": RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4).state_dict()}, path)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_convert_overwrite_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    """``convert dl/net.pth dl/ --overwrite`` and ``--overwrite`` onto a project folder are refused in one line with
+    every file kept; --overwrite replaces only an earlier output of the command (a folder holding only a pipeline)."""
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    _tiny_rrdb_checkpoint(dl / "RealESRGAN_x4.pth")
+    (dl / "notes.txt").write_text("mine")
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print(1)")
+    before = {folder: _snapshot(folder) for folder in (dl, project)}
+    checkpoint = str(dl / "RealESRGAN_x4.pth")
+    assert main(["convert", checkpoint, str(dl), "--overwrite"]) == 2
+    assert main(["convert", checkpoint, str(dl) + "/", "--overwrite"]) == 2
+    assert main(["convert", checkpoint, str(project), "--overwrite"]) == 2
+    assert main(["convert", checkpoint, str(tmp_path), "--overwrite"]) == 2  # a folder above the input
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    assert "contains or is inside the input" in lines[0] and "written by sr-diffusion" in lines[2]
+    assert {folder: _snapshot(folder) for folder in (dl, project)} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+    out = tmp_path / "converted"
+    assert main(["convert", checkpoint, str(out)]) == 0
+    assert main(["convert", checkpoint, str(out)]) == 2  # exists: --overwrite needed
+    assert main(["convert", checkpoint, str(out), "--overwrite"]) == 0  # an earlier output: replaced
+    assert (out / "model_index.json").is_file()
+    (out / "my_notes.txt").write_text("mine")  # no longer only ours
+    assert main(["convert", checkpoint, str(out), "--overwrite"]) == 2
+    assert (out / "my_notes.txt").read_text() == "mine"
+    (tmp_path / "a_file").write_text("x")
+    assert main(["convert", checkpoint, str(tmp_path / "a_file"), "--overwrite"]) == 2
+    assert (tmp_path / "a_file").read_text() == "x"
+    assert "not a folder" in capsys.readouterr().err
+
+
+def _png(width, height, idat=b""):
+    """A PNG (1-bit grayscale) with the given header size and raw IDAT payload (none: a header-only bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + (chunk(b"IDAT", idat) if idat else b"") + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_one_failed_file(model_dir, inputs, tmp_path, capsys):
+    """A 66-byte PNG claiming 100000x100000 and a small all-zero 20000x20000 PNG are refused from their header (an
+    ImageLoadError from the API, one line in a folder run, the rest processed); --max-pixels raises the limit."""
+    import zlib
+
+    from sr_diffusion.image_processor import ImageLoadError, load_image
+
+    (inputs / "bomb.png").write_bytes(_png(100_000, 100_000, zlib.compress(b"\x00" * 64)))
+    assert (inputs / "bomb.png").stat().st_size < 100
+    row = b"\x00" * (1 + 20_000 // 8)
+    (inputs / "zeros.png").write_bytes(_png(20_000, 20_000, zlib.compress(row * 20_000, 9)))
+    with pytest.raises(ImageLoadError, match="over the 100-megapixel limit.*--max-pixels"):
+        load_image(inputs / "bomb.png")
+    with pytest.raises(ImageLoadError, match="400.0 megapixels"):
+        load_image(inputs / "zeros.png")
+    with pytest.raises(ImageLoadError, match="over the 0.0001-megapixel limit"):
+        load_image(inputs / "a.png", max_pixels=100)
+
+    out = tmp_path / "out"
+    assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and err[-1] == "2 of 5 image(s) failed"
+    assert all("megapixel limit" in line and line.startswith("error: ") for line in err[:2])
+    assert sorted(p.name for p in out.rglob("*.png")) == ["a.png", "b.png", "c.png"]
+    # the limit is the option's
+    base = ["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "limited"), "--model", str(model_dir), "-q"]
+    assert main([*base, "--max-pixels", "400"]) == 1
+    assert "over the 0.0004-megapixel limit" in capsys.readouterr().err
+    assert main([*base, "--max-pixels", "480"]) == 0
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "--max-pixels", "0"]) == 2
+    assert "--max-pixels" in capsys.readouterr().err
+
+
+def test_outputs_never_overwrite_each_other(model_dir, inputs, tmp_path, capsys):
+    """``a.png`` and ``a.jpg`` in one folder, or ``tree/a/x.png tree/b/x.png`` as two arguments, would write one file:
+    refused in one line before any work (nothing written)."""
+    PIL.Image.open(inputs / "a.png").convert("RGB").save(inputs / "a.jpg")
+    tree = tmp_path / "tree"
+    for sub in ("a", "b"):
+        (tree / sub).mkdir(parents=True)
+        PIL.Image.open(inputs / "c.png").save(tree / sub / "x.png")
+    out = tmp_path / "out"
+    base = ["-o", str(out), "--model", str(model_dir), "-q"]
+    assert main(["upscale", str(inputs), *base]) == 2
+    assert main(["upscale", str(tree / "a" / "x.png"), str(tree / "b" / "x.png"), *base]) == 2
+    assert main(["upscale", str(tree / "a"), str(tree / "b"), *base]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all("would both be written to" in line for line in lines)
+    assert "a.jpg" in lines[0] and "a.png" in lines[0]
+    assert not out.exists()
+    assert main(["upscale", str(tree), *base]) == 0  # a folder keeps its relative paths: no collision
+    assert (out / "a" / "x.png").is_file() and (out / "b" / "x.png").is_file()
+
+
+def test_runtime_arguments_are_one_line_errors(model_dir, inputs, tmp_path, capsys):
+    """--device bogus, --device cuda without a GPU, --scale inf and a seed past 64 bits: one line naming the option,
+    exit 2, no traceback, nothing written."""
+    out = tmp_path / "out"
+    base = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]
+    cases = [(["--device", "bogus"], "not a torch device name"), (["--scale", "inf"], "--scale: 'inf'"),
+             (["--seed", "99999999999999999999"], "is not a seed (an integer in [0, 18446744073709551615])"),
+             (["--tile", "-3"], "--tile: '-3'"), (["--scale", "nan"], "--scale: 'nan'")]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no usable CUDA GPU"))
+    for extra, reason in cases:
+        assert main([*base, *extra]) == 2, extra
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and reason in line, line
+    assert not out.exists()
+
+
+def test_unwritable_output_is_refused_before_any_work(model_dir, inputs, tmp_path, capsys, monkeypatch):
+    """A read-only output folder (or a file in the output's path) is one line before the model is even loaded."""
+    import os
+
+    import sr_diffusion.cli as cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_loading)
+    if os.geteuid() == 0:  # root writes through permissions: a read-only file system instead
+        readonly = Path("/proc/sr_diffusion_out")
+    else:
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+    (tmp_path / "file").write_text("x")
+    for out in (readonly, readonly / "deeper" / "r.png", tmp_path / "file" / "sub"):
+        assert main(["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(model_dir), "-q"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and ("not writable" in line or "is a file" in line), line
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_silent_nonsense_is_refused_or_fixed(model_dir, inputs, tmp_path, capsys):
+    """--tile 1 --tile-overlap 0 (a grey mush) and -o out.gif / out.xyz (a folder of that name) are refused in one
+    line; a 1x1 or 300x1 image keeps its colour through the regression pipeline (its model sees an edge-replicated
+    neighbourhood)."""
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.pipelines import AutoSRPipeline
+
+    base = ["upscale", str(inputs / "a.png"), "--model", str(model_dir), "-q"]
+    for extra in (["--tile", "1", "--tile-overlap", "0"], ["--tile", "4"], ["--tile", "16", "--tile-overlap", "16"]):
+        assert main([*base, "-o", str(tmp_path / "tiled"), *extra]) == 2
+    for name in ("out.gif", "out.xyz"):
+        assert main([*base, "-o", str(tmp_path / name)]) == 2
+        assert not (tmp_path / name).exists()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
+    assert "--tile: '1'" in lines[0] and "smaller than --tile" in lines[2] and ".gif is not an output" in lines[3]
+    assert not (tmp_path / "tiled").exists()
+
+    pipe = AutoSRPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    reference = np.asarray(pipe(PIL.Image.new("RGB", (32, 32), (200, 30, 60))).images[0])[48:80, 48:80]
+    for size in ((1, 1), (300, 1)):
+        PIL.Image.new("RGB", size, (200, 30, 60)).save(tmp_path / "tiny.png")
+        assert main(["upscale", str(tmp_path / "tiny.png"), "-o", str(tmp_path / "tiny"), "--model", str(model_dir),
+                     "-q"]) == 0  # fmt: skip
+        out = np.asarray(load_image(tmp_path / "tiny" / "tiny.png")).astype(float)
+        assert out.shape == (size[1] * 4, size[0] * 4, 3)
+        assert np.abs(out.mean((0, 1)) - reference.mean((0, 1))).max() < 3
+
+
+def test_fuzzed_images_fail_alone(model_dir, photo, tmp_path, capsys):
+    """200 seeded corruptions (bit flips, truncations, header edits) of PNG, JPEG and WebP files in one folder run:
+    each file is written or fails alone in one line, and the run finishes."""
+    import io
+
+    rng = np.random.default_rng(13)
+    originals = {}
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(photo[:16, :16]).save(buffer, format=fmt)
+        originals[ext] = buffer.getvalue()
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    for i in range(200):
+        ext = ("png", "jpg", "webp")[i % 3]
+        data = bytearray(originals[ext])
+        kind = i % 4
+        if kind == 0:  # bit flips anywhere
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                data[pos] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:  # truncation
+            data = data[: int(rng.integers(1, len(data)))]
+        elif kind == 2:  # header edits: random bytes in the first 40
+            for pos in rng.integers(0, min(40, len(data)), size=int(rng.integers(1, 6))):
+                data[pos] = int(rng.integers(0, 256))
+        else:  # a huge claimed size in the header region (PNG IHDR width/height, elsewhere any 4 bytes)
+            pos = 16 if ext == "png" else int(rng.integers(0, min(40, len(data) - 4)))
+            data[pos : pos + 4] = int(rng.integers(1, 2**31)).to_bytes(4, "big")
+        (folder / f"{i:03d}.{ext}").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    status = main(["upscale", str(folder), "-o", str(out), "--model", str(model_dir), "-q"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    failed = [line for line in lines if not line.endswith("image(s) failed")]
+    assert status in (0, 1) and (status == 1) == bool(failed)
+    assert all(line.startswith("error: ") and "Traceback" not in line for line in failed)
+    names = [line.split(": ")[1].rsplit("/", 1)[-1] for line in failed]
+    assert len(names) == len(set(names))  # each failure is one line for one file
+    written = {p.stem for p in out.glob("*.png")} if out.exists() else set()
+    assert written.isdisjoint(Path(n).stem for n in names) and len(written) + len(names) == 200

@@ -80,7 +80,9 @@ def test_shapes_interface_and_flops(case):
         (tuple_out,) = model(x, return_dict=False)
         single = model(x[1:]).sample
     torch.testing.assert_close(tuple_out, out.sample)
-    torch.testing.assert_close(single, out.sample[1:], rtol=1e-5, atol=1e-5)
+    # a batch of one may take other float32 kernels than a batch of two: outputs of order 1 after a few hundred
+    # accumulated products differ by ~1e-5 under load, so 1e-4 (still far below 1/255, one 8-bit level)
+    torch.testing.assert_close(single, out.sample[1:], rtol=0, atol=1e-4)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

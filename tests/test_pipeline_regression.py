@@ -19,8 +19,15 @@ def tiny_model(arch: str, scale: int = 4):
     if arch == "rrdbnet":
         return RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=scale)
     if arch == "swinir":
-        return SwinIR(upscale=scale, embed_dim=12, depths=[2], num_heads=[2], window_size=4, mlp_ratio=2.0,
-                      upsampler="pixelshuffledirect")
+        return SwinIR(
+            upscale=scale,
+            embed_dim=12,
+            depths=[2],
+            num_heads=[2],
+            window_size=4,
+            mlp_ratio=2.0,
+            upsampler="pixelshuffledirect",
+        )
     if arch == "srvgg":
         return SRVGGNetCompact(num_feat=8, num_conv=2, upscale=scale)
     raise ValueError(arch)
@@ -87,8 +94,9 @@ def test_batch_equals_single_and_dict_equals_tuple(photo_tensor):
     pipe = make_pipe("srvgg")
     a, b = photo_tensor[..., :16, :16], photo_tensor[..., 16:32, 16:32]
     batch = pipe(torch.cat([a, b]), output_type="pt").images
-    torch.testing.assert_close(batch[0:1], pipe(a, output_type="pt").images)
-    torch.testing.assert_close(batch[1:2], pipe(b, output_type="pt").images)
+    # batched float32 convolutions may round differently from single ones (~1e-5): 1e-4, far below one 8-bit level
+    torch.testing.assert_close(batch[0:1], pipe(a, output_type="pt").images, rtol=0, atol=1e-4)
+    torch.testing.assert_close(batch[1:2], pipe(b, output_type="pt").images, rtol=0, atol=1e-4)
     out = pipe(a, output_type="pt")
     assert isinstance(out, SRPipelineOutput)
     (tup,) = pipe(a, output_type="pt", return_dict=False)
@@ -115,7 +123,7 @@ def test_outscale_any_factor(photo_tensor):
 
 
 def test_self_ensemble_is_mean_of_dihedral_transforms(photo_tensor):
-    x = photo_tensor[..., :12, :16]
+    x = photo_tensor[..., :16, :20]  # sides of at least MIN_CONTEXT: the model sees the image itself
     for k in range(8):
         torch.testing.assert_close(_dihedral_inverse(_dihedral(x, k), k), x)
     pipe = make_pipe("srvgg")
@@ -182,6 +190,7 @@ def test_model_cpu_offload_with_tiling_and_self_ensemble(monkeypatch, photo_tens
     torch.testing.assert_close(pipe(x, **kwargs).images, reference, rtol=0, atol=0)
     assert tracker.loaded == {"model"} and not tracker.violations
     assert not tracker.on_device[id(pipe.model)]
+
 
 def test_saved_folder_loads_in_a_fresh_process(tmp_path):
     """diffusers resolves our component classes only from sys.modules; both loaders must import them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ModelMixin
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
@@ -19,10 +20,13 @@ from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from ..pipeline_output import SRPipelineOutput
 
-__all__ = ["RegressionSRPipeline", "MAX_UNTILED_SIDE"]
+__all__ = ["RegressionSRPipeline", "MAX_UNTILED_SIDE", "MIN_CONTEXT"]
 
 #: Largest input side processed in one piece; larger inputs need ``tile_size``.
 MAX_UNTILED_SIDE = 16384
+
+#: Smallest side the model sees: a shorter side is centred in an edge-replicated frame of this size, then cropped back.
+MIN_CONTEXT = 16
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -111,6 +115,13 @@ class RegressionSRPipeline(DiffusionPipeline):
         so any size works and nothing is resized.
         """
         forward = self._ensemble_forward if self_ensemble else self._model_forward
+        # A side under MIN_CONTEXT pixels is centred in an edge-replicated frame of that size: otherwise the model's
+        # zero padding is most of what it sees, and a 1x1 or 300x1 image changes colour (200 -> 115 red)
+        full_h, full_w = rgb.shape[-2:]
+        pad_h, pad_w = max(0, MIN_CONTEXT - full_h), max(0, MIN_CONTEXT - full_w)
+        top, left = pad_h // 2, pad_w // 2
+        if pad_h or pad_w:
+            rgb = F.pad(rgb, (left, pad_w - left, top, pad_h - top), mode="replicate")
         padded, size = pad_to_multiple(rgb, int(self.model.input_multiple))
         scale = self.upscale
         if tile_size is None:
@@ -128,7 +139,8 @@ class RegressionSRPipeline(DiffusionPipeline):
                 tile_batch_size=tile_batch_size,
                 progress=progress,
             )
-        return crop_to_size(out.float(), (size[0] * scale, size[1] * scale))
+        out = crop_to_size(out.float(), (size[0] * scale, size[1] * scale))
+        return out[..., top * scale : (top + full_h) * scale, left * scale : (left + full_w) * scale]
 
     @torch.no_grad()
     def __call__(

@@ -46,7 +46,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from ..checkpoints import CheckpointError, preview, unwrap_state_dict
+from ..checkpoints import CheckpointError, preview, torch_load_weights, unsafe_pickle_refusal, unwrap_state_dict
 from ..models.stablesr_cfw import StableSRCFW
 from ..models.stablesr_encoder import StableSRTimeAwareEncoder
 from ..models.stablesr_sft import StableSRSFT
@@ -97,13 +97,11 @@ def read_stablesr_checkpoint(
     source = f"checkpoint {os.fspath(checkpoint)}"
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            obj = torch_load_weights(checkpoint)
     except Exception as err:  # still an object outside the allow-list, or damaged
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"a {found.group(1)} object" if found else f"unreadable data ({type(err).__name__})"
+        refusal = unsafe_pickle_refusal(err, f"{source} (beyond tensors and numpy scalars)")
         raise CheckpointError(
-            f"{source} holds {what}, not only tensors (and numpy scalars); it is refused because loading it would need "
-            "unsafe unpickling. Re-save just its state_dict from a trusted environment"
+            refusal or f"{source} could not be read (truncated or corrupt?): {type(err).__name__}"
         ) from err
     try:
         return unwrap_state_dict(obj), source
