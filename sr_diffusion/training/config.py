@@ -187,7 +187,11 @@ class TrainConfig:
 
     ``ema_decay``: ``null`` or ``0`` disables the EMA (the exported pipeline then holds the raw weights).
     ``checkpointing_steps`` / ``validation_steps``: ``0`` disables. ``resume_from_checkpoint``: ``latest``
-    or a checkpoint directory. ``logging_dir`` is relative to ``output_dir``.
+    or a checkpoint directory. ``logging_dir`` is relative to ``output_dir``. ``phase_bias_weight``: weight of
+    the sub-pixel phase-bias penalty added to ``loss`` (:class:`~sr_diffusion.training.losses.PhaseBiasLoss`,
+    period ``scale``; 0 disables). ``init_from``: a saved model folder (``config.json`` + weights, e.g. a
+    pipeline's ``model/`` or ``unet/``) whose weights start a new run (a fine-tune; its architecture must be the
+    config's; ignored when resuming from a checkpoint, which has its own weights).
     """
 
     output_dir: str = "outputs/regression"
@@ -198,6 +202,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     loss: Literal["l1", "mse", "charbonnier"] = "l1"
     charbonnier_eps: float = 1e-3
+    phase_bias_weight: float = 0.0
+    init_from: str | None = None
     ema_decay: float | None = 0.999
     ema_update_after_step: int = 0
     checkpointing_steps: int = 500
@@ -281,6 +287,7 @@ class ExperimentConfig:
         _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(list(o.milestones) == sorted(o.milestones), "optim.milestones", "must be increasing")
         _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+        _check(t.phase_bias_weight >= 0, "train.phase_bias_weight", f"must be >= 0, got {t.phase_bias_weight}")
         _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
         _check(
             t.ema_decay is None or 0 <= t.ema_decay < 1,

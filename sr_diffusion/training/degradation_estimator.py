@@ -357,9 +357,7 @@ class DegradationEstimatorTask(TrainingTask):
         return self.loss_fn(predicted, target.to(predicted))
 
     def predict(self, model, lr, generator) -> torch.Tensor:
-        raise NotImplementedError(
-            "the degradation estimator makes no SR images; train it with validation.source=none"
-        )
+        raise NotImplementedError("the degradation estimator makes no SR images; train it with validation.source=none")
 
     def build_pipeline(self, model):
         return getattr(model, "module", model)

@@ -55,12 +55,16 @@ class RegressionTask(TrainingTask):
     Validation pads the LR image to the model's ``input_multiple`` and crops the output back; the export
     is a ``RegressionSRPipeline``."""
 
+    supports_phase_bias = True
+
     def __init__(self):
         self.loss_fn = None
 
     def check_config(self, config: ExperimentConfig) -> None:
         _model_kwargs(config)
-        self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
+        self.loss_fn = build_loss(
+            config.train.loss, config.train.charbonnier_eps, config.train.phase_bias_weight, config.scale
+        )
 
     def build_model(self, config: ExperimentConfig) -> torch.nn.Module:
         return build_regression_model(config)

@@ -205,6 +205,8 @@ class ResShiftTask(TrainingTask):
         scheduler: a ``ResShiftScheduler`` to train with; by default built from the config's ``scheduler`` section.
     """
 
+    supports_phase_bias = True
+
     def __init__(self, scheduler=None):
         self.scheduler = scheduler
         self.loss_fn = None
@@ -215,7 +217,9 @@ class ResShiftTask(TrainingTask):
         _model_kwargs(config)
         if self.scheduler is None:
             self.scheduler = build_resshift_scheduler(config)
-        self.loss_fn = build_loss(config.train.loss, config.train.charbonnier_eps)
+        self.loss_fn = build_loss(
+            config.train.loss, config.train.charbonnier_eps, config.train.phase_bias_weight, config.scale
+        )
         self.scale = config.scale
         self.pipeline_defaults = getattr(config, "pipeline", None) or ResShiftPipelineDefaults()
 

@@ -50,6 +50,9 @@ class TrainingTask(ABC):
     """What a method adds to the shared loop. The trainable model must be a diffusers ``ModelMixin``
     (it is checkpointed with ``save_pretrained`` / ``from_pretrained``)."""
 
+    #: whether ``compute_loss`` applies ``train.phase_bias_weight`` (a pixel-space image loss); others refuse it
+    supports_phase_bias: bool = False
+
     def check_config(self, config: ExperimentConfig) -> None:
         """Raise early (``ConfigError``/``ValueError``) on settings this task cannot use (default: none)."""
         return None
@@ -117,6 +120,12 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, task: TrainingTask):
         config.validate()
+        if config.train.phase_bias_weight and not task.supports_phase_bias:
+            from sr_diffusion.training.config import ConfigError
+
+            raise ConfigError(
+                f"train.phase_bias_weight: {type(task).__name__} has no pixel-space image loss to add it to"
+            )
         task.check_config(config)
         self.config, self.task = config, task
 
@@ -178,6 +187,9 @@ class Trainer:
         # 1. Model, EMA, optimizer, schedule (seeded: a resumed run rebuilds the same initial state)
         set_seed(t.seed)
         model = task.build_model(config)
+        if t.init_from and t.resume_from_checkpoint is None:
+            load_initial_weights(model, t.init_from)
+            accelerator.print(f"Initialised {type(model).__name__} from {t.init_from}")
         model.train()
         ema = create_ema(model, t.ema_decay, t.ema_update_after_step)
         if ema is not None:
@@ -341,6 +353,27 @@ class Trainer:
             accelerator.print(f"Saved pipeline to {directory}")
         accelerator.wait_for_everyone()
         return directory
+
+
+def load_initial_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Load a saved model folder's weights into ``model`` (``train.init_from``): same class and architecture (every
+    config key but diffusers' bookkeeping must match), every tensor present with its shape."""
+    from sr_diffusion.training.config import ConfigError
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"train.init_from: {folder} is not a saved model folder (no config.json)")
+    saved = type(model).from_pretrained(folder)
+    differ = {
+        k: (v, model.config.get(k))
+        for k, v in saved.config.items()
+        if not k.startswith("_")
+        and model.config.get(k) != v
+        and not (isinstance(v, list) and list(model.config.get(k) or ()) == v)
+    }
+    if differ:
+        raise ConfigError(f"train.init_from: {folder} has another architecture (saved, config): {differ}")
+    model.load_state_dict(saved.state_dict())
 
 
 def _fork_global_rng(device: torch.device):
