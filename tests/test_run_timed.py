@@ -87,5 +87,6 @@ def test_the_issue12_sweep_spec_builds_every_model():
     assert built["reg_ps32"].upsampler == "pixelshuffle" and built["reg_ps32"].num_feat == 32
     assert built["reg_icnr32"].upsample_init == "icnr"
     assert built["reg_nc48"].upsampler == "nearest_conv" and built["reg_nc48"].num_feat == 48
+    assert built["reg_nc64"].num_feat == 64 and built["reg_nc64"].num_block == 16  # the shipped config
     assert built["gen_ps"].upsampler == "pixelshuffle" and not built["gen_ps"].lq_residual
     assert built["gen_nc"].upsampler == "nearest_conv" and built["gen_nc"].lq_residual
