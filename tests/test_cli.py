@@ -54,12 +54,13 @@ def test_bad_file_in_folder_is_reported_and_rest_processed(model_dir, inputs, tm
     (inputs / "text.png").write_text("hello")
     whole = (inputs / "a.png").read_bytes()
     (inputs / "truncated.png").write_bytes(whole[: len(whole) // 2])
-    PIL.Image.new("L", (16385, 1)).save(inputs / "wide.png")  # a side over 16k pixels, no --tile
+    PIL.Image.new("L", (16385, 1)).save(inputs / "wide.png")  # a side over 16k pixels, no --tile: tiled automatically
     out = tmp_path / "out"
     assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 1
     err = capsys.readouterr().err
-    assert "4 of 7 image(s) failed" in err
-    for name, reason in [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated"), ("wide", "tiling")]:
+    assert "3 of 7 image(s) failed" in err
+    assert PIL.Image.open(out / "wide.png").size == (65540, 4)
+    for name, reason in [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")]:
         (line,) = [line for line in err.splitlines() if f"{name}.png" in line]
         assert reason in line and line.startswith("error: ")
         assert not (out / f"{name}.png").exists()
@@ -530,3 +531,91 @@ def test_fuzzed_images_fail_alone(model_dir, photo, tmp_path, capsys):
     assert len(names) == len(set(names))  # each failure is one line for one file
     written = {p.stem for p in out.glob("*.png")} if out.exists() else set()
     assert written.isdisjoint(Path(n).stem for n in names) and len(written) + len(names) == 200
+
+
+def _spy_tile_sizes(monkeypatch):
+    """Record the ``tile_size`` of every RegressionSRPipeline call (the signature kept: the CLI inspects it)."""
+    import functools
+
+    calls = []
+    original = RegressionSRPipeline.__call__
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("tile_size"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RegressionSRPipeline, "__call__", spy)
+    return calls
+
+
+def test_automatic_tiling_from_max_memory(model_dir, photo, tmp_path, monkeypatch, capsys):
+    """Without --tile, an image whose work fits in --max-memory runs whole and a larger one in the largest tile that
+    fits (the same image as that explicit --tile); --tile overrides; a budget the image alone exceeds is a warning."""
+    import math
+
+    from sr_diffusion import cli
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.pipelines import AutoSRPipeline
+
+    monkeypatch.setattr(cli, "MIN_AUTO_TILE", 32)  # tiles of a tiny model on a small photo
+    PIL.Image.fromarray(photo).save(tmp_path / "photo.png")  # 128x96
+    pipe = AutoSRPipeline.from_pretrained(model_dir)
+    per_output_pixel, per_tile_pixel = cli.MEMORY_PER_PIXEL["RegressionSRPipeline"]
+    image_bytes = cli.WORK_OVERHEAD + per_output_pixel * 128 * 96 * 16
+    whole = image_bytes + per_tile_pixel * 128 * 96
+    assert cli.plan_tile(pipe, 128, 96, whole) == (None, whole)  # the threshold: whole fits exactly
+    tile, needed = cli.plan_tile(pipe, 128, 96, whole - 1)
+    assert tile == 110 == math.isqrt(128 * 96 - 1)  # just below: the largest square tile that fits
+    assert needed == image_bytes + per_tile_pixel * 96 * 110  # (a 110x96 tile: the image is 96 high)
+    assert cli.plan_tile(pipe, 128, 96, image_bytes + per_tile_pixel * 48**2 + 1)[0] == 48
+    assert cli.plan_tile(pipe, 128, 96, 1e12)[0] is None
+    assert cli.plan_tile(pipe, 17000, 10, 1e12)[0] <= 16384  # a side over MAX_UNTILED_SIDE is always tiled
+
+    calls = _spy_tile_sizes(monkeypatch)
+    capsys.readouterr()
+    base = ["upscale", str(tmp_path / "photo.png"), "--model", str(model_dir), "-q", "--tile-overlap", "8"]
+    budget = (image_bytes + per_tile_pixel * 48**2 + 1) / 2**30
+    assert main([*base, "-o", str(tmp_path / "auto"), "--max-memory", f"{budget!r}"]) == 0
+    assert main([*base, "-o", str(tmp_path / "explicit"), "--tile", "48"]) == 0
+    assert main([*base, "-o", str(tmp_path / "whole")]) == 0  # the default budget: whole
+    assert main([*base, "-o", str(tmp_path / "override"), "--max-memory", f"{budget!r}", "--tile", "32"]) == 0
+    assert calls == [48, 48, None, 32]
+    auto, explicit = (np.asarray(load_image(tmp_path / name / "photo.png")) for name in ("auto", "explicit"))
+    np.testing.assert_array_equal(auto, explicit)
+    assert capsys.readouterr().err == ""
+
+    assert main([*base, "-o", str(tmp_path / "tight"), "--max-memory", "0.01"]) == 0  # the output alone is over it
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: ") and "over --max-memory 0.01 GiB" in line and "tiles of 32 px" in line
+    assert calls[-1] == 32
+
+
+def test_per_tile_progress_for_large_images(model_dir, photo, tmp_path, monkeypatch, capsys):
+    """A tiled image shows a progress bar per tile (the pipeline's, on stderr); a whole one and -q do not."""
+    from sr_diffusion import cli
+
+    monkeypatch.setattr(cli, "MIN_AUTO_TILE", 16)
+    PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
+    base = ["upscale", str(tmp_path / "photo.png"), "--model", str(model_dir)]
+    assert main([*base, "-o", str(tmp_path / "tiled"), "--tile", "48", "--tile-overlap", "8"]) == 0
+    assert "photo.png, 48 px tiles" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "whole")]) == 0
+    assert "px tiles" not in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "quiet"), "--tile", "48", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_summary_of_written_and_skipped(model_dir, inputs, tmp_path, capsys):
+    """The end of a run says what was written and what --skip-existing skipped (paths in the output folder)."""
+    out = tmp_path / "out"
+    base = ["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]
+    assert main(base) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 3 image(s) in {out}: a.png, c.png, sub/b.png"
+    (out / "c.png").unlink()
+    assert main([*base, "--skip-existing"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"wrote 1 image(s) in {out}: c.png",
+                     f"skipped (--skip-existing: the output exists) 2 image(s) in {out}: a.png, sub/b.png"]  # fmt: skip
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "one.png"), "--model", str(model_dir)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 image(s): {tmp_path / 'one.png'}"
