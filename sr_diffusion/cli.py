@@ -333,7 +333,8 @@ def cmd_upscale(args) -> int:
     if skipped:
         print(_summary("skipped (--skip-existing: the output exists)", skipped, Path(args.output)))
     if failures:
-        print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
+        if len(inputs) > 1:  # one input: its error line says it all
+            print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
         return 1
     return 0
 
@@ -562,6 +563,8 @@ def cmd_eval(args) -> int:
 
     if args.sr and args.model:
         raise CLIError("give either --sr (score existing outputs) or --model (degrade, upscale, score), not both")
+    if args.output:
+        check_writable([Path(args.output) / "metrics.json"])
     if args.sr:
         report = evaluate_folders(args.sr, args.hr, scale=args.scale, crop_border=args.crop_border)
     else:
@@ -576,7 +579,10 @@ def cmd_eval(args) -> int:
             seed=args.seed,
         )
     write_report(report, args.output, echo=print)
-    return 1 if report.failures else 0
+    if report.failures:
+        print(f"{len(report.failures)} image(s) failed (see failed: above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -590,13 +596,14 @@ def cmd_demo(args) -> int:
     from sr_diffusion.image_processor import load_image, save_image
     from sr_diffusion.visualize import comparison_grid
 
+    out_dir = Path(args.output)
+    check_writable([out_dir / "sample_sr.png"])
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     lr = load_image(sample_image_path())
     kwargs = {"tile_size": args.tile}
     if "generator" in inspect.signature(pipe.__call__).parameters:  # a sampling pipeline: the same demo every run
         kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     sr = pipe(lr, **kwargs).images[0]
-    out_dir = Path(args.output)
     save_image(sr, out_dir / "sample_sr.png")
     grid = comparison_grid(lr, sr)
     save_image(grid, out_dir / "sample_comparison.png")

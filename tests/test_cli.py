@@ -619,3 +619,94 @@ def test_summary_of_written_and_skipped(model_dir, inputs, tmp_path, capsys):
                      f"skipped (--skip-existing: the output exists) 2 image(s) in {out}: a.png, sub/b.png"]  # fmt: skip
     assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "one.png"), "--model", str(model_dir)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote 1 image(s): {tmp_path / 'one.png'}"
+
+
+# The sweep: every subcommand with malformed arguments. {in}: a folder with one photo, {png}: that photo, {bad}: a
+# text file named .png, {file}: a plain file (a path under it cannot be created), {ckpt}: a tiny RRDBNet checkpoint,
+# {model}: a tiny pipeline folder, {tmp}: the test's folder (with empty/, and other/ holding an image of another name).
+# Each case: argv, exit status, words of the one stderr line, and whether a model may be loaded before the error
+# (--device is checked first thing in load_pipeline).
+SWEEP = [
+    ([], 2, "required: command", False),
+    (["bogus"], 2, "invalid choice: 'bogus'", False),
+    (["upscale", "{png}"], 2, "-o/--output", False),
+    (["upscale", "{tmp}/missing.png", "-o", "{tmp}/o"], 2, "no such file or folder", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile", "abc"], 2, "--tile: 'abc' is not a tile size", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile", "15"], 2, "--tile: '15'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile-overlap", "-1"], 2, "--tile-overlap: '-1'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--scale", "0"], 2, "--scale: '0' is not a scale", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--scale", "1e999"], 2, "--scale: '1e999'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--steps", "0"], 2, "--steps: '0'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--steps", "2.5"], 2, "--steps: '2.5'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--guidance-scale", "nan"], 2, "--guidance-scale: 'nan'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--seed", "-1"], 2, "--seed: '-1' is not a seed", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--max-memory", "0"], 2, "--max-memory: '0' is not a memory budget", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--max-memory", "lots"], 2, "--max-memory: 'lots'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--max-pixels", "-5"], 2, "--max-pixels: '-5'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--dtype", "fp64"], 2, "--dtype: invalid choice: 'fp64'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--ext", "gif"], 2, "--ext: invalid choice: 'gif'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--color-fix", "red"], 2, "--color-fix: invalid choice", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--bogus"], 2, "unrecognized arguments: --bogus", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile", "32", "--tile-overlap", "40"], 2, "smaller than --tile", False),
+    (["upscale", "{png}", "-o", "{file}/sub"], 2, "is a file", False),
+    (["upscale", "{png}", "-o", "{tmp}/o.gif"], 2, ".gif is not an output image format", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--device", "bogus"], 2, "not a torch device name", True),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--model", "{tmp}/missing"], 2, "cannot load model from", True),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--model", "{model}", "--steps", "2"], 2, "--steps is not an option", True),
+    (["upscale", "{bad}", "-o", "{tmp}/o", "--model", "{model}", "-q"], 1, "bad.png: not an image", True),
+    (["convert", "{ckpt}"], 2, "required: output", False),
+    (["convert", "{tmp}/missing.pth", "{tmp}/out"], 2, "missing.pth", False),
+    (["convert", "{bad}", "{tmp}/out"], 2, "bad.png", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--arch", "vgg"], 2, "--arch: invalid choice: 'vgg'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--scale", "0"], 2, "--scale: '0'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--scale", "four"], 2, "--scale: 'four'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--norm-groups", "0"], 2, "--norm-groups: '0'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--scale", "2"], 2, "scale", False),
+    (["convert", "{ckpt}", "{file}"], 2, "not a folder", False),
+    (["convert", "{ckpt}", "{file}/sub"], 2, "", False),
+    (["eval", "--sr", "{in}"], 2, "required: --hr", False),
+    (["eval", "--hr", "{tmp}/missing", "--sr", "{in}"], 2, "missing", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--scale", "0"], 2, "--scale: '0'", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--crop-border", "-1"], 2, "--crop-border: '-1'", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--degradation", "jpeg"], 2, "--degradation: invalid choice", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--seed", "x"], 2, "--seed: 'x'", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--model", "{model}"], 2, "either --sr", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "-o", "{file}/sub"], 2, "is a file", False),
+    (["eval", "--hr", "{in}", "--sr", "{tmp}/other"], 1, "1 image(s) failed", False),
+    (["eval", "--hr", "{in}", "--sr", "{tmp}/empty"], 2, "no images", False),
+    (["demo", "--tile", "3"], 2, "--tile: '3'", False),
+    (["demo", "--seed", "1.5"], 2, "--seed: '1.5'", False),
+    (["demo", "--dtype", "int8"], 2, "--dtype: invalid choice", False),
+    (["demo", "-o", "{file}/sub"], 2, "is a file", False),
+    (["demo", "-o", "{tmp}/d", "--device", "bogus"], 2, "not a torch device name", True),
+    (["demo", "-o", "{tmp}/d", "--model", "{tmp}/missing"], 2, "cannot load model from", True),
+]
+
+
+@pytest.mark.parametrize("argv, status, words, loads", SWEEP, ids=[" ".join(case[0])[:60] for case in SWEEP])
+def test_malformed_arguments_sweep(argv, status, words, loads, model_dir, photo, tmp_path, capsys, monkeypatch):
+    """Every subcommand with malformed arguments (wrong types, out-of-range numbers, missing files, unwritable paths):
+    one line on stderr naming the cause, exit status 2 for a usage error or 1 for failed work, no traceback, and no
+    model loaded when the error can be found before."""
+    import sr_diffusion.cli as cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    PIL.Image.fromarray(photo[:16, :16]).save(folder / "a.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    PIL.Image.fromarray(photo[:16, :16]).save(tmp_path / "other" / "zz.png")  # no SR image of a.png
+    _tiny_rrdb_checkpoint(tmp_path / "net.pth")
+    if not loads:
+        monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    paths = {"in": folder, "png": folder / "a.png", "bad": tmp_path / "bad.png", "file": tmp_path / "file",
+             "ckpt": tmp_path / "net.pth", "model": model_dir, "tmp": tmp_path}  # fmt: skip
+    assert main([arg.format(**paths) for arg in argv]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") or status == 1, line
+    assert words in line, line
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "o").exists()
