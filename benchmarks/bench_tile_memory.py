@@ -83,11 +83,11 @@ def run_cli(model: str, size: str, threads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         smooth_photo(width, height, Path(tmp) / "photo.png")
         cmd = [sys.executable, "-m", "sr_diffusion.cli", "upscale", str(Path(tmp) / "photo.png"), "-o",
-               str(Path(tmp) / "out"), "-q", "--seed", "0"]  # fmt: skip
+               str(Path(tmp) / "out"), "-q"]  # fmt: skip
         if model == "regression":
             cmd.append("--regression")
-        elif model != "generative":
-            cmd += ["--model", model]
+        else:  # a sampling pipeline: seeded
+            cmd += ["--seed", "0"] + (["--model", model] if model != "generative" else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
