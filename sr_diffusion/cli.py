@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,39 @@ __all__ = ["main", "build_parser"]
 MIN_TILE = 16
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+#: ``--max-memory`` default, GiB: what one image's work may take beyond the process and the loaded model. Importing
+#: torch and diffusers and loading a shipped model take about 0.82 GiB of RSS (benchmarks/bench_tile_memory.py), so a
+#: default upscale peaks under about 2.6 GiB (2.8 GB) while its image fits (see :func:`plan_tile`).
+DEFAULT_MAX_MEMORY_GIB = 1.75
+
+#: The work memory of one upscale, per pipeline class: ``(bytes per output pixel, bytes per LR pixel of a tile)``, on
+#: top of :data:`WORK_OVERHEAD`. The first part grows with the image whatever the tile (the float32 output accumulator
+#: and its blending weights, the conversions to 8 bits and PNG, the float64 LR-consistency projection); the second with
+#: the tile (the model's activations; whole image: the whole image). Measured as peak RSS minus RSS after loading, a
+#: fresh process each, fp32, 2 threads, with ``benchmarks/bench_tile_memory.py`` on the 2-core CPU (2026-11-23) with
+#: the shipped models. Tiles of 128 px (overlap 32) over 256² and 512² inputs give the first part (its slope), whole
+#: 128² and 256² (regression 256², 512²) inputs the sum (their slope):
+#:
+#: * generative default (ResShift, 3 steps, projected): tiled 2259 B per LR pixel = 141 B per output pixel (x4),
+#:   whole 6154 B per LR pixel, so 3900 per tile pixel; work at 256² whole 436 MiB, at 512² in tiles 661 MiB.
+#: * regression fallback (EDSR 32x8): tiled (64 px) 817 B per LR pixel = 51 B per output pixel, whole 4373, so 3556
+#:   per tile pixel; work at 512² whole 1114 MiB, predicted 1118 MiB.
+MEMORY_PER_PIXEL = {
+    "RegressionSRPipeline": (52, 3600),
+    "ResShiftPipeline": (142, 3900),
+}
+
+#: Work memory that does not grow with the image (the intercept of the fits above: 52 MiB generative, 59 regression)
+WORK_OVERHEAD = 64 * 2**20
+
+#: Pipelines without a measurement of their own: the largest of the measured ones, doubled (an estimate, not a
+#: measurement; pass --tile for control)
+FALLBACK_MEMORY_PER_PIXEL = tuple(2 * max(v[i] for v in MEMORY_PER_PIXEL.values()) for i in range(2))
+
+#: The smallest tile automatic tiling chooses: with the default 32-pixel overlap a smaller tile repeats most of the
+#: work (tile 64: each pixel is computed about 4 times)
+MIN_AUTO_TILE = 128
 
 
 class CLIError(Exception):
@@ -152,6 +186,37 @@ def upscale_call_kwargs(pipe, args) -> dict:
     return kwargs
 
 
+def tile_multiple(pipe) -> int:
+    """The multiple of LR pixels a tile side of ``pipe`` must be: the diffusion pipelines' ``lr_multiple``, the
+    regression model's ``input_multiple``."""
+    multiple = getattr(pipe, "lr_multiple", None)
+    if multiple is None:
+        multiple = getattr(getattr(pipe, "model", None), "input_multiple", 1)
+    return max(1, int(multiple))
+
+
+def plan_tile(pipe, width: int, height: int, max_memory: float, tile_overlap: int = 32) -> tuple[int | None, float]:
+    """The tile size (LR pixels) for a ``width`` x ``height`` input so that its work fits in ``max_memory`` bytes:
+    ``None`` (the whole image at once) when it fits whole, else the largest multiple of :func:`tile_multiple` that
+    fits, at least :data:`MIN_AUTO_TILE` (and above ``tile_overlap``). Also returns the estimated work memory in bytes
+    (:data:`MEMORY_PER_PIXEL`): over ``max_memory`` when even the smallest tile does not fit (the part that grows with
+    the image alone is too large)."""
+    from sr_diffusion.pipelines.regression.pipeline_regression import MAX_UNTILED_SIDE
+
+    per_output_pixel, per_tile_pixel = MEMORY_PER_PIXEL.get(type(pipe).__name__, FALLBACK_MEMORY_PER_PIXEL)
+    pixels = width * height
+    image_bytes = WORK_OVERHEAD + per_output_pixel * pixels * pipe.upscale**2
+    whole = image_bytes + per_tile_pixel * pixels
+    if whole <= max_memory and max(width, height) <= MAX_UNTILED_SIDE:
+        return None, whole
+    multiple = tile_multiple(pipe)
+    side = math.isqrt(max(0, int((max_memory - image_bytes) / per_tile_pixel)))
+    smallest = max(MIN_AUTO_TILE, tile_overlap + 1)
+    tile = max(side // multiple, -(-smallest // multiple)) * multiple
+    tile = min(tile, -(-max(width, height) // multiple) * multiple, MAX_UNTILED_SIDE // multiple * multiple)
+    return tile, image_bytes + per_tile_pixel * min(tile, height) * min(tile, width)
+
+
 def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[Path]:
     """Where each input's result goes. ``output`` is a folder (created as needed; results keep the inputs' relative
     paths, with ``--suffix`` and ``--ext``), or, for a single input image, an image file path: an ``output`` with an
@@ -225,20 +290,37 @@ def cmd_upscale(args) -> int:
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     call_kwargs = upscale_call_kwargs(pipe, args)
 
-    failures = 0
+    max_memory = args.max_memory * 2**30
+    failures, written, skipped = 0, [], []
     for (path, _), target in tqdm(list(zip(inputs, targets)), desc="upscale", unit="img", disable=args.quiet):
         if target.resolve() in input_paths:
             print(f"error: {path}: output {target} would overwrite an input; skipped", file=sys.stderr)
             failures += 1
             continue
         if args.skip_existing and target.exists():
+            skipped.append(target)
             continue
         try:
             image = load_image(path, max_pixels=args.max_pixels and int(args.max_pixels))
+            if args.tile is None:  # automatic: whole if the work fits in --max-memory, else the largest tile that does
+                tile, needed = plan_tile(pipe, image.width, image.height, max_memory, args.tile_overlap)
+                call_kwargs["tile_size"] = tile
+                if needed > max_memory:
+                    print(
+                        f"warning: {path}: {image.width}x{image.height} needs about {needed / 2**30:.1f} GiB even in "
+                        f"tiles of {tile} px, over --max-memory {args.max_memory:g} GiB",
+                        file=sys.stderr,
+                    )
+            # per-tile progress for a large (tiled) image
+            tiled = call_kwargs["tile_size"] is not None
+            pipe.set_progress_bar_config(
+                disable=args.quiet or not tiled, desc=f"{path.name}, {call_kwargs['tile_size']} px tiles", leave=False
+            )
             if "generator" in call_kwargs:  # every image from the same seed: its result does not depend on the order
                 call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
             result = pipe(image, **call_kwargs).images[0]
             save_image(result, target)
+            written.append(target)
         except Exception as err:  # one failed file, never the end of the run
             reason = (
                 _one_line(err)
@@ -247,10 +329,28 @@ def cmd_upscale(args) -> int:
             )
             print(f"error: {path}: {reason}", file=sys.stderr)
             failures += 1
+    print(_summary("wrote", written, Path(args.output)))
+    if skipped:
+        print(_summary("skipped (--skip-existing: the output exists)", skipped, Path(args.output)))
     if failures:
-        print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
+        if len(inputs) > 1:  # one input: its error line says it all
+            print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+#: The most file names a summary line lists
+SUMMARY_NAMES = 10
+
+
+def _summary(verb: str, paths: list[Path], output: Path) -> str:
+    """``wrote 3 image(s) to out: a.png, sub/b.png, c.png`` (at most :data:`SUMMARY_NAMES` names, then ``and N more``;
+    an output file: its path)."""
+    if not output.is_dir():
+        return f"{verb} {len(paths)} image(s)" + (f": {paths[0]}" if paths else "")
+    names = [str(p.relative_to(output)) for p in paths[:SUMMARY_NAMES]]
+    more = f" and {len(paths) - SUMMARY_NAMES} more" if len(paths) > SUMMARY_NAMES else ""
+    return f"{verb} {len(paths)} image(s) in {output}" + (f": {', '.join(names)}{more}" if names else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,6 +563,8 @@ def cmd_eval(args) -> int:
 
     if args.sr and args.model:
         raise CLIError("give either --sr (score existing outputs) or --model (degrade, upscale, score), not both")
+    if args.output:
+        check_writable([Path(args.output) / "metrics.json"])
     if args.sr:
         report = evaluate_folders(args.sr, args.hr, scale=args.scale, crop_border=args.crop_border)
     else:
@@ -477,7 +579,10 @@ def cmd_eval(args) -> int:
             seed=args.seed,
         )
     write_report(report, args.output, echo=print)
-    return 1 if report.failures else 0
+    if report.failures:
+        print(f"{len(report.failures)} image(s) failed (see failed: above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,13 +596,14 @@ def cmd_demo(args) -> int:
     from sr_diffusion.image_processor import load_image, save_image
     from sr_diffusion.visualize import comparison_grid
 
+    out_dir = Path(args.output)
+    check_writable([out_dir / "sample_sr.png"])
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     lr = load_image(sample_image_path())
     kwargs = {"tile_size": args.tile}
     if "generator" in inspect.signature(pipe.__call__).parameters:  # a sampling pipeline: the same demo every run
         kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     sr = pipe(lr, **kwargs).images[0]
-    out_dir = Path(args.output)
     save_image(sr, out_dir / "sample_sr.png")
     grid = comparison_grid(lr, sr)
     save_image(grid, out_dir / "sample_comparison.png")
@@ -539,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                 int, MIN_TILE, f"a tile size (an integer >= {MIN_TILE}: a smaller tile sees too little of the image)"
             ),
             default=None,
-            help="tile size in input pixels (default: no tiling)",
+            help="tile size in input pixels (default: automatic, from the image size and --max-memory in upscale; "
+            "no tiling in eval and demo)",
         )
 
     p = sub.add_parser("upscale", help="upscale image files or folders")
@@ -592,8 +699,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the largest input image, in pixels (default: 1e8, or SR_DIFFUSION_MAX_PIXELS); larger files are "
         "refused from their header, before decoding",
     )
+    p.add_argument(
+        "--max-memory",
+        type=_number(float, 0.01, "a memory budget in GiB (a number >= 0.01)"),
+        default=DEFAULT_MAX_MEMORY_GIB,
+        metavar="GIB",
+        help="without --tile: the memory one image's work may take beyond the loaded model, in GiB; a larger image is "
+        f"upscaled in tiles that fit (default: {DEFAULT_MAX_MEMORY_GIB:g}; the process and a shipped model take "
+        "about 0.8 GiB more)",
+    )
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars (per image, and per tile of a large image)"
+    )
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("convert", help="convert an original checkpoint into a pipeline folder")

@@ -54,12 +54,13 @@ def test_bad_file_in_folder_is_reported_and_rest_processed(model_dir, inputs, tm
     (inputs / "text.png").write_text("hello")
     whole = (inputs / "a.png").read_bytes()
     (inputs / "truncated.png").write_bytes(whole[: len(whole) // 2])
-    PIL.Image.new("L", (16385, 1)).save(inputs / "wide.png")  # a side over 16k pixels, no --tile
+    PIL.Image.new("L", (16385, 1)).save(inputs / "wide.png")  # a side over 16k pixels, no --tile: tiled automatically
     out = tmp_path / "out"
     assert main(["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]) == 1
     err = capsys.readouterr().err
-    assert "4 of 7 image(s) failed" in err
-    for name, reason in [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated"), ("wide", "tiling")]:
+    assert "3 of 7 image(s) failed" in err
+    assert PIL.Image.open(out / "wide.png").size == (65540, 4)
+    for name, reason in [("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")]:
         (line,) = [line for line in err.splitlines() if f"{name}.png" in line]
         assert reason in line and line.startswith("error: ")
         assert not (out / f"{name}.png").exists()
@@ -530,3 +531,182 @@ def test_fuzzed_images_fail_alone(model_dir, photo, tmp_path, capsys):
     assert len(names) == len(set(names))  # each failure is one line for one file
     written = {p.stem for p in out.glob("*.png")} if out.exists() else set()
     assert written.isdisjoint(Path(n).stem for n in names) and len(written) + len(names) == 200
+
+
+def _spy_tile_sizes(monkeypatch):
+    """Record the ``tile_size`` of every RegressionSRPipeline call (the signature kept: the CLI inspects it)."""
+    import functools
+
+    calls = []
+    original = RegressionSRPipeline.__call__
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("tile_size"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RegressionSRPipeline, "__call__", spy)
+    return calls
+
+
+def test_automatic_tiling_from_max_memory(model_dir, photo, tmp_path, monkeypatch, capsys):
+    """Without --tile, an image whose work fits in --max-memory runs whole and a larger one in the largest tile that
+    fits (the same image as that explicit --tile); --tile overrides; a budget the image alone exceeds is a warning."""
+    import math
+
+    from sr_diffusion import cli
+    from sr_diffusion.image_processor import load_image
+    from sr_diffusion.pipelines import AutoSRPipeline
+
+    monkeypatch.setattr(cli, "MIN_AUTO_TILE", 32)  # tiles of a tiny model on a small photo
+    PIL.Image.fromarray(photo).save(tmp_path / "photo.png")  # 128x96
+    pipe = AutoSRPipeline.from_pretrained(model_dir)
+    per_output_pixel, per_tile_pixel = cli.MEMORY_PER_PIXEL["RegressionSRPipeline"]
+    image_bytes = cli.WORK_OVERHEAD + per_output_pixel * 128 * 96 * 16
+    whole = image_bytes + per_tile_pixel * 128 * 96
+    assert cli.plan_tile(pipe, 128, 96, whole) == (None, whole)  # the threshold: whole fits exactly
+    tile, needed = cli.plan_tile(pipe, 128, 96, whole - 1)
+    assert tile == 110 == math.isqrt(128 * 96 - 1)  # just below: the largest square tile that fits
+    assert needed == image_bytes + per_tile_pixel * 96 * 110  # (a 110x96 tile: the image is 96 high)
+    assert cli.plan_tile(pipe, 128, 96, image_bytes + per_tile_pixel * 48**2 + 1)[0] == 48
+    assert cli.plan_tile(pipe, 128, 96, 1e12)[0] is None
+    assert cli.plan_tile(pipe, 17000, 10, 1e12)[0] <= 16384  # a side over MAX_UNTILED_SIDE is always tiled
+
+    calls = _spy_tile_sizes(monkeypatch)
+    capsys.readouterr()
+    base = ["upscale", str(tmp_path / "photo.png"), "--model", str(model_dir), "-q", "--tile-overlap", "8"]
+    budget = (image_bytes + per_tile_pixel * 48**2 + 1) / 2**30
+    assert main([*base, "-o", str(tmp_path / "auto"), "--max-memory", f"{budget!r}"]) == 0
+    assert main([*base, "-o", str(tmp_path / "explicit"), "--tile", "48"]) == 0
+    assert main([*base, "-o", str(tmp_path / "whole")]) == 0  # the default budget: whole
+    assert main([*base, "-o", str(tmp_path / "override"), "--max-memory", f"{budget!r}", "--tile", "32"]) == 0
+    assert calls == [48, 48, None, 32]
+    auto, explicit = (np.asarray(load_image(tmp_path / name / "photo.png")) for name in ("auto", "explicit"))
+    np.testing.assert_array_equal(auto, explicit)
+    assert capsys.readouterr().err == ""
+
+    assert main([*base, "-o", str(tmp_path / "tight"), "--max-memory", "0.01"]) == 0  # the output alone is over it
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: ") and "over --max-memory 0.01 GiB" in line and "tiles of 32 px" in line
+    assert calls[-1] == 32
+
+
+def test_per_tile_progress_for_large_images(model_dir, photo, tmp_path, monkeypatch, capsys):
+    """A tiled image shows a progress bar per tile (the pipeline's, on stderr); a whole one and -q do not."""
+    from sr_diffusion import cli
+
+    monkeypatch.setattr(cli, "MIN_AUTO_TILE", 16)
+    PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
+    base = ["upscale", str(tmp_path / "photo.png"), "--model", str(model_dir)]
+    assert main([*base, "-o", str(tmp_path / "tiled"), "--tile", "48", "--tile-overlap", "8"]) == 0
+    assert "photo.png, 48 px tiles" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "whole")]) == 0
+    assert "px tiles" not in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "quiet"), "--tile", "48", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_summary_of_written_and_skipped(model_dir, inputs, tmp_path, capsys):
+    """The end of a run says what was written and what --skip-existing skipped (paths in the output folder)."""
+    out = tmp_path / "out"
+    base = ["upscale", str(inputs), "-o", str(out), "--model", str(model_dir), "-q"]
+    assert main(base) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 3 image(s) in {out}: a.png, c.png, sub/b.png"
+    (out / "c.png").unlink()
+    assert main([*base, "--skip-existing"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"wrote 1 image(s) in {out}: c.png",
+                     f"skipped (--skip-existing: the output exists) 2 image(s) in {out}: a.png, sub/b.png"]  # fmt: skip
+    assert main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "one.png"), "--model", str(model_dir)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 image(s): {tmp_path / 'one.png'}"
+
+
+# The sweep: every subcommand with malformed arguments. {in}: a folder with one photo, {png}: that photo, {bad}: a
+# text file named .png, {file}: a plain file (a path under it cannot be created), {ckpt}: a tiny RRDBNet checkpoint,
+# {model}: a tiny pipeline folder, {tmp}: the test's folder (with empty/, and other/ holding an image of another name).
+# Each case: argv, exit status, words of the one stderr line, and whether a model may be loaded before the error
+# (--device is checked first thing in load_pipeline).
+SWEEP = [
+    ([], 2, "required: command", False),
+    (["bogus"], 2, "invalid choice: 'bogus'", False),
+    (["upscale", "{png}"], 2, "-o/--output", False),
+    (["upscale", "{tmp}/missing.png", "-o", "{tmp}/o"], 2, "no such file or folder", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile", "abc"], 2, "--tile: 'abc' is not a tile size", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile", "15"], 2, "--tile: '15'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile-overlap", "-1"], 2, "--tile-overlap: '-1'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--scale", "0"], 2, "--scale: '0' is not a scale", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--scale", "1e999"], 2, "--scale: '1e999'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--steps", "0"], 2, "--steps: '0'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--steps", "2.5"], 2, "--steps: '2.5'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--guidance-scale", "nan"], 2, "--guidance-scale: 'nan'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--seed", "-1"], 2, "--seed: '-1' is not a seed", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--max-memory", "0"], 2, "--max-memory: '0' is not a memory budget", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--max-memory", "lots"], 2, "--max-memory: 'lots'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--max-pixels", "-5"], 2, "--max-pixels: '-5'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--dtype", "fp64"], 2, "--dtype: invalid choice: 'fp64'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--ext", "gif"], 2, "--ext: invalid choice: 'gif'", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--color-fix", "red"], 2, "--color-fix: invalid choice", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--bogus"], 2, "unrecognized arguments: --bogus", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--tile", "32", "--tile-overlap", "40"], 2, "smaller than --tile", False),
+    (["upscale", "{png}", "-o", "{file}/sub"], 2, "is a file", False),
+    (["upscale", "{png}", "-o", "{tmp}/o.gif"], 2, ".gif is not an output image format", False),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--device", "bogus"], 2, "not a torch device name", True),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--model", "{tmp}/missing"], 2, "cannot load model from", True),
+    (["upscale", "{png}", "-o", "{tmp}/o", "--model", "{model}", "--steps", "2"], 2, "--steps is not an option", True),
+    (["upscale", "{bad}", "-o", "{tmp}/o", "--model", "{model}", "-q"], 1, "bad.png: not an image", True),
+    (["convert", "{ckpt}"], 2, "required: output", False),
+    (["convert", "{tmp}/missing.pth", "{tmp}/out"], 2, "missing.pth", False),
+    (["convert", "{bad}", "{tmp}/out"], 2, "bad.png", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--arch", "vgg"], 2, "--arch: invalid choice: 'vgg'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--scale", "0"], 2, "--scale: '0'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--scale", "four"], 2, "--scale: 'four'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--norm-groups", "0"], 2, "--norm-groups: '0'", False),
+    (["convert", "{ckpt}", "{tmp}/out", "--scale", "2"], 2, "scale", False),
+    (["convert", "{ckpt}", "{file}"], 2, "not a folder", False),
+    (["convert", "{ckpt}", "{file}/sub"], 2, "", False),
+    (["eval", "--sr", "{in}"], 2, "required: --hr", False),
+    (["eval", "--hr", "{tmp}/missing", "--sr", "{in}"], 2, "missing", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--scale", "0"], 2, "--scale: '0'", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--crop-border", "-1"], 2, "--crop-border: '-1'", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--degradation", "jpeg"], 2, "--degradation: invalid choice", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--seed", "x"], 2, "--seed: 'x'", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "--model", "{model}"], 2, "either --sr", False),
+    (["eval", "--hr", "{in}", "--sr", "{in}", "-o", "{file}/sub"], 2, "is a file", False),
+    (["eval", "--hr", "{in}", "--sr", "{tmp}/other"], 1, "1 image(s) failed", False),
+    (["eval", "--hr", "{in}", "--sr", "{tmp}/empty"], 2, "no images", False),
+    (["demo", "--tile", "3"], 2, "--tile: '3'", False),
+    (["demo", "--seed", "1.5"], 2, "--seed: '1.5'", False),
+    (["demo", "--dtype", "int8"], 2, "--dtype: invalid choice", False),
+    (["demo", "-o", "{file}/sub"], 2, "is a file", False),
+    (["demo", "-o", "{tmp}/d", "--device", "bogus"], 2, "not a torch device name", True),
+    (["demo", "-o", "{tmp}/d", "--model", "{tmp}/missing"], 2, "cannot load model from", True),
+]
+
+
+@pytest.mark.parametrize("argv, status, words, loads", SWEEP, ids=[" ".join(case[0])[:60] for case in SWEEP])
+def test_malformed_arguments_sweep(argv, status, words, loads, model_dir, photo, tmp_path, capsys, monkeypatch):
+    """Every subcommand with malformed arguments (wrong types, out-of-range numbers, missing files, unwritable paths):
+    one line on stderr naming the cause, exit status 2 for a usage error or 1 for failed work, no traceback, and no
+    model loaded when the error can be found before."""
+    import sr_diffusion.cli as cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    PIL.Image.fromarray(photo[:16, :16]).save(folder / "a.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    PIL.Image.fromarray(photo[:16, :16]).save(tmp_path / "other" / "zz.png")  # no SR image of a.png
+    _tiny_rrdb_checkpoint(tmp_path / "net.pth")
+    if not loads:
+        monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    paths = {"in": folder, "png": folder / "a.png", "bad": tmp_path / "bad.png", "file": tmp_path / "file",
+             "ckpt": tmp_path / "net.pth", "model": model_dir, "tmp": tmp_path}  # fmt: skip
+    assert main([arg.format(**paths) for arg in argv]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") or status == 1, line
+    assert words in line, line
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "o").exists()
