@@ -30,20 +30,21 @@ DEFAULT_MAX_MEMORY_GIB = 1.75
 #: top of :data:`WORK_OVERHEAD`. The first part grows with the image whatever the tile (the float32 output accumulator
 #: and its blending weights, the conversions to 8 bits and PNG, the float64 LR-consistency projection); the second with
 #: the tile (the model's activations; whole image: the whole image). Measured as peak RSS minus RSS after loading, a
-#: fresh process each, fp32, 2 threads, with ``benchmarks/bench_tile_memory.py`` on the 2-core CPU (2026-11-23) with
-#: the shipped models. Tiles of 128 px (overlap 32) over 256² and 512² inputs give the first part (its slope), whole
-#: 128² and 256² (regression 256², 512²) inputs the sum (their slope):
+#: fresh process each, fp32, 2 threads, with ``benchmarks/bench_tile_memory.py`` on the 2-core CPU (2026-12-04) with
+#: the shipped models (whose nearest + conv upsamplers run 32 / 64 channels at the output resolution). Tiles of 64 px
+#: over 256² and 512² (regression 512², 1024²) inputs give the first part (its slope), whole 128² and 256² (regression
+#: 256², 512²) inputs the sum (their slope):
 #:
-#: * generative default (ResShift, 3 steps, projected): tiled 2259 B per LR pixel = 141 B per output pixel (x4),
-#:   whole 6154 B per LR pixel, so 3900 per tile pixel; work at 256² whole 436 MiB, at 512² in tiles 661 MiB.
-#: * regression fallback (EDSR 32x8): tiled (64 px) 817 B per LR pixel = 51 B per output pixel, whole 4373, so 3556
-#:   per tile pixel; work at 512² whole 1114 MiB, predicted 1118 MiB.
+#: * generative default (ResShift, 3 steps, projected): tiled 1855 B per LR pixel = 116 B per output pixel (x4),
+#:   whole 9273 B per LR pixel, so 7418 per tile pixel; work at 256² whole 622 MiB, at 512² in 64-px tiles 600 MiB.
+#: * regression fallback (EDSR 64x16): tiled 835 B per LR pixel = 52 B per output pixel, whole 8683, so 7848 per
+#:   tile pixel; work at 512² whole 2204 MiB.
 MEMORY_PER_PIXEL = {
-    "RegressionSRPipeline": (52, 3600),
-    "ResShiftPipeline": (142, 3900),
+    "RegressionSRPipeline": (52, 7850),
+    "ResShiftPipeline": (120, 7450),
 }
 
-#: Work memory that does not grow with the image (the intercept of the fits above: 52 MiB generative, 59 regression)
+#: Work memory that does not grow with the image (the intercepts of the fits above: 42 MiB generative, 33 regression)
 WORK_OVERHEAD = 64 * 2**20
 
 #: Pipelines without a measurement of their own: the largest of the measured ones, doubled (an estimate, not a
