@@ -48,7 +48,20 @@ def test_probe_then_train_within_the_budget(tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "sweep"
-    args = ["--spec", str(spec_path), "--budget", "7", "--probe", "3", "--safety", "0.8", "--reserve", "0.5", "--out", str(out)]
+    args = [
+        "--spec",
+        str(spec_path),
+        "--budget",
+        "7",
+        "--probe",
+        "3",
+        "--safety",
+        "0.8",
+        "--reserve",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     assert run_timed.main([*args, "--extra", "validation.source=none"]) == 0
     summary = json.loads((out / "sweep.json").read_text())
     assert set(summary) == {"fast", "slow"}

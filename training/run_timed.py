@@ -15,8 +15,8 @@ that feed it) is only known by running them together. So, for a spec of runs::
    ``--probe`` seconds the step counts (read from each run's progress bar) give each run's rate under the same
    contention, and the runs are stopped;
 2. **train**: every run starts again from scratch with ``train.max_steps = rate × (budget − probe − start-up −
-   --reserve) × --safety``, so they all finish inside the budget with their schedules complete; each exports its pipeline as the
-   scripts do (``train.output_dir/pipeline``);
+   --reserve) × --safety``, so they all finish inside the budget with their schedules complete; each exports its
+   pipeline as the scripts do (``train.output_dir/pipeline``);
 3. a summary (``sweep.json``: each run's rate, steps, wall time and exit code) is written to ``--out``.
 
 The steps a run reached are in its ``config.yaml``, so the same weights can be retrained anywhere with the config and
