@@ -52,9 +52,9 @@ def test_probe_then_train_within_the_budget(tmp_path):
         "--spec",
         str(spec_path),
         "--budget",
-        "7",
+        "12",  # generous for a loaded CI machine: a slow interpreter start only shortens the second phase
         "--probe",
-        "3",
+        "4",
         "--safety",
         "0.8",
         "--reserve",
@@ -65,8 +65,9 @@ def test_probe_then_train_within_the_budget(tmp_path):
     assert run_timed.main([*args, "--extra", "validation.source=none"]) == 0
     summary = json.loads((out / "sweep.json").read_text())
     assert set(summary) == {"fast", "slow"}
-    # sleeps only lengthen a step, so a measured rate is at most the nominal one (and the window ends on a step)
-    assert 20 < summary["fast"]["probe_rate"] <= 41 and 5 < summary["slow"]["probe_rate"] <= 10.5
+    # sleeps only lengthen a step, so a measured rate is at most the nominal one (and the window ends on a step); the
+    # lower bounds allow a heavily loaded machine (a third of the nominal rate)
+    assert 13 < summary["fast"]["probe_rate"] <= 41 and 3 < summary["slow"]["probe_rate"] <= 10.5
     for name in ("fast", "slow"):
         s = summary[name]
         assert s["returncode"] == 0 and s["max_steps"] >= 4
