@@ -122,7 +122,7 @@ TINY_TILE = {"tile_size": 16, "tile_overlap": 4}
 
 @dataclass
 class Case:
-    """One pipeline and call: ``build(tiny) -> (pipeline, call kwargs)``, built on the CPU; ``tiled``: also at 512 → 2048."""
+    """One pipeline and call: ``build(tiny) -> (pipeline, kwargs)``, built on the CPU; ``tiled``: also at 512 → 2048."""
 
     name: str
     build: Callable[[bool], tuple[object, dict]]
