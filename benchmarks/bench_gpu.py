@@ -382,14 +382,13 @@ def attention_note(backend: str) -> str | None:
     return None
 
 
-_BUILT: dict = {}  # builder -> (pipeline, call kwargs): StableSR-200/50 and the tiled cases share one build
+_BUILT: dict = {}  # builder -> (pipeline, call kwargs), kept in CPU memory: every case of a method shares one build
 
 
 def built(case: Case, tiny: bool):
     """The case's pipeline, built on the CPU once per builder (random init of an SD-sized model takes seconds)."""
     key = (case.build, tiny)
     if key not in _BUILT:
-        _BUILT.clear()  # one pipeline kept at a time (in CPU memory)
         torch.manual_seed(0)
         _BUILT[key] = case.build(tiny)
     return _BUILT[key]
@@ -411,6 +410,8 @@ def configured(pipe, device, dtype, attention: str, compiled: bool, vae_tiling: 
             pipe.vae.enable_tiling()
         yield pipe
     finally:
+        if attention == "xformers":
+            pipe.disable_xformers_memory_efficient_attention()
         for name, processors in attn.items():
             getattr(pipe, name).set_attn_processor(processors)
         if compiled:
@@ -427,7 +428,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, tiled: 
     """Warm up and time one case; returns its result row."""
     pipe, kwargs = built(case, args.tiny)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    kwargs = {k: v.to(device, dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     lr = args.tiled_lr_size if tiled else args.lr_size
     if tiled:
         kwargs |= dict(TINY_TILE if args.tiny else TILE) | case.extra
@@ -442,7 +443,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, tiled: 
         def call(num_steps):
             step_kwargs = {} if num_steps is None else {"num_inference_steps": num_steps}
             if "generator" in inspect.signature(pipe.__call__).parameters:  # not the regression pipeline
-                step_kwargs["generator"] = torch.Generator(device).manual_seed(0)
+                step_kwargs["generator"] = torch.Generator().manual_seed(0)  # a CPU generator, as users pass
             with torch.inference_mode():
                 return pipe(image, output_type="pt", **step_kwargs, **kwargs).images
 
@@ -583,6 +584,7 @@ def main(argv=None) -> list[dict]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the warm-up call picks the convolution algorithms
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"
     header = (f"## {name}: x4, {args.dtype}, torch {torch.__version__}, median of {args.repeats} "
