@@ -432,7 +432,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, tiled: 
     lr = args.tiled_lr_size if tiled else args.lr_size
     if tiled:
         kwargs |= dict(TINY_TILE if args.tiny else TILE) | case.extra
-    steps = args.steps or case.steps
+    steps = (args.steps or case.steps) if case.steps is not None else None  # no steps: the regression default
     image = torch.rand(1, 3, lr, lr, generator=torch.Generator().manual_seed(0)).to(device)
     vae_tiling = tiled and case.sd and "vae_tile_size" not in case.extra
     if device.type == "cuda":
