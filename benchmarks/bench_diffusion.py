@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
 
+from sr_diffusion.conversion.vq_f4 import RELEASED_VQ_F4_CONFIG
 from sr_diffusion.models import RRDBNet, SRDiffUNet
 from sr_diffusion.pipelines import LDMSRPipeline, ResShiftPipeline, SR3Pipeline, SRDiffPipeline
 from sr_diffusion.pipelines.srdiff.pipeline_srdiff import srdiff_scheduler
@@ -50,15 +51,7 @@ def denoiser(width: int) -> UNet2DModel:
 def vq_f4() -> VQModel:
     """The released ResShift / LDM VQ-f4 autoencoder's architecture (see sr_diffusion.conversion.vq_f4)."""
     torch.manual_seed(0)
-    return VQModel(
-        block_out_channels=(128, 256, 512),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=2,
-        latent_channels=3,
-        num_vq_embeddings=8192,
-        vq_embed_dim=3,
-    ).eval()
+    return VQModel(**RELEASED_VQ_F4_CONFIG).eval()
 
 
 class NetworkTimer:
@@ -161,12 +154,15 @@ def bench_methods(args, device: torch.device) -> None:
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     threads = torch.get_num_threads()
     print(f"\n# 1+3. {size}→{4 * size}, denoiser width {args.width}, device={device}, threads={threads}")
-    print(f"{'pipeline':24s} {'wall s':>8s} {'denoiser s':>10s} {'other nets s':>12s} {'overhead':>9s} "
-          f"{'vs ResShift-15':>15s}")
+    print(
+        f"{'pipeline':24s} {'wall s':>8s} {'denoiser s':>10s} {'other nets s':>12s} {'overhead':>9s} "
+        f"{'vs ResShift-15':>15s}"
+    )
     reference = None
     for name, (pipe, kwargs) in build_pipelines(args.width, device).items():
         timer = NetworkTimer()
         wrap_networks(pipe, timer)
+
         def call(steps=kwargs["num_inference_steps"], pipe=pipe):
             return pipe(image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt")
 
@@ -176,8 +172,10 @@ def bench_methods(args, device: torch.device) -> None:
         denoise = nets.get("denoiser", 0.0)
         other = sum(v for k, v in nets.items() if k != "denoiser")
         overhead = (wall - denoise - other) / wall
-        print(f"{name:24s} {wall:8.2f} {denoise:10.2f} {other:12.2f} {overhead:8.1%} {wall / reference:14.2f}x",
-              flush=True)
+        print(
+            f"{name:24s} {wall:8.2f} {denoise:10.2f} {other:12.2f} {overhead:8.1%} {wall / reference:14.2f}x",
+            flush=True,
+        )
 
 
 def bench_ldm_vs_diffusers(args, device: torch.device) -> None:
@@ -188,10 +186,18 @@ def bench_ldm_vs_diffusers(args, device: torch.device) -> None:
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    run_ours = lambda: ours(image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),  # noqa: E731
-                            output_type="np")
-    run_theirs = lambda: theirs(image * 2 - 1, num_inference_steps=steps,  # noqa: E731
-                                generator=torch.Generator().manual_seed(0), output_type="np")
+    run_ours = lambda: ours(
+        image,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),  # noqa: E731
+        output_type="np",
+    )
+    run_theirs = lambda: theirs(
+        image * 2 - 1,
+        num_inference_steps=steps,  # noqa: E731
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     with torch.inference_mode():
         diff = abs(run_ours().images - run_theirs().images).max()
         # interleave the two so that a machine getting slower or faster affects both alike
@@ -200,8 +206,10 @@ def bench_ldm_vs_diffusers(args, device: torch.device) -> None:
             t_ours = min(t_ours, best_of(run_ours, 1, device)[0])
             t_theirs = min(t_theirs, best_of(run_theirs, 1, device)[0])
     print(f"\n# 2. LDM-SR {size}→{4 * size}, {steps} DDIM steps, identical components (max |diff| {diff:.1e})")
-    print(f"LDMSRPipeline {t_ours:.2f} s, diffusers LDMSuperResolutionPipeline {t_theirs:.2f} s, "
-          f"ratio {t_ours / t_theirs:.3f}")
+    print(
+        f"LDMSRPipeline {t_ours:.2f} s, diffusers LDMSuperResolutionPipeline {t_theirs:.2f} s, "
+        f"ratio {t_ours / t_theirs:.3f}"
+    )
 
 
 def main() -> None:

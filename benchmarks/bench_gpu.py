@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from sr_diffusion.conversion.vq_f4 import RELEASED_VQ_F4_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"  # the offline CLIP tokenizer and the tiny components of the tests
 
@@ -100,16 +102,8 @@ LDM_SR_UNET = dict(
     up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",),
     attention_head_dim=32,
 )
-#: The LDM / ResShift VQ-f4 autoencoder (``sr_diffusion.conversion.vq_f4``).
-VQ_F4 = dict(
-    block_out_channels=(128, 256, 512),
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=2,
-    latent_channels=3,
-    num_vq_embeddings=8192,
-    vq_embed_dim=3,
-)
+#: The LDM / ResShift VQ-f4 autoencoder.
+VQ_F4 = RELEASED_VQ_F4_CONFIG
 
 TILE = {"tile_size": 128, "tile_overlap": 16}  # LR pixels: latent tiles of 64 for the SD pipelines
 TINY_TILE = {"tile_size": 16, "tile_overlap": 4}

@@ -51,7 +51,19 @@ from diffusers import VQModel
 from ..checkpoints import CheckpointError, check_keys_and_shapes, preview
 from .resshift import indices, read_flat_state_dict
 
-__all__ = ["convert_vq_f4", "infer_vq_f4_config", "ldm_vq_to_diffusers"]
+__all__ = ["RELEASED_VQ_F4_CONFIG", "convert_vq_f4", "infer_vq_f4_config", "ldm_vq_to_diffusers"]
+
+#: ``VQModel`` arguments of the released LDM / ResShift VQ-f4 autoencoder (``autoencoder_vq_f4.pth``), for building it
+#: with random weights (benchmarks) or checking a converted one.
+RELEASED_VQ_F4_CONFIG = {
+    "block_out_channels": (128, 256, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "layers_per_block": 2,
+    "latent_channels": 3,
+    "num_vq_embeddings": 8192,
+    "vq_embed_dim": 3,
+}
 
 TRAINING_ONLY_PREFIXES = ("loss.",)
 
