@@ -110,15 +110,20 @@ _OWN_DTYPE_COMPONENTS = ("prompt_extractor", "degradation_estimator")
 
 
 def gaussian_tile_weights(height: int, width: int, device=None) -> torch.Tensor:
-    """``(1, 1, height, width)`` Gaussian weights of one latent tile: ``exp(-(x - c)² / (2 · 0.01 · n²))`` per axis,
-    ``c`` the tile centre (StableSR's and SeeSR's ``_gaussian_weights``, ``var = 0.01``; the constant factor cancels
-    in the blend)."""
+    """``(1, 1, height, width)`` Gaussian weights of one latent (or VAE) tile, the originals' ``_gaussian_weights``
+    (StableSR, PASD and SeeSR, after Mixture of Diffusers), ``var = 0.01``:
 
-    def axis(n: int) -> torch.Tensor:
+    ``w(y, x) = exp(-(x - (W - 1)/2)² / (2 · 0.01 · W²)) · exp(-(y - H/2)² / (2 · 0.01 · H²))``
+
+    The x centre is the tile's middle and the y centre half a pixel below it (``H/2``, not ``(H - 1)/2``), exactly as
+    the originals compute it; the asymmetry is kept so that tiled outputs match theirs. The constant factor
+    ``1/sqrt(2π · var)`` cancels in the blend and is left out."""
+
+    def axis(n: int, centre: float) -> torch.Tensor:
         x = torch.arange(n, dtype=torch.float32, device=device)
-        return torch.exp(-(((x - (n - 1) / 2) / n) ** 2) / (2 * 0.01))
+        return torch.exp(-(((x - centre) / n) ** 2) / (2 * 0.01))
 
-    return (axis(height)[:, None] * axis(width)[None, :])[None, None]
+    return (axis(height, height / 2)[:, None] * axis(width, (width - 1) / 2)[None, :])[None, None]
 
 
 class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):

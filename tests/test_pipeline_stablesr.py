@@ -85,8 +85,24 @@ def test_tile_aggregation_is_exact_for_a_pointwise_denoiser(monkeypatch):
     whole = pipe.predict_noise(latents, 5, lr_latents, None, 1.0)
     tiled = pipe.predict_noise_tiled(latents, 5, lr_latents, None, 1.0, tile=8, overlap=4)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
-    weights = stablesr_tile_weights(8, 8)
-    assert weights.min() > 0 and weights[0, 0, 3:5, 3:5].min() == weights.max()  # centre-peaked, never zero
+
+
+def test_tile_weights_follow_the_originals_gaussian_weights_formula():
+    """Reference: the originals' ``_gaussian_weights`` (var 0.01): x centred at (W - 1)/2, y at H/2, per-axis
+    ``exp(-(i - c)² / n² / (2 var)) / sqrt(2π var)``; the constant factor cancels, so compare after normalising."""
+    import math
+
+    height, width, var = 6, 10, 0.01
+
+    def probs(n, centre):
+        scale = 1 / math.sqrt(2 * math.pi * var)
+        return [math.exp(-(i - centre) * (i - centre) / (n * n) / (2 * var)) * scale for i in range(n)]
+
+    reference = torch.tensor([[py * px for px in probs(width, (width - 1) / 2)] for py in probs(height, height / 2)])
+    weights = stablesr_tile_weights(height, width)[0, 0]
+    assert weights.shape == (height, width) and weights.min() > 0
+    torch.testing.assert_close(weights / weights.max(), reference / reference.max(), rtol=1e-6, atol=1e-7)
+    assert weights[height // 2].max() == weights.max() and weights[:, 4].max() == weights[:, 5].max()  # peak row H/2
 
 
 def test_tiled_sampling_agrees_with_untiled_where_one_tile_fits_and_runs_on_many():
