@@ -23,9 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RESIZE_MODES", "imresize", "resize", "resize_matrix"]
+__all__ = ["PIL_RESAMPLE", "RESIZE_MODES", "imresize", "pil_resize", "resize", "resize_matrix"]
 
 RESIZE_MODES = ("matlab_bicubic", "bicubic", "bilinear", "area", "nearest", "nearest-exact")
+
+PIL_RESAMPLE = ("bicubic", "bilinear", "lanczos", "nearest")
 
 _KERNEL_WIDTH = 4.0  # support of Keys' cubic kernel, in input pixels
 
@@ -322,3 +324,39 @@ def resize_matrix(
         basis = torch.eye(in_length, dtype=torch.float64).view(in_length, 1, 1, in_length)
         matrix = resize(basis, size=(1, out_length), mode=mode, antialias=antialias).reshape(in_length, out_length).T
     return matrix.to(device=device, dtype=dtype)
+
+
+def pil_resize(img: torch.Tensor, size: Sequence[int], resample: str = "bicubic") -> torch.Tensor:
+    """Resize ``[0, 1]`` images exactly as PIL does on 8-bit images (``Image.resize(..., Image.BICUBIC)``).
+
+    The originals' scripts (SR3's data pipeline, PASD's and SeeSR's test scripts) upsample the 8-bit LR photo
+    with PIL and only then convert it to float. PIL's bicubic is Keys' kernel with ``a = -0.5`` evaluated in
+    fixed point on uint8 and rounded back to uint8, so it differs from torch's float bicubic by several 8-bit
+    levels near edges. This reproduces it: each image is quantised to uint8 (``round(255 x)``, lossless for
+    inputs that came from 8-bit files), resized channel by channel as ``"L"`` images (PIL treats the bands of an
+    RGB image identically) and returned as float ``/ 255``.
+
+    Args:
+        img: ``(N, C, H, W)`` or ``(C, H, W)`` float tensor in [0, 1] (values outside are clipped).
+        size: ``(height, width)`` of the output.
+        resample: one of :data:`PIL_RESAMPLE`.
+
+    Returns:
+        Float tensor ``(..., height, width)`` with values ``k / 255``, on ``img``'s device and dtype.
+    """
+    from PIL import Image
+
+    if resample not in PIL_RESAMPLE:
+        raise ValueError(f"Unknown PIL resample {resample!r}; valid ones are {', '.join(map(repr, PIL_RESAMPLE))}.")
+    if not isinstance(img, torch.Tensor) or not img.is_floating_point() or img.ndim < 3:
+        raise TypeError("pil_resize needs a float tensor (N, C, H, W) or (C, H, W) in [0, 1].")
+    out_h, out_w = (int(v) for v in size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"size must be positive, got {tuple(size)}.")
+    filt = getattr(Image.Resampling, resample.upper())
+    planes = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().reshape(-1, *img.shape[-2:])
+    resized = [
+        np.asarray(Image.fromarray(plane.numpy(), mode="L").resize((out_w, out_h), filt)) for plane in planes
+    ]
+    out = torch.from_numpy(np.stack(resized)).reshape(*img.shape[:-2], out_h, out_w)
+    return (out.to(torch.float32) / 255).to(device=img.device, dtype=img.dtype)

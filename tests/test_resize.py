@@ -355,3 +355,38 @@ def test_resize_matrix_rows_and_errors():
         resize_matrix(16, 4, "lanczos")
     with pytest.raises(ValueError, match=">= 1"):
         resize_matrix(0, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pil_resize: PIL's 8-bit resize, as the originals' scripts use it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_pil_resize_equals_pil_on_an_rgb_uint8_image():
+    from PIL import Image
+
+    from sr_diffusion.resize import pil_resize
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(13, 17, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(rgb, "RGB").resize((17 * 4, 13 * 4), Image.BICUBIC))
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    out = pil_resize(x, (13 * 4, 17 * 4))
+    assert out.shape == (1, 3, 52, 68)
+    # exact: both are PIL's fixed-point bicubic on the same uint8 planes
+    assert torch.equal((out[0].permute(1, 2, 0) * 255).round().to(torch.uint8), torch.from_numpy(expected))
+    # and it is not torch's float bicubic (the reason this helper exists)
+    assert (resize(x, size=(52, 68), mode="bicubic").clamp(0, 1) - out).abs().max() * 255 > 2
+
+
+def test_pil_resize_keeps_shape_dtype_and_checks_arguments():
+    from sr_diffusion.resize import pil_resize
+
+    x = torch.full((2, 1, 4, 5), 0.5, dtype=torch.float64)
+    out = pil_resize(x, (8, 10), "bilinear")
+    assert out.shape == (2, 1, 8, 10) and out.dtype == torch.float64
+    assert torch.allclose(out, torch.full_like(out, 128 / 255))  # round(127.5) = 128, a constant stays constant
+    with pytest.raises(ValueError, match="resample"):
+        pil_resize(x, (8, 10), "cubic")
+    with pytest.raises(TypeError):
+        pil_resize(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), (8, 8))
