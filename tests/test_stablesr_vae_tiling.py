@@ -101,7 +101,7 @@ def test_decoder_tiles_use_their_own_regions_features(pipe):
     ("options", "match"),
     [
         ({"vae_tile_size": 30}, "multiple of the VAE's downsampling factor 4"),
-        ({"vae_tile_size": 0}, "positive multiple"),
+        ({"vae_tile_size": -8}, "positive multiple"),  # (0 is "never tile")
         ({"vae_tile_size": 32.0}, "must be an integer"),
         ({"vae_tile_size": 32, "vae_tile_overlap": 32}, r"vae_tile_overlap must be a multiple of 4 in \[0, "),
         ({"vae_tile_size": 32, "vae_tile_overlap": 6}, "vae_tile_overlap must be a multiple of 4"),

@@ -67,8 +67,10 @@ from diffusers import (
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 
 import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components from sys.modules)
+from sr_diffusion.color_fix import color_fix as apply_color_fix
 from sr_diffusion.estimation import DegradationEstimator
 from sr_diffusion.image_processor import ImageInput, pad_to_multiple
 from sr_diffusion.models.stablesr_cfw import StableSRCFW
@@ -96,12 +98,21 @@ __all__ = [
 
 
 def space_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """The original's respacing (``space_timesteps(T, [S])`` of guided-diffusion): ``S`` of the ``T`` trained steps,
-    ``round(i · (T - 1) / (S - 1))`` for ``i = 0 … S-1`` (both ends included), in descending order."""
+    """The original's respacing (``space_timesteps(T, [S])`` of guided-diffusion, as StableSR's scripts call it): ``S``
+    of the ``T`` trained steps, evenly over ``[0, T - 1]`` (both ends included), in descending order.
+
+    The original walks the index up in float, ``x_0 = 0, x_{i+1} = x_i + (T - 1) / (S - 1)``, and keeps ``round(x_i)``
+    (Python's round-half-to-even). The accumulated sum is not ``i · (T - 1) / (S - 1)``: where that product lands on
+    ``k + 1/2`` the two round differently, so for 278 of the step counts ``S`` in ``1 … 1000`` the direct formula
+    would give other steps. This follows the original's walk exactly."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"cannot take {num_steps} steps out of {num_train_timesteps}")
     stride = 1 if num_steps <= 1 else (num_train_timesteps - 1) / (num_steps - 1)
-    return sorted({round(i * stride) for i in range(num_steps)}, reverse=True)
+    steps, index = set(), 0.0
+    for _ in range(num_steps):
+        steps.add(round(index))
+        index += stride
+    return sorted(steps, reverse=True)
 
 
 def stablesr_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -197,6 +208,10 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     }
     #: CFW's ``w``: the original's ``dec_w`` (with CFW layers; without them there is no ``w`` to set: 0)
     FIDELITY_DEFAULTS = {"fidelity_weight": 0.5}
+    #: the original's canvas tiles in latent pixels: ``tile_size = input_size / 8`` (512 / 8) and ``--tile_overlap`` 32
+    CANVAS_TILE, CANVAS_OVERLAP = 64, 32
+    #: the original's VAE patches in output pixels: ``--vqgantile_size`` 1280, overlap 1280 - ``vqgantile_stride`` 1000
+    VAE_TILE, VAE_TILE_OVERLAP = 1280, 280
     model_cpu_offload_seq = "prompt_extractor->text_encoder->time_aware_encoder->unet->vae"
     _optional_components = ["cfw", "prompt_extractor", "degradation_estimator"]
     # the SFT and CFW layers run inside the UNet's and the VAE's calls (hooks): they stay on the execution device, as
@@ -327,12 +342,13 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         color_fix: str,
         lr_consistency: bool,
         tile_size: int | None,
-        tile_overlap: int,
+        tile_overlap: int | None,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
         vae_tile_size: int | None = None,
         vae_tile_overlap: int = 280,
+        start_point: str = "lr",
     ) -> None:
         self.check_components()
         self.check_num_inference_steps(num_inference_steps)  # no eta, no strength: the original's DDPM from z_T
@@ -351,8 +367,17 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         self._prompt_list(prompt, n, "prompt", allow_none=True)
         self._prompt_list(negative_prompt, n, "negative_prompt", allow_none=True)
         self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
-        self.check_vae_tiling(vae_tile_size, vae_tile_overlap)
+        self.check_start_point(start_point)
+        # one z_T for the whole latent even when tiling (every step blends the tiles on it): the tile checks alone, then
+        # the latents' alone
+        if tile_overlap is not None and (
+            isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0
+        ):
+            raise ValueError(f"tile_overlap must be an int >= 0 or None (the original's), got {tile_overlap!r}")
+        tile, overlap = (None if tile_size == 0 else tile_size), (tile_overlap or 0)  # tile_size 0: never tile
+        self.check_sampling_inputs(rgb, tile, overlap, generator, None, callback_on_step_end_tensor_inputs)
+        self.check_sampling_inputs(rgb, None, overlap, generator, latents, None)
+        self.check_vae_tiling(vae_tile_size or None, vae_tile_overlap)
 
     def check_vae_tiling(self, vae_tile_size: int | None, vae_tile_overlap: int) -> None:
         """Raise a ``ValueError`` unless the VAE tiles are ``None`` or a positive multiple of ``f`` pixels overlapping
@@ -481,6 +506,50 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     # Sampling
     # ------------------------------------------------------------------------------------------------------------------
 
+    def canvas_tiles(
+        self, latent_size: Sequence[int], tile_size: int | None, tile_overlap: int | None
+    ) -> tuple[int, int] | None:
+        """The latent tile and overlap of progressive aggregation sampling for a latent of ``latent_size`` ``(h, w)``,
+        or ``None`` to sample the whole latent at once.
+
+        ``tile_size`` ``None`` (automatic): the original's canvas, :attr:`CANVAS_TILE` latent pixels a side (its
+        ``input_size / 8``), whenever the latent is larger on a side (one tile is the whole latent: the original's
+        canvas then gives the untiled result too); ``0``: never; else ``tile_size`` LR pixels (``tile_size · s / f``
+        latent pixels). ``tile_overlap`` ``None``: the original's :attr:`CANVAS_OVERLAP` latent pixels, at most half a
+        tile; else ``tile_overlap`` LR pixels."""
+        s, f = self.upscale, self.vae_scale_factor
+        if tile_size == 0 or (tile_size is None and max(latent_size) <= self.CANVAS_TILE):
+            return None
+        tile = self.CANVAS_TILE if tile_size is None else tile_size * s // f
+        overlap = min(self.CANVAS_OVERLAP, tile // 2) if tile_overlap is None else tile_overlap * s // f
+        return tile, overlap
+
+    def vae_tile(self, image_size: Sequence[int], vae_tile_size: int | None) -> int | None:
+        """The VAE tile side in output pixels for an upsampled image of ``image_size`` ``(H, W)``, or ``None`` for the
+        whole image: ``vae_tile_size`` ``None`` (automatic): :attr:`VAE_TILE` (the original's ``vqgantile_size``) when
+        the image is larger on a side; ``0``: never; else ``vae_tile_size``."""
+        if vae_tile_size is None:
+            return self.VAE_TILE if max(image_size) > self.VAE_TILE else None
+        return vae_tile_size or None
+
+    def prepare_start_latents(
+        self,
+        lr_latents: torch.Tensor,
+        start_point: str,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``z_T`` ``(N, 4, H/f, W/f)``: the given ``latents``; or for ``start_point="noise"`` pure noise
+        ``eps ~ N(0, I)`` (the paper, the original's ``sr_val_ddpm_text_T_vqganfin_old.py``); or for ``"lr"`` the LR
+        latent noised to the last trained step, ``q(z_lr, T-1) = sqrt(abar_{T-1}) z_lr + sqrt(1 - abar_{T-1}) eps``
+        (its ``..._oldcanvas.py`` and ``..._oldcanvas_tile.py``: ``q_sample_respace(init_latent, 999)``, whatever the
+        number of steps). ``eps`` is drawn from ``generator`` after ``z_lr``, as the original draws it."""
+        if latents is not None or start_point == "noise":
+            return self.prepare_latents(lr_latents.shape, lr_latents.dtype, lr_latents.device, generator, latents)
+        noise = randn_tensor(lr_latents.shape, generator=generator, device=lr_latents.device, dtype=lr_latents.dtype)
+        last = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=lr_latents.device)
+        return self.scheduler.add_noise(lr_latents, noise, last)
+
     def set_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
         """The original's respaced steps for a ``DDPMScheduler``; the scheduler's own spacing for any other."""
         if isinstance(self.scheduler, DDPMScheduler):
@@ -539,8 +608,9 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         negative_prompt: str | list[str] | None = None,
         color_fix: str = "adain",
         lr_consistency: bool = False,
+        start_point: str = "lr",
         tile_size: int | None = None,
-        tile_overlap: int = 32,
+        tile_overlap: int | None = None,
         vae_tile_size: int | None = None,
         vae_tile_overlap: int = 280,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -575,23 +645,33 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 (``""`` included) is used verbatim. Default ``""``.
             color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
                 (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"adain"`` (the
-                paper's).
+                paper's). As the original, the reference is the upsampled LR image ``y`` (padded, clamped to [-1, 1])
+                and the fix is applied to the decoded image before it is clamped and cropped.
             lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
                 ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
                 to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
                 when tiling; the alpha channel is unaffected. Default False.
-            tile_size: sample with the original's progressive patch aggregation in latent tiles covering
+            start_point: where the chain starts: ``"lr"`` (default, the original's scripts for images of any size,
+                ``..._oldcanvas(_tile).py``): the LR latent noised to the last trained step, ``q(z_lr, T - 1)``;
+                ``"noise"``: pure noise (the paper, ``..._old.py``). Ignored when ``latents`` is given.
+            tile_size: progressive patch aggregation: every step runs the denoiser on overlapping latent tiles covering
                 ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`; 128 at ×4 is the original's 64-pixel
-                latent tile), overlapping by ``tile_overlap`` LR pixels (64 at ×4: the original's 32).
+                latent tile), overlapping by ``tile_overlap`` LR pixels. ``None`` (default): automatic, as the original
+                (whose canvas sampler always tiles): tiles of 64 latent pixels when the latent is larger on a side;
+                ``0``: never tile (more memory, and the SD UNet sees a larger latent than it was trained on).
+            tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 32 latent pixels (64 LR
+                pixels at ×4), at most half a tile.
             vae_tile_size: encode the upsampled LR image and decode the result with the VAE (and CFW) in tiles of
-                ``vae_tile_size`` output pixels (a multiple of the VAE factor ``f``, 8 for SD; the original's
-                ``vqgantile_size`` is 1280), to bound the VAE's memory for large outputs; each decoder tile is fused
-                with the encoder features of its own region (module docstring). ``None`` (default): the whole image.
+                ``vae_tile_size`` output pixels (a multiple of the VAE factor ``f``, 8 for SD), to bound the VAE's
+                memory for large outputs; each decoder tile is fused with the encoder features of its own region
+                (module docstring). ``None`` (default): automatic, tiles of 1280 pixels (the original's
+                ``vqgantile_size``) when the output is larger on a side; ``0``: the whole image.
             vae_tile_overlap: the overlap of neighbouring VAE tiles in output pixels, a multiple of ``f`` below
                 ``vae_tile_size``; default 280 (the original's ``vqgantile_size - vqgantile_stride = 1280 - 1000``).
             generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
                 with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
-            latents: ``z_T`` to start from, of shape :meth:`latent_shape` (before scaling by ``init_noise_sigma``).
+            latents: ``z_T`` to start from, of shape :meth:`latent_shape` (before scaling by ``init_noise_sigma``); one
+                for the whole latent, tiled or not (as the original: each step is then tiled).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             return_dict: return an ``SRPipelineOutput`` rather than a tuple.
             callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
@@ -627,11 +707,12 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             callback_on_step_end_tensor_inputs,
             vae_tile_size,
             vae_tile_overlap,
+            start_point,
         )
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        s, f = self.upscale, self.vae_scale_factor
+        s = self.upscale
         do_cfg = guidance_scale > 1
 
         # 2. Prompts (user's, extracted tags) and their embeddings (negative first when guiding)
@@ -643,11 +724,11 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
         size = (lr.shape[-2] * s, lr.shape[-1] * s)
         upsampled = resize(lr, size=size, mode="bicubic").clamp(-1.0, 1.0)
+        vae_tile_size = self.vae_tile(size, vae_tile_size)
         if vae_tile_size is None:
             cfw_store: dict[int, list[torch.Tensor]] | None = {} if fidelity_weight > 0 else None
             lr_latents = self.encode_lr(upsampled, generator, cfw_store).to(self.unet.dtype)
             cfw_features = {k: torch.cat(v) for k, v in (cfw_store or {}).items()}
-            del upsampled
         else:
             lr_latents = self.encode_lr_tiled(upsampled, generator, vae_tile_size, vae_tile_overlap)
             lr_latents = lr_latents.to(self.unet.dtype)
@@ -656,26 +737,22 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         timesteps = self.set_timesteps(num_inference_steps, device)
         self._num_timesteps = len(timesteps)
 
-        # 5. z_T
-        latents = self.prepare_latents(lr_latents.shape, lr_latents.dtype, device, generator, latents)
+        # 5. z_T (pure noise, or z_lr noised to T - 1)
+        latents = self.prepare_start_latents(lr_latents, start_point, generator, latents)
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)  # no eta knob: the scheduler's default
 
         # 6. Denoising loop. Not the mixin's sample_tiles (one chain per LR tile, blended once at the end): tiled, every
         #    step blends the tiles' noise predictions on the latent with Gaussian weights and steps the whole latent
         #    (the original's progressive aggregation sampling), so the tiles cannot drift apart
-        tile = overlap = None
-        if tile_size is not None:
-            tile, overlap = tile_size * s // f, tile_overlap * s // f
+        tiles = self.canvas_tiles(lr_latents.shape[-2:], tile_size, tile_overlap)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if tile is None:
+                if tiles is None:
                     noise_pred = self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
                 else:
-                    noise_pred = self.predict_noise_tiled(
-                        latents, t, lr_latents, prompt_embeds, guidance_scale, tile, overlap
-                    )
+                    noise_pred = self.predict_noise_tiled(latents, t, lr_latents, prompt_embeds, guidance_scale, *tiles)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
                 state = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
@@ -689,5 +766,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         else:
             hr = self.decode_latents_tiled(latents, upsampled, fidelity_weight, vae_tile_size, vae_tile_overlap)
 
-        # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
+        # 8. Colour fix as the original: in [-1, 1], before clamping and cropping, against y (padded, clamped); then
+        #    crop back, [-1, 1] -> [0, 1], LR consistency, alpha, postprocess
+        hr = apply_color_fix(hr, upsampled.to(hr), color_fix)
+        return self.finish_output(hr, rgb, pre.alpha, "none", output_type, return_dict, lr_consistency)
