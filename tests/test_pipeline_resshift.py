@@ -657,3 +657,15 @@ def test_match_original_respaces_as_the_reference(steps):
         assert (ours - out).abs().max() > 1e-3
     with pytest.raises(ValueError, match="match_original must be a bool"):
         run(match_original="yes")
+
+
+def test_runs_under_autocast():
+    """The reference samples under fp16 autocast (``use_amp=True``); the README's way to do the same is to call the
+    pipeline under ``torch.autocast``. On the CPU (bfloat16) here: it runs, returns float32, and autocast was used."""
+    pipe = make_pipe(vae=tiny_vq_f4(), scheduler=tiny_scheduler(input_scaling="std"))
+    image = lr_image(0, (8, 8))
+    full = pipe(image, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pipe(image, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert mixed.dtype == torch.float32 and mixed.shape == full.shape and torch.isfinite(mixed).all()
+    assert (mixed - full).abs().max() > 0  # bfloat16 matmuls and convolutions
