@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from sr_diffusion.checkpoints import CheckpointError
 from sr_diffusion.cli import main
@@ -431,7 +432,10 @@ def test_converted_pipeline_samples_as_the_original(tmp_path):
     # the UNet sees sqrt(alpha_bar_t) itself, as the original (its sqrt_alphas_cumprod_prev[t + 1])
     torch.testing.assert_close(torch.cat(seen), buffers["sqrt_alphas_cumprod"].flip(0), rtol=1e-5, atol=1e-6)
 
-    x = F.interpolate(lr * 2 - 1, scale_factor=4, mode="bicubic")  # the condition the pipeline makes
+    # the condition as the original's data pipeline makes it: PIL bicubic on the 8-bit LR image, read back as k/255
+    rgb = (lr[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    up = np.asarray(Image.fromarray(rgb, mode="RGB").resize((16, 12), Image.BICUBIC)).copy()
+    x = torch.from_numpy(up).permute(2, 0, 1)[None].float().div(255) * 2 - 1
     expected = original_super_resolution(original_state_dict(TINY), buffers, x, torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, ((expected.clamp(-1, 1) + 1) / 2), rtol=0, atol=1e-4)
 

@@ -373,6 +373,7 @@ def test_custom_timesteps_run_that_chain():
     with pytest.raises(ValueError, match="either num_inference_steps or timesteps"):
         run(num_inference_steps=2, timesteps=[5, 2])
 
+
 def test_latents_override_starts_the_chain_there():
     pipe = make_pipe()
     image = lr_image(0)
@@ -471,3 +472,200 @@ def test_tiled_and_untiled_sizes_and_tiled_determinism():
         output_type="pt",
     )
     assert out.images.shape == (2, 3, 52, 36)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reference script's defaults (issue 14: items 3 and 5): tiling, respacing, match_original
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def reference_extract_starts(length: int, pch_size: int, stride: int) -> list[int]:
+    """``ImageSpliterTh.extract_starts`` of the reference (``utils/util_image.py``), as a formula: every ``stride``
+    from 0, the starts past ``length - pch_size`` moved to it, duplicates dropped in order."""
+    if length <= pch_size:
+        return [0]
+    starts = [min(start, length - pch_size) for start in range(0, length, stride)]
+    return sorted(set(starts), key=starts.index)
+
+
+def test_original_chop_and_its_tile_starts():
+    from sr_diffusion.pipelines.resshift.pipeline_resshift import original_chop, original_chop_starts
+
+    # inference_resshift.py: --chop_size 512, --chop_stride -1 -> (512 - 64) * (4 // sf), both times 4 // sf
+    assert [original_chop(s) for s in (4, 2, 1, 3, 8)] == [(512, 448), (1024, 896), (2048, 1792), (512, 448)] + [
+        (512, 448)
+    ]
+    for size, stride in ((512, 448), (256, 224), (64, 48), (8, 6), (6, 4)):
+        for length in list(range(1, 3 * size)) + [2000, 2048, 4096]:
+            assert original_chop_starts(length, size, stride) == reference_extract_starts(length, size, stride)
+    assert original_chop_starts(512, 512, 448) == [0] and original_chop_starts(520, 512, 448) == [0, 8]
+    assert original_chop_starts(1000, 512, 448) == [0, 448, 488]
+
+
+def reference_tiled_run(pipe, lr: torch.Tensor, size: int, stride: int, generator) -> torch.Tensor:
+    """The reference's tiled run in [0, 1] (``sampler.py``): tiles of ``size`` LR pixels at the starts of
+    :func:`reference_extract_starts`, rows first, each sampled on its own (whole, with the next draws of the one
+    generator), clamped, summed and divided by the number of tiles that cover each pixel."""
+    n, _, h, w = lr.shape
+    s = pipe.upscale
+    total, count = torch.zeros(n, 3, h * s, w * s), torch.zeros(1, 1, h * s, w * s)
+    for top in reference_extract_starts(h, size, stride):
+        for left in reference_extract_starts(w, size, stride):
+            tile = lr[..., top : top + size, left : left + size]
+            th, tw = tile.shape[-2:]
+            out = pipe(tile, tile_size=0, lr_consistency=False, generator=generator, output_type="pt").images
+            total[..., top * s : (top + th) * s, left * s : (left + tw) * s] += out
+            count[..., top * s : (top + th) * s, left * s : (left + tw) * s] += 1
+    return total / count
+
+
+def test_large_images_are_tiled_as_the_reference_by_default(monkeypatch):
+    """tile_size=None tiles an LR image with a side above the chop size as the reference does (here with the chop
+    size 8 / stride 6 instead of 512 / 448, so that a tiny image shows it): 13 x 7 -> rows at 0 and 5, one column of 7
+    (padded to 8 for the UNet and cropped back); tile_size=0 samples it whole; an image of the chop size is whole."""
+    import sr_diffusion.pipelines.resshift.pipeline_resshift as module
+
+    monkeypatch.setattr(module, "ORIGINAL_CHOP_SIZE", 8)
+    monkeypatch.setattr(module, "ORIGINAL_CHOP_STRIDE", 6)
+    pipe = make_pipe(scheduler=tiny_scheduler(clip_sample=True))
+    image = lr_image(0, (13, 7))
+    shapes: list[tuple] = []
+
+    def record(pipeline, i, t, callback_kwargs):
+        shapes.append(tuple(callback_kwargs["latents"].shape))
+        return callback_kwargs
+
+    auto = pipe(image, generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=record)
+    assert auto.images.shape == (1, 3, 52, 28)
+    assert shapes == [(1, 3, 32, 32)] * 8  # 2 tiles x 4 steps, each tile 8 x 7 padded to 8 x 8
+    expected = reference_tiled_run(pipe, image, 8, 6, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(auto.images, expected, rtol=0, atol=1e-6)  # float32 rounding of the [-1, 1] mapping
+
+    shapes.clear()
+    whole = pipe(
+        image, tile_size=0, generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=record
+    )
+    assert shapes == [(1, 3, 56, 32)] * 4 and (whole.images - auto.images).abs().max() > 1e-3
+    # latents describe the whole image: no automatic tiling then
+    x_T = torch.randn(pipe.latent_shape(1, 13, 7), generator=torch.Generator().manual_seed(1))
+    shapes.clear()
+    pipe(image, latents=x_T, output_type="pt", callback_on_step_end=record)
+    assert shapes == [(1, 3, 56, 32)] * 4
+    # a side of the chop size itself is not tiled (the reference tiles above it)
+    small = lr_image(1, (8, 8))
+    a = pipe(small, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    b = pipe(small, tile_size=0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tile_size must be a positive multiple"):
+        pipe(image, tile_size=-2)
+
+
+def test_the_reference_threshold_is_an_lr_side_above_512():
+    """At the real chop size: an 8 x 520 LR image runs two chains of 8 x 512 LR pixels (starts 0 and 8), an 8 x 512
+    one runs one chain (a stub denoiser, so that 2048-pixel-wide HR tiles stay cheap)."""
+    oracle = OracleDenoiser()
+    pipe = make_pipe(unet=oracle)
+    for width, chains in ((512, [(1, 3, 32, 2048)]), (520, [(1, 3, 32, 2048)] * 2)):
+        oracle.calls.clear()
+        out = pipe(torch.full((1, 3, 8, width), 0.5), output_type="pt").images
+        assert out.shape == (1, 3, 32, 4 * width)
+        torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=1e-6)  # x_0 = 0 is grey: each tile
+        assert [shape for _, shape in oracle.calls] == [shape for shape in chains for _ in range(4)]
+
+
+def test_match_original_tiles_an_explicit_tile_size_as_the_reference():
+    """With match_original an explicit tile_size is the reference's --chop_size, and tile_size - tile_overlap its
+    --chop_stride; without it, our linear blending of the padded image (another image)."""
+    pipe = make_pipe(scheduler=tiny_scheduler(clip_sample=True))
+    image = lr_image(2, (13, 7))
+    kwargs = {"tile_size": 6, "tile_overlap": 2, "output_type": "pt"}
+    out = pipe(image, match_original=True, generator=torch.Generator().manual_seed(0), **kwargs).images
+    expected = reference_tiled_run(pipe, image, 6, 4, torch.Generator().manual_seed(0))  # rows 0, 4, 7; columns 0, 1
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    ours = pipe(image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (ours - out).abs().max() > 1e-3
+
+
+def reference_respaced_sampling(
+    pipe, lr: torch.Tensor, num_steps: int, generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The reference's sampling in pixel space with ``timestep_respacing = num_steps`` (``models/respace.py``,
+    ``models/gaussian_diffusion.py``), in [0, 1], written from its formulas: ``use_timesteps = {int(T / S · x)}``; the
+    spaced process keeps those ``sqrt_etas`` (``etas_prev`` and ``alpha`` recomputed on the kept ones) and gives the
+    model the original timestep; ``x_T = y + kappa sqrt(eta_last) noise``; each step scales the input by
+    ``3 kappa sqrt(eta) + 1`` (``latent_flag=False``), clips the predicted ``x_0`` (``clip_denoised`` in pixel space)
+    and draws from the posterior (no noise on the last step); the result is clamped. ``dtype=torch.float64`` runs the
+    chain and a float64 copy of the UNet in float64 (the noise is drawn in float32, as the pipeline draws it)."""
+    import copy
+
+    unet = copy.deepcopy(pipe.unet).to(dtype)
+    scheduler = pipe.scheduler
+    num_train, kappa = scheduler.config.num_train_timesteps, scheduler.config.kappa
+    kept = sorted({int(num_train / num_steps * x) for x in range(num_steps)})
+    sqrt_etas = scheduler.sqrt_etas[kept]  # float64; the base schedule is pinned in tests/test_scheduler_resshift.py
+    etas = sqrt_etas**2
+    etas_prev = torch.cat([torch.zeros(1, dtype=torch.float64), etas[:-1]])
+    alpha = etas - etas_prev
+    y = torch.nn.functional.interpolate(lr.to(dtype) * 2 - 1, scale_factor=pipe.upscale, mode="bicubic")
+    x = y + (kappa * sqrt_etas[-1]).to(dtype) * torch.randn(y.shape, generator=generator).to(dtype)
+    for i in reversed(range(len(kept))):
+        scaled = x / (3 * kappa * sqrt_etas[i] + 1).to(dtype)
+        x0 = unet(scaled, torch.tensor([kept[i]]), lq=y, return_dict=False)[0].clamp(-1, 1)
+        mean = (etas_prev[i] / etas[i]).to(dtype) * x + (alpha[i] / etas[i]).to(dtype) * x0
+        if i > 0:
+            std = (kappa**2 * etas_prev[i] / etas[i] * alpha[i]).sqrt().to(dtype)
+            x = mean + std * torch.randn(y.shape, generator=generator).to(dtype)
+        else:
+            x = mean
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+@pytest.mark.parametrize("steps", [6, 4, 2])
+def test_match_original_respaces_as_the_reference(steps):
+    """match_original=True: num_inference_steps keeps the reference's timesteps ("leading") and samples its spaced
+    process; all T steps by default whatever the pipeline's configured default; no LR consistency unless asked."""
+    pipe = make_pipe(scheduler=tiny_scheduler(num_train_timesteps=6, clip_sample=True), num_inference_steps=3)
+    pipe.register_to_config(lr_consistency=True)
+    image = lr_image(0, (8, 8))
+    seen: list[int] = []
+
+    def record(pipeline, i, t, callback_kwargs):
+        seen.append(int(t))
+        return callback_kwargs
+
+    def run(**kwargs):
+        seen.clear()
+        generator = torch.Generator().manual_seed(0)
+        return pipe(image, generator=generator, output_type="pt", callback_on_step_end=record, **kwargs).images
+
+    out = run(num_inference_steps=steps, match_original=True)
+    assert seen == sorted({int(6 / steps * x) for x in range(steps)}, reverse=True)  # respace.space_timesteps(6, S)
+    with torch.no_grad():
+        exact = reference_respaced_sampling(pipe, image, steps, torch.Generator().manual_seed(0), torch.float64)
+        single = reference_respaced_sampling(pipe, image, steps, torch.Generator().manual_seed(0))
+    # the pipeline's float32 chain is as far from the float64 reference as a float32 run of the reference itself is
+    # (rounding amplified through the steps of an untrained UNet), up to a small factor for another order of operations
+    rounding = (single - exact).abs().max().item()
+    assert 0 < rounding < 1e-4
+    assert (out.double() - exact).abs().max() <= 4 * rounding
+    if steps == 6:
+        torch.testing.assert_close(run(match_original=True), out, rtol=0, atol=0)  # all T by default
+        assert seen == [5, 4, 3, 2, 1, 0]
+    else:
+        ours = run(num_inference_steps=steps, lr_consistency=False)  # "trailing": starts at T - 1
+        assert seen[0] == 5 and seen != sorted({int(6 / steps * x) for x in range(steps)}, reverse=True)
+        assert (ours - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="match_original must be a bool"):
+        run(match_original="yes")
+
+
+def test_runs_under_autocast():
+    """The reference samples under fp16 autocast (``use_amp=True``); the README's way to do the same is to call the
+    pipeline under ``torch.autocast``. On the CPU (bfloat16) here: it runs, returns float32, and autocast was used."""
+    pipe = make_pipe(vae=tiny_vq_f4(), scheduler=tiny_scheduler(input_scaling="std"))
+    image = lr_image(0, (8, 8))
+    full = pipe(image, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pipe(image, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert mixed.dtype == torch.float32 and mixed.shape == full.shape and torch.isfinite(mixed).all()
+    assert (mixed - full).abs().max() > 0  # bfloat16 matmuls and convolutions

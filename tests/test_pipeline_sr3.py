@@ -3,6 +3,7 @@ recovers the HR image, strength, swapped schedulers, tiling, component and input
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -68,6 +69,22 @@ def lr_image(seed: int, size=(8, 8)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 3, 3, 3, generator=g)
     return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=True).clamp(0, 1)
+
+
+def original_condition(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The re-implementation's condition for an LR image ``(N, 3, h, w)`` in [0, 1], in [-1, 1]: its
+    ``data/prepare_data.py`` resizes the 8-bit RGB LR image with ``Image.BICUBIC`` (torchvision's ``resize`` of a PIL
+    image is ``Image.resize``), and ``data/LRHR_dataset.py`` reads it back with ``ToTensor()`` (``k / 255``) and
+    ``x * 2 - 1``. Here on whole RGB images, as there (our pipeline resizes band by band)."""
+    from PIL import Image
+
+    h, w = lr.shape[-2:]
+    out = []
+    for image in lr:
+        rgb = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        up = Image.fromarray(rgb, mode="RGB").resize((w * scale, h * scale), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(up).copy()).permute(2, 0, 1).float().div(255))
+    return torch.stack(out) * 2 - 1
 
 
 def make_pipe(**components) -> SR3Pipeline:
@@ -159,9 +176,9 @@ def test_the_unet_sees_the_upsampled_lr_image_and_y_t():
     pipe.unet.register_forward_pre_hook(record)
     image = lr_image(0, (5, 6))
     pipe(image, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt")
-    upsampled = torch.nn.functional.interpolate(image * 2 - 1, scale_factor=4, mode="bicubic")
     assert seen["input"].shape == (1, 6, 20, 24)
-    torch.testing.assert_close(seen["input"][:, :3], upsampled)  # the condition first, as the re-implementation
+    # the condition first, as the re-implementation, made as its data pipeline makes it: exactly
+    torch.testing.assert_close(seen["input"][:, :3], original_condition(image, 4), rtol=0, atol=0)
     y_T = torch.randn(1, 3, 20, 24, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(seen["input"][:, 3:], y_T)
 
@@ -219,7 +236,7 @@ def test_strength_starts_from_the_noised_upsampled_lr_image():
     seen = []
     pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 3:]))
     pipe(image, num_inference_steps=5, strength=0.4, latents=noise, output_type="pt")
-    x = torch.nn.functional.interpolate(image * 2 - 1, scale_factor=4, mode="bicubic")
+    x = original_condition(image, 4)
     ab = scheduler.alphas_cumprod[10]
     torch.testing.assert_close(seen[0], ab.sqrt() * x + (1 - ab).sqrt() * noise)
     seen.clear()
@@ -246,6 +263,58 @@ def test_swapped_diffusers_schedulers(scheduler, tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     pipe.save_pretrained(tmp_path)
     assert type(AutoSRPipeline.from_pretrained(tmp_path).scheduler) is type(scheduler)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the re-implementation's defaults (issue 14: items 1 and 5)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_condition_is_pil_bicubic_on_the_8_bit_image_as_the_original(photo_tensor):
+    """sr3_upsample's default is the re-implementation's condition to the bit, for 8-bit photos (edges: where PIL's
+    fixed-point bicubic and torch's float bicubic differ most) and for float images (quantised first), at x4 and x3;
+    torch's bicubic is several 8-bit levels away from it, so the test tells them apart."""
+    from sr_diffusion.pipelines.sr3.pipeline_sr3 import sr3_upsample
+
+    photos = torch.cat([photo_tensor[..., 10:34, 30:50], photo_tensor[..., 50:74, 90:110]])  # (2, 3, 24, 20), 8-bit
+    smooth = lr_image(1, (7, 9))  # not 8-bit
+    for lr, scale in ((photos, 4), (photos, 3), (smooth, 4)):
+        x = sr3_upsample(lr * 2 - 1, scale)
+        assert x.shape == (lr.shape[0], 3, lr.shape[-2] * scale, lr.shape[-1] * scale) and x.dtype == torch.float32
+        torch.testing.assert_close(x, original_condition(lr, scale), rtol=0, atol=0)
+    torch_bicubic = sr3_upsample(photos * 2 - 1, 4, mode="bicubic")
+    torch.testing.assert_close(
+        torch_bicubic, torch.nn.functional.interpolate(photos * 2 - 1, scale_factor=4, mode="bicubic"), rtol=0, atol=0
+    )
+    levels = (torch_bicubic - original_condition(photos, 4)).abs().max() * 255 / 2
+    assert levels > 3, levels
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sr3_upsample(photos, 4, mode="matlab_bicubic")
+
+
+def test_num_inference_steps_default_and_match_original():
+    """None runs 100 steps (at most T); match_original=True runs all T trained steps, as the original (2000 for its
+    configs); a number is used as given, and match_original changes nothing else."""
+    oracle = EpsOracle()
+    image = lr_image(0, (3, 5))
+
+    def steps(scheduler, **kwargs):
+        pipe = make_pipe(unet=oracle, scheduler=scheduler)
+        out = pipe(image, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+        return pipe.num_timesteps, pipe.scheduler.timesteps.tolist(), out
+
+    long_schedule = DDPMScheduler(num_train_timesteps=200)
+    assert steps(long_schedule)[0] == 100
+    n, timesteps, _ = steps(long_schedule, match_original=True)
+    assert n == 200 and timesteps == list(range(199, -1, -1))  # every trained step, as the original's p_sample_loop
+    assert steps(DDPMScheduler(num_train_timesteps=50))[0] == 50  # fewer trained steps than 100: all of them
+    (n_a, _, a), (n_b, _, b) = (
+        steps(long_schedule, num_inference_steps=7),
+        steps(long_schedule, num_inference_steps=7, match_original=True),
+    )
+    assert n_a == n_b == 7 and torch.equal(a, b)
+    with pytest.raises(ValueError, match="match_original must be a bool"):
+        make_pipe()(image, num_inference_steps=2, match_original=1)
 
 
 def test_tiled_and_untiled():
@@ -305,7 +374,7 @@ def test_incompatible_components_are_refused():
 def test_input_errors():
     pipe = make_pipe()
     image = lr_image(0)
-    for steps in (0, -1, 51, 2.0, None):
+    for steps in (0, -1, 51, 2.0):
         with pytest.raises(ValueError, match="num_inference_steps must be an int between 1 and"):
             pipe(image, num_inference_steps=steps)
     for strength in (0.0, -0.5, 1.5, "0.5", True):

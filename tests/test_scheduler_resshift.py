@@ -460,3 +460,61 @@ def test_schedule_function_errors():
         resshift_sqrt_eta_schedule(1, 0.04, 0.99, 2.0, 0.3)
     with pytest.raises(ValueError, match="> 0"):
         resshift_sqrt_eta_schedule(15, 0.0, 0.99, 2.0, 0.3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reference's respacing (issue 14 item 5)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_space_timesteps(num_timesteps: int, sample_timesteps: int) -> set[int]:
+    """``models/respace.py`` ``space_timesteps`` of the reference (``ResShift@3ce1d81``), as a formula."""
+    return {int((num_timesteps / sample_timesteps) * x) for x in range(sample_timesteps)}
+
+
+def test_leading_spacing_is_the_reference_space_timesteps():
+    from sr_diffusion.schedulers import resshift_spaced_timesteps
+
+    for num_train in range(1, 61):
+        for steps in range(1, num_train + 1):
+            leading = resshift_spaced_timesteps(num_train, steps, "leading").tolist()
+            assert leading == sorted(reference_space_timesteps(num_train, steps), reverse=True)
+            trailing = resshift_spaced_timesteps(num_train, steps, "trailing").tolist()
+            assert len(trailing) == steps and trailing[0] == num_train - 1 and trailing == sorted(trailing)[::-1]
+    assert resshift_spaced_timesteps(15, 5, "leading").tolist() == [12, 9, 6, 3, 0]
+    for bad in (0, 16, 2.0, True):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            resshift_spaced_timesteps(15, bad, "leading")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        resshift_spaced_timesteps(15, 5, "linspace")
+
+
+@pytest.mark.parametrize("preset, steps", [("v1", 5), ("v1", 7), ("v1", 15), ("v3", 3), ("v3", 2)])
+def test_a_leading_chain_is_the_reference_spaced_diffusion(preset, steps):
+    """A "leading" chain of S steps is the reference's ``SpacedDiffusion``: the kept ``sqrt_etas`` with ``etas_prev``
+    and ``alpha`` recomputed on them, the input scaling ``sqrt(kappa^2 eta + 1)`` of the kept step, the posterior
+    ``(etas_prev / eta) x_t + (alpha / eta) x_0`` with variance ``kappa^2 etas_prev / eta · alpha``, the prior
+    ``y + kappa sqrt(eta_last) noise``; the model gets the original timestep (``timestep_map``)."""
+    scheduler = ResShiftScheduler.from_preset(preset, timestep_spacing="leading")
+    scheduler.set_timesteps(steps)
+    num_train, kappa = scheduler.config.num_train_timesteps, scheduler.config.kappa
+    timestep_map = sorted(reference_space_timesteps(num_train, steps))
+    assert scheduler.timesteps.tolist() == timestep_map[::-1]
+    sqrt_etas = scheduler.sqrt_etas[timestep_map]  # the base schedule is pinned above (test_eta_schedule_*)
+    etas = sqrt_etas**2
+    etas_prev = torch.cat([torch.zeros(1, dtype=torch.float64), etas[:-1]])
+    alpha = etas - etas_prev
+    g = torch.Generator().manual_seed(0)
+    x_t, x0, y, noise = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    for i, t in enumerate(timestep_map):
+        torch.testing.assert_close(
+            scheduler.scale_model_input(x_t, t), x_t / (etas[i] * kappa**2 + 1).sqrt(), rtol=1e-12, atol=0
+        )
+        mean, variance = scheduler.get_posterior_mean_variance(x0, x_t, t)
+        torch.testing.assert_close(mean, etas_prev[i] / etas[i] * x_t + alpha[i] / etas[i] * x0, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(
+            variance, (kappa**2 * etas_prev[i] / etas[i] * alpha[i]).expand_as(x_t), rtol=1e-12, atol=0
+        )
+    torch.testing.assert_close(
+        scheduler.prior_sample(y, noise), y + kappa * sqrt_etas[-1] * noise, rtol=1e-12, atol=1e-15
+    )

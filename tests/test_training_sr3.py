@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import accelerate_launch
 from learning import photo_crops, psnr_against_bicubic, train_on_crops_overrides
+from PIL import Image
 
 from sr_diffusion.training import ConfigError, Trainer, load_config
 from sr_diffusion.training.sr3 import SR3ExperimentConfig, SR3Task, build_sr3_model, build_sr3_scheduler
@@ -111,7 +112,14 @@ def test_compute_loss_is_the_sr3_objective(tmp_path, loss):
     gamma = lower + u * (upper - lower)
     assert ((gamma >= lower) & (gamma <= upper)).all()
     y0, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
-    x = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+    # x as the original's data pipeline makes it: PIL bicubic on the 8-bit LR image, read back as k/255, * 2 - 1
+    x = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.fromarray(im, mode="RGB").resize((32, 32), Image.BICUBIC)).copy())
+            for im in ((lr + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        ]
+    )
+    x = x.permute(0, 3, 1, 2).float().div(255) * 2 - 1
     y_t = gamma.view(-1, 1, 1, 1) * y0 + (1 - gamma.view(-1, 1, 1, 1) ** 2).sqrt() * noise  # Eq. 4
     torch.testing.assert_close(seen[0][0], torch.cat([x, y_t], dim=1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seen[0][1], 500 * gamma, rtol=1e-5, atol=1e-4)  # the scaled noise level, not t

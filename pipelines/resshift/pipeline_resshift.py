@@ -24,6 +24,16 @@ How the denoiser sees the LR image (the reference ``sampler.py`` and ``models/ga
 Sizes: the LR image is padded on the bottom/right (reflect) so that the HR size is a multiple of
 ``f · input_multiple`` of the UNet (the reference pads the LR image to 64 for the released models), and the
 output is cropped back, never resized: ``upscale`` × the input size, for any input size.
+
+Defaults and the reference script (``zsyOAOA/ResShift`` @ ``3ce1d81``, ``inference_resshift.py`` and ``sampler.py``):
+with the converted weights and scheduler the chain is the reference's given the same noise, and so is the tiling: an
+LR image with a side above 512 pixels (at ×4) is sampled, as there, in 512-pixel tiles at a stride of 448, each
+padded, sampled with its own noise, clamped to [-1, 1] and averaged uniformly where tiles overlap
+(:func:`original_chop`, :func:`original_chop_starts`); ``tile_size=0`` turns that off. ``match_original=True`` also
+makes the reference's choices where our defaults differ: all ``T`` trained steps whatever the pipeline's configured
+``num_inference_steps``, the reference's respacing (``"leading"``, ``models/respace.py``) for fewer steps, no LR
+consistency, and its tiling for an explicit ``tile_size``. The reference runs under fp16 autocast
+(``use_amp=True``): ``with torch.autocast("cuda", dtype=torch.float16): pipe(...)`` does the same here.
 """
 
 from __future__ import annotations
@@ -40,11 +50,27 @@ import sr_diffusion.models  # noqa: F401  (diffusers resolves saved components f
 import sr_diffusion.schedulers  # noqa: F401
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
-from sr_diffusion.schedulers import ResShiftScheduler
+from sr_diffusion.schedulers import ResShiftScheduler, resshift_spaced_timesteps
 
 from ..pipeline_utils import SRSamplingMixin
 
-__all__ = ["ResShiftPipeline", "resshift_lq", "resshift_model_output", "upsample_lr"]
+__all__ = [
+    "ORIGINAL_CHOP_SIZE",
+    "ORIGINAL_CHOP_STRIDE",
+    "ResShiftPipeline",
+    "original_chop",
+    "original_chop_starts",
+    "resshift_lq",
+    "resshift_model_output",
+    "upsample_lr",
+]
+
+#: The reference ``inference_resshift.py``'s ``--chop_size`` default (LR pixels, for ×4; ×``4 // sf`` for ``sf < 4``):
+#: an LR image with a side above it is sampled in tiles of this size (``sampler.py``, ``ImageSpliterTh``)
+ORIGINAL_CHOP_SIZE = 512
+
+#: The stride of those tiles: ``--chop_stride -1`` gives ``(512 - 64) · (4 // sf)`` (64 LR pixels of overlap at ×4)
+ORIGINAL_CHOP_STRIDE = 448
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,6 +143,28 @@ def resshift_model_output(
         lq = None if lq is None else lq.to(dtype)
         out = unet(scaled_sample.to(dtype), timesteps, lq=lq, return_dict=False)[0]
     return out.to(scaled_sample.dtype)
+
+
+def original_chop(upscale: int) -> tuple[int, int]:
+    """``(chop_size, chop_stride)`` of the reference ``inference_resshift.py`` (``ResShift@3ce1d81``) at its defaults
+    for an SR factor ``upscale``: ``(512, 448)`` LR pixels, times ``4 // upscale`` below ×4 (times 1 above ×4,
+    where the reference would give 0)."""
+    factor = max(1, 4 // upscale)
+    return ORIGINAL_CHOP_SIZE * factor, ORIGINAL_CHOP_STRIDE * factor
+
+
+def original_chop_starts(length: int, chop_size: int, chop_stride: int) -> list[int]:
+    """Where the reference's tiles start along a side of ``length`` LR pixels (``utils/util_image.py``,
+    ``ImageSpliterTh.extract_starts``): ``[0]`` when the side fits in one tile, else every ``chop_stride`` from 0,
+    each start past ``length - chop_size`` moved back to it, duplicates dropped (order kept)."""
+    if length <= chop_size:
+        return [0]
+    starts = []
+    for start in range(0, length, chop_stride):
+        start = min(start, length - chop_size)
+        if start not in starts:
+            starts.append(start)
+    return starts
 
 
 class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
@@ -359,6 +407,37 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         # 7. Decode
         return self.decode_latents(latents)
 
+    def sample_original_tiles(
+        self,
+        sample: Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor],
+        lr: torch.Tensor,
+        chop_size: int,
+        chop_stride: int,
+        steps_per_chain: int,
+    ) -> torch.Tensor:
+        """The reference's tiled sampling (``sampler.py``, ``ResShiftSampler.inference`` with ``ImageSpliterTh``):
+        tiles of ``chop_size`` LR pixels starting at :func:`original_chop_starts` of the unpadded LR image ``lr``
+        ``(N, 3, h, w)`` in [-1, 1], row by row; each padded (reflect) to :attr:`lr_multiple`, sampled with
+        ``sample(tile, None, progress_bar)`` (its own noise), cropped back and clamped to [-1, 1] (``sample_func``);
+        the HR tiles summed and divided by how many cover each pixel. Returns ``(N, 3, s·h, s·w)`` in float32."""
+        n, _, h, w = lr.shape
+        s = self.upscale
+        rows = original_chop_starts(h, chop_size, chop_stride)
+        columns = original_chop_starts(w, chop_size, chop_stride)
+        total = lr.new_zeros((n, 3, h * s, w * s), dtype=torch.float32)
+        count = lr.new_zeros((1, 1, h * s, w * s), dtype=torch.float32)
+        with self.progress_bar(total=len(rows) * len(columns) * steps_per_chain) as progress_bar:
+            for top in rows:
+                for left in columns:
+                    tile = lr[..., top : top + chop_size, left : left + chop_size]
+                    th, tw = tile.shape[-2:]
+                    padded, _ = pad_to_multiple(tile, self.lr_multiple)
+                    hr = sample(padded, None, progress_bar)[..., : th * s, : tw * s].clamp(-1.0, 1.0)
+                    region = (..., slice(top * s, (top + th) * s), slice(left * s, (left + tw) * s))
+                    total[region] += hr.float()
+                    count[region] += 1
+        return total / count
+
     @torch.no_grad()
     def __call__(
         self,
@@ -375,6 +454,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        match_original: bool = False,
     ):
         r"""Upscale ``image`` by ``upscale``.
 
@@ -382,8 +462,10 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
                 An alpha channel is carried through, upscaled separately with bicubic interpolation.
             num_inference_steps: ``S``, ``1 <= S <= T``; default (None) the pipeline's configured default
-                (``config.num_inference_steps``), else the scheduler's ``T`` trained steps, as the reference. Fewer
-                steps keep a subset of the trained timesteps (``ResShiftScheduler.set_timesteps``).
+                (``config.num_inference_steps``), else the scheduler's ``T`` trained steps, as the reference (with
+                ``match_original=True`` always ``T``). Fewer steps keep a subset of the trained timesteps
+                (``ResShiftScheduler.set_timesteps``, with the scheduler's ``timestep_spacing``; with
+                ``match_original=True`` the reference's ``space_timesteps``, ``"leading"``).
             timesteps: the chain itself instead of ``num_inference_steps``: a strictly decreasing subset of the trained
                 timesteps, e.g. ``[3, 1]`` of 4 (``num_inference_steps=3`` of 4 is ``[3, 2, 0]``).
             color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
@@ -392,10 +474,16 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                 by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
                 clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
                 image when tiling; the alpha channel is unaffected. None: the pipeline's configured default
-                (``config.lr_consistency``).
-            tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
-                :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
-                with noise drawn, in order, from ``generator``.
+                (``config.lr_consistency``); False with ``match_original=True``.
+            tile_size: None (default): automatic, as the reference: an LR image with a side above
+                :func:`original_chop` (512 pixels at ×4, unless ``latents`` is given) is sampled in 512-pixel tiles at a
+                stride of 448 (:func:`original_chop_starts`), each padded on its own and clamped, averaged uniformly
+                over overlaps; smaller images whole. ``0``: never tile. A number: sample the (padded) LR image in tiles
+                of this side (LR pixels, a multiple of :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR
+                pixels; with ``match_original=True`` tiled as the reference's ``--chop_size tile_size --chop_stride
+                (tile_size - tile_overlap)`` instead. Each tile runs its own chain with noise drawn, in order (rows,
+                then columns), from ``generator``.
+            tile_overlap: see ``tile_size``.
             generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
                 with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
             latents: ``x_T`` to start from, of shape :meth:`latent_shape` (e.g. ``y_0`` plus your own noise); not with
@@ -406,6 +494,10 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                 ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
                 (``"latents"``: ``x_{t-1}``, ``"lr_latents"``: ``y_0``) replace the pipeline's.
             callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            match_original: make the reference script's choices where the defaults differ (see the module docstring):
+                all ``T`` steps unless told, its ``"leading"`` respacing for fewer, no LR consistency unless told, and
+                its tiling for an explicit ``tile_size``. Keep ``color_fix="none"``; for its fp16 run, call under
+                ``torch.autocast("cuda", dtype=torch.float16)``.
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
@@ -415,12 +507,17 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         )
 
         # 1. Check inputs
+        if not isinstance(match_original, bool):
+            raise ValueError(f"match_original must be a bool, got {match_original!r}")
         if lr_consistency is None:
-            lr_consistency = bool(self.config.get("lr_consistency", False))
+            lr_consistency = False if match_original else bool(self.config.get("lr_consistency", False))
         if timesteps is not None and num_inference_steps is not None:
             raise ValueError("Give either num_inference_steps or timesteps, not both.")
-        if num_inference_steps is None and timesteps is None:
+        if num_inference_steps is None and timesteps is None and not match_original:
             num_inference_steps = self.config.get("num_inference_steps")
+        automatic_tiling = tile_size is None and latents is None
+        if isinstance(tile_size, int) and not isinstance(tile_size, bool) and tile_size == 0:
+            tile_size = None  # explicitly whole
         pre = self.image_processor.preprocess(image)
         self.check_inputs(
             pre.rgb,
@@ -438,20 +535,32 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         device = self._execution_device
         rgb = pre.rgb.to(device)
 
-        # 2. Preprocess: [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet and the VAE need
-        lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
-
-        # 3. Timesteps: once for all tiles (ResShiftScheduler's steps keep no state), all of them (no strength)
+        # 2. Timesteps: once for all tiles (ResShiftScheduler's steps keep no state), all of them (no strength); the
+        # reference's respacing of fewer steps with match_original
+        if match_original and num_inference_steps is not None:
+            num_train = self.scheduler.config.num_train_timesteps
+            timesteps = resshift_spaced_timesteps(num_train, num_inference_steps, "leading").tolist()
+            num_inference_steps = None
         self.scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         self._num_timesteps = len(self.scheduler.timesteps)
 
-        # 4.-7. Sample (whole image, or tile by tile)
+        # 3.-7. Sample (whole image, or tile by tile)
         def sample(lr_tile: torch.Tensor, x_T: torch.Tensor | None, progress_bar) -> torch.Tensor:
             return self._sample(
                 lr_tile, x_T, progress_bar, generator, callback_on_step_end, callback_on_step_end_tensor_inputs
             )
 
-        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
+        chop = None  # (size, stride) of the reference's tiling
+        if automatic_tiling and max(rgb.shape[-2:]) > original_chop(self.upscale)[0]:
+            chop = original_chop(self.upscale)
+        elif tile_size is not None and match_original:
+            chop = (tile_size, tile_size - tile_overlap)
+        if chop is not None:
+            hr = self.sample_original_tiles(sample, rgb * 2.0 - 1.0, *chop, self._num_timesteps)
+        else:
+            # [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet and the VAE need
+            lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
+            hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
 
         # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
         return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)

@@ -5,7 +5,8 @@ Refinement", TPAMI 2022 (arXiv:2104.07636), Sec. 2 (Eq. 4-6: the objective with 
 the sampler), and the widely used re-implementation (``Janspiry/Image-Super-Resolution-via-Iterative-Refinement``,
 ``model/sr3_modules/diffusion.py``; facts only). Notation:
 
-- ``x``: the LR image ``(N, 3, h, w)`` bicubic-upsampled ×``upscale`` to ``(N, 3, s·h, s·w)``, in [-1, 1];
+- ``x``: the LR image ``(N, 3, h, w)`` bicubic-upsampled ×``upscale`` to ``(N, 3, s·h, s·w)``, in [-1, 1]: with PIL on
+  the 8-bit image, as the re-implementation's data pipeline (:func:`sr3_upsample`), for training and sampling alike;
 - ``y_t = gamma y_0 + sqrt(1 - gamma^2) eps`` with ``gamma = sqrt(alpha_bar)`` the *noise level* (Eq. 4; the
   paper's ``sqrt(gamma)``), the chain running at the HR size in pixel space;
 - the denoiser ``f_theta(cat([x, y_t], dim=1), c · gamma)`` predicts ``eps``: a diffusers ``UNet2DModel`` with
@@ -27,6 +28,12 @@ The scheduler is any diffusers scheduler that ends at clean samples and has ``al
 sampler, by default; DDIM, DPM-Solver, Euler, ... for fewer steps). ``strength < 1`` starts from the upsampled LR image
 noised to the timestep ``strength`` of the way into the chain and runs only that part of the steps (img2img).
 
+Defaults and the re-implementation (``Janspiry/Image-Super-Resolution-via-Iterative-Refinement`` @ ``01d27a7``,
+``sr.py`` / ``infer.py`` with ``config/sr_sr3_16_128.json``): the condition is made the same way (PIL bicubic on the
+8-bit LR image), and with the converted weights and scheduler (DDPM, 2000 steps) the sampler is the same given the
+same noise. One default differs: ``num_inference_steps`` is 100, where the original samples all 2000 of its trained
+steps; ``match_original=True`` (or ``num_inference_steps=2000``) runs them all.
+
 Sizes: the LR image is padded on the bottom/right (reflect) so that the HR size is a multiple of the UNet's total
 downsampling, and the output is cropped back, never resized: exactly ``upscale`` × the input size, for any size.
 """
@@ -43,11 +50,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor
-from sr_diffusion.resize import resize
+from sr_diffusion.resize import pil_resize, resize
 
 from ..pipeline_utils import NoiseSchedulerSRMixin
 
-__all__ = ["SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
+__all__ = ["SR3_UPSAMPLE_MODES", "SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -55,10 +62,30 @@ __all__ = ["SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def sr3_upsample(lr: torch.Tensor, upscale: int) -> torch.Tensor:
-    """``x``: bicubic upsampling (torch's) of the LR image, ``(N, 3, h, w)`` → ``(N, 3, s·h, s·w)``, not clamped."""
+SR3_UPSAMPLE_MODES = ("pil", "bicubic")
+
+
+def sr3_upsample(lr: torch.Tensor, upscale: int, mode: str = "pil") -> torch.Tensor:
+    """``x``: the bicubic upsampling of the LR image, ``(N, 3, h, w)`` → ``(N, 3, s·h, s·w)``, both in [-1, 1].
+
+    Args:
+        lr: the LR image in [-1, 1], on any device.
+        upscale: ``s``.
+        mode: ``"pil"`` (default): PIL's bicubic on the 8-bit image (:func:`sr_diffusion.resize.pil_resize`), as the
+            re-implementation's data pipeline makes its condition (``data/prepare_data.py`` resizes the 8-bit LR
+            image with ``Image.BICUBIC`` and stores it as PNG; ``data/LRHR_dataset.py`` reads it back as
+            ``k / 255 · 2 - 1``): the LR image is quantised to 8 bits first (lossless for an image read from an
+            8-bit file) and the result is a multiple of ``2 / 255`` in [-1, 1]; not differentiable. ``"bicubic"``:
+            torch's float bicubic (``F.interpolate``), not quantised nor clamped: up to 6-8 8-bit levels away from
+            PIL's near edges.
+    """
+    if mode not in SR3_UPSAMPLE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, SR3_UPSAMPLE_MODES))}, got {mode!r}")
     h, w = lr.shape[-2:]
-    return resize(lr, size=(h * upscale, w * upscale), mode="bicubic")
+    size = (h * upscale, w * upscale)
+    if mode == "bicubic":
+        return resize(lr, size=size, mode="bicubic")
+    return pil_resize((lr + 1.0) / 2.0, size, "bicubic") * 2.0 - 1.0
 
 
 def sr3_noise_level(alphas_cumprod: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
@@ -125,6 +152,7 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    default_num_inference_steps = 100  # __call__'s num_inference_steps=None without match_original (at most T)
     _latents_name = "the noise"
     _callback_tensor_inputs = ["latents", "upsampled_lr"]
 
@@ -266,7 +294,7 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
-        num_inference_steps: int = 100,
+        num_inference_steps: int | None = None,
         strength: float = 1.0,
         eta: float = 0.0,
         color_fix: str = "none",
@@ -279,14 +307,17 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        match_original: bool = False,
     ):
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
             image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
                 An alpha channel is carried through, upscaled separately with bicubic interpolation.
-            num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` (100 by default; the paper
-                samples with all of its trained steps using DDPM; DDIM and the like need fewer).
+            num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` ``T``. None (default): 100 (or
+                ``T`` if fewer); with ``match_original=True`` all ``T`` (the paper and the re-implementation sample all
+                of their trained steps with DDPM: 2000 for the released models; DDIM and the like need fewer). A
+                number is always used as given.
             strength: in (0, 1]: run the last ``int(S · strength)`` of the ``S`` steps, starting from the upsampled LR
                 image noised to the first of them (img2img); 1 starts from pure noise, as the paper.
             eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
@@ -311,10 +342,18 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
                 (``"latents"``: ``y_{t-1}``, ``"upsampled_lr"``: the condition ``x`` in [-1, 1]) replace the
                 pipeline's.
             callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            match_original: reproduce the re-implementation's ``infer.py``: ``num_inference_steps=None`` runs all of the
+                scheduler's trained steps (its only deviating default; the condition is PIL's bicubic on the 8-bit LR
+                image either way). Give the converted DDPM scheduler and leave the output options at their defaults.
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
         """
+        if not isinstance(match_original, bool):
+            raise ValueError(f"match_original must be a bool, got {match_original!r}")
+        if num_inference_steps is None:
+            num_train = int(self.scheduler.config.num_train_timesteps)
+            num_inference_steps = num_train if match_original else min(self.default_num_inference_steps, num_train)
         return self.upscale_with_strength(
             image,
             num_inference_steps,

@@ -10,6 +10,7 @@ from .scheduling_resshift import (
     RESSHIFT_PRESETS,
     ResShiftScheduler,
     ResShiftSchedulerOutput,
+    resshift_spaced_timesteps,
     resshift_sqrt_eta_schedule,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "RESSHIFT_PRESET_INFO",
     "ResShiftScheduler",
     "ResShiftSchedulerOutput",
+    "resshift_spaced_timesteps",
     "resshift_sqrt_eta_schedule",
 ]

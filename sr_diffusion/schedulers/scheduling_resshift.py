@@ -39,6 +39,7 @@ __all__ = [
     "RESSHIFT_PRESET_INFO",
     "ResShiftScheduler",
     "ResShiftSchedulerOutput",
+    "resshift_spaced_timesteps",
     "resshift_sqrt_eta_schedule",
 ]
 
@@ -167,6 +168,38 @@ def resshift_sqrt_eta_schedule(
     sqrt_eta_first = min(min_noise_level / kappa, min_noise_level)
     progress = torch.linspace(0.0, 1.0, num_train_timesteps, dtype=torch.float64) ** power
     return sqrt_eta_first * (etas_end / sqrt_eta_first) ** progress
+
+
+def resshift_spaced_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str = "trailing"
+) -> torch.Tensor:
+    """The ``num_inference_steps`` trained timesteps a shorter chain keeps, decreasing (:meth:`ResShiftScheduler.
+    set_timesteps`): ``"leading"``: ``int(x · T / S)`` for ``x = 0..S-1``, the reference ``models/respace.py``
+    ``space_timesteps(T, S)`` (``ResShift@3ce1d81``); ``"trailing"``: ``round(T - x · T / S) - 1``, which always starts
+    at ``T - 1``. Both are ``[T-1, ..., 0]`` for ``S = T``.
+
+    Args:
+        num_train_timesteps: ``T``. num_inference_steps: ``S``, an int in ``[1, T]``.
+        timestep_spacing: ``"leading"`` or ``"trailing"``.
+
+    Returns:
+        A ``(S,)`` long tensor, strictly decreasing.
+    """
+    if timestep_spacing not in _TIMESTEP_SPACINGS:
+        raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected one of {_TIMESTEP_SPACINGS}.")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} (ResShift cannot "
+            f"sample more steps than it was trained with), got {num_inference_steps}."
+        )
+    stride = num_train_timesteps / num_inference_steps
+    if timestep_spacing == "leading":
+        kept = [int(stride * x) for x in range(num_inference_steps)]
+    else:
+        kept = [math.floor(num_train_timesteps - stride * x + 0.5) - 1 for x in range(num_inference_steps)]
+    return torch.tensor(sorted(set(kept), reverse=True), dtype=torch.long)
 
 
 @dataclass
@@ -353,19 +386,7 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
         num_train = self.config.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = num_train
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= num_train:
-            raise ValueError(
-                f"num_inference_steps must be between 1 and num_train_timesteps={num_train} (ResShift cannot sample "
-                f"more steps than it was trained with), got {num_inference_steps}."
-            )
-        stride = num_train / num_inference_steps
-        if self.config.timestep_spacing == "leading":
-            kept = [int(stride * x) for x in range(num_inference_steps)]
-        else:  # "trailing"
-            kept = [math.floor(num_train - stride * x + 0.5) - 1 for x in range(num_inference_steps)]
-        return torch.tensor(sorted(set(kept), reverse=True), dtype=torch.long)
+        return resshift_spaced_timesteps(num_train, num_inference_steps, self.config.timestep_spacing)
 
     def check_timesteps(self, timesteps: Sequence[int]) -> torch.Tensor:
         """``timesteps`` as a ``(S,)`` long tensor if they are a valid custom chain (non-empty, ints, strictly

@@ -1,6 +1,8 @@
 """SR3 training (Saharia et al., TPAMI 2022, Sec. 2.3-2.4, Eq. 6; the re-implementation's ``p_losses``).
 
-For an HR crop ``y_0`` and its LR image (both in [-1, 1]), with ``x`` the bicubic upsampling of the LR image and
+For an HR crop ``y_0`` and its LR image (both in [-1, 1]), with ``x`` the bicubic upsampling of the LR image (PIL's,
+on the 8-bit image: the re-implementation's dataset reads the condition from PNGs that ``data/prepare_data.py`` made
+with ``Image.BICUBIC``; :func:`~sr_diffusion.pipelines.sr3.pipeline_sr3.sr3_upsample`, as the pipeline) and
 ``alpha_bar`` the ``DDPMScheduler``'s cumulative product (``alpha_bar_{-1} = 1``):
 
 1. ``t ~ U{0, ..., T-1}`` per sample;
