@@ -64,10 +64,13 @@ class Processes:
         if launched > 1:
             import torch
             from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
 
-            # joins the process group: nccl on GPUs; gloo on a machine without an accelerator, where accelerate would
-            # otherwise take each process for a run of its own (``--multi_gpu`` / torchrun without a GPU)
-            self.state = PartialState(cpu=not _accelerator_available(torch))
+            # joins the process group: nccl on GPUs; gloo with ACCELERATE_USE_CPU (``accelerate launch --cpu``) or on
+            # a machine without an accelerator, where accelerate would otherwise take each process for a run of its
+            # own (``accelerate launch --multi_gpu`` or torchrun there)
+            cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not _accelerator_available(torch)
+            self.state = PartialState(cpu=cpu)
             if self.state.num_processes != launched:
                 raise RuntimeError(
                     f"the launcher started {launched} processes, but accelerate's state has "
