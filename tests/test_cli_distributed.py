@@ -57,17 +57,24 @@ def write_inputs(folder: Path, photo: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, photo):
-    """A tiny sampling pipeline (ResShift) over five images, upscaled with ``--seed`` in this process (one thread, as
-    the launched ones) to ``ref/``, then by two launched processes to ``out/``."""
+def resshift_dir(tmp_path_factory):
+    """A tiny sampling pipeline (ResShift, pixel-unshuffle UNet)."""
     from test_pipeline_resshift import tiny_scheduler, tiny_unshuffle_unet
 
     from sr_diffusion.pipelines import ResShiftPipeline
 
+    folder = tmp_path_factory.mktemp("resshift")
+    ResShiftPipeline(unet=tiny_unshuffle_unet(), scheduler=tiny_scheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, photo, resshift_dir):
+    """The tiny sampling pipeline over five images, upscaled with ``--seed`` in this process (one thread, as the
+    launched ones) to ``ref/``, then by two launched processes to ``out/``."""
     root = tmp_path_factory.mktemp("distributed")
     write_inputs(root / "in", photo)
-    ResShiftPipeline(unet=tiny_unshuffle_unet(), scheduler=tiny_scheduler()).save_pretrained(root / "model")
-    args = ["--model", root / "model", "--seed", "7"]
+    args = ["--model", resshift_dir, "--seed", "7"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -203,6 +210,20 @@ def test_the_main_process_sums_every_process(monkeypatch, regression_dir, inputs
     assert captured.out.splitlines() == [f"wrote 4 image(s) in {out}: a.png, b.png, d.png, sub/c.png"]
     assert captured.err.splitlines() == ["1 of 5 image(s) failed"]
     assert sorted(outputs(out)) == ["a.png", "b.png", "d.png"]
+
+
+def test_without_seed_the_main_process_warns(monkeypatch, resshift_dir, inputs, tmp_path, capsys):
+    """A sampling pipeline without --seed draws from each process's global RNG, so its files depend on the split:
+    the main process says so, once; with --seed, nothing is said."""
+    out = tmp_path / "out"
+    base = ["upscale", str(inputs / "a.png"), "-o", str(out), "--model", str(resshift_dir), "-q"]
+    as_process(monkeypatch, OneOfTwo(0, [None, ([], 0)]))
+    assert main(base) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: without --seed, ResShiftPipeline's noise depends on how the images are shared")
+    as_process(monkeypatch, OneOfTwo(0, [None, ([], 0)]))
+    assert main([*base, "-o", str(tmp_path / "seeded"), "--seed", "0"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
