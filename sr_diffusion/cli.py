@@ -2,7 +2,8 @@
 
 Every error is one line on stderr and a nonzero exit. In a folder, a bad file is reported and the
 others are still processed (exit status 1 at the end). Outputs are written atomically and never
-overwrite an input.
+overwrite an input. Under ``accelerate launch`` (or ``torchrun``) with several processes, ``upscale`` shares its inputs
+out between them (:mod:`sr_diffusion.distributed`) and writes the files of a one-process run.
 """
 
 from __future__ import annotations
