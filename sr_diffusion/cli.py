@@ -2,7 +2,8 @@
 
 Every error is one line on stderr and a nonzero exit. In a folder, a bad file is reported and the
 others are still processed (exit status 1 at the end). Outputs are written atomically and never
-overwrite an input.
+overwrite an input. Under ``accelerate launch`` (or ``torchrun``) with several processes, ``upscale`` shares its inputs
+out between them (:mod:`sr_diffusion.distributed`) and writes the files of a one-process run.
 """
 
 from __future__ import annotations
@@ -276,31 +277,73 @@ def check_writable(targets: list[Path]) -> None:
         checked.add(existing)
 
 
-def cmd_upscale(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from sr_diffusion.image_processor import ImageLoadError, load_image, save_image
-
+def _prepare_upscale(args, device: str | None):
+    """The checks before any work, then the pipeline: ``(inputs, targets, pipe, call_kwargs)``."""
     inputs = collect_inputs(args.inputs)
     targets = output_targets(inputs, Path(args.output), args)
     if args.tile is not None and args.tile_overlap >= args.tile:
         raise CLIError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
     check_writable(targets)
-    input_paths = {p.resolve() for p, _ in inputs}
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
-    call_kwargs = upscale_call_kwargs(pipe, args)
+    pipe = load_pipeline(args.model, device, args.dtype, args.regression)
+    return inputs, targets, pipe, upscale_call_kwargs(pipe, args)
+
+
+def cmd_upscale(args) -> int:
+    """Upscale the inputs; under ``accelerate launch`` with several processes, each upscales its share of them.
+
+    Every process builds and checks the same sorted list of inputs and loads the pipeline (on accelerate's device for
+    it unless ``--device`` is given); the main process then decides what is to do (an output that would overwrite an
+    input is an error, an existing one with ``--skip-existing`` is skipped) and the rest is split between the
+    processes (``split_between_processes``), so a resumed run shares out only what is left. Each image's noise comes
+    from ``--seed`` whichever process upscales it, so the files are those of a one-process run. Each process writes
+    its outputs atomically; the main process shows the progress bar (of its share) and the summary of all, and every
+    process exits with the same status."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from sr_diffusion.distributed import Processes, ProcessesFailed
+    from sr_diffusion.image_processor import ImageLoadError, load_image, save_image
+
+    processes = Processes()
+    main_process = processes.is_main_process
+    try:
+        inputs, targets, pipe, call_kwargs = processes.agree(
+            lambda: _prepare_upscale(args, args.device or processes.device), _error_report
+        )
+    except ProcessesFailed as failed:  # on any process: the main one says why, all stop
+        if main_process:
+            print(f"error: {failed.message}", file=sys.stderr)
+        return failed.code
+    if (
+        processes.distributed
+        and main_process
+        and args.seed is None
+        and "generator" in inspect.signature(pipe.__call__).parameters
+    ):
+        print(
+            f"warning: without --seed, {type(pipe).__name__}'s noise depends on how the images are shared out; "
+            "--seed gives the files of a one-process run",
+            file=sys.stderr,
+        )
+
+    failures, todo, skipped = 0, [], []
+    if main_process:  # one decision, shared: the processes never disagree on what is left to do
+        input_paths = {p.resolve() for p, _ in inputs}
+        for index, ((path, _), target) in enumerate(zip(inputs, targets)):
+            if target.resolve() in input_paths:
+                print(f"error: {path}: output {target} would overwrite an input; skipped", file=sys.stderr)
+                failures += 1
+            elif args.skip_existing and target.exists():
+                skipped.append(target)
+            else:
+                todo.append(index)
+    share = processes.split(processes.broadcast(todo))
 
     max_memory = args.max_memory * 2**30
-    failures, written, skipped = 0, [], []
-    for (path, _), target in tqdm(list(zip(inputs, targets)), desc="upscale", unit="img", disable=args.quiet):
-        if target.resolve() in input_paths:
-            print(f"error: {path}: output {target} would overwrite an input; skipped", file=sys.stderr)
-            failures += 1
-            continue
-        if args.skip_existing and target.exists():
-            skipped.append(target)
-            continue
+    written = []
+    desc = "upscale" if not processes.distributed else f"upscale (main of {processes.num_processes} processes)"
+    for index in tqdm(share, desc=desc, unit="img", disable=args.quiet or not main_process):
+        path, target = inputs[index][0], targets[index]
         try:
             image = load_image(path, max_pixels=args.max_pixels and int(args.max_pixels))
             if args.tile is None:  # automatic: whole if the work fits in --max-memory, else the largest tile that does
@@ -315,13 +358,15 @@ def cmd_upscale(args) -> int:
             # per-tile progress for a large (tiled) image
             tiled = call_kwargs["tile_size"] is not None
             pipe.set_progress_bar_config(
-                disable=args.quiet or not tiled, desc=f"{path.name}, {call_kwargs['tile_size']} px tiles", leave=False
+                disable=args.quiet or not tiled or not main_process,
+                desc=f"{path.name}, {call_kwargs['tile_size']} px tiles",
+                leave=False,
             )
             if "generator" in call_kwargs:  # every image from the same seed: its result does not depend on the order
                 call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
             result = pipe(image, **call_kwargs).images[0]
             save_image(result, target)
-            written.append(target)
+            written.append(index)
         except Exception as err:  # one failed file, never the end of the run
             reason = (
                 _one_line(err)
@@ -330,14 +375,17 @@ def cmd_upscale(args) -> int:
             )
             print(f"error: {path}: {reason}", file=sys.stderr)
             failures += 1
-    print(_summary("wrote", written, Path(args.output)))
-    if skipped:
-        print(_summary("skipped (--skip-existing: the output exists)", skipped, Path(args.output)))
-    if failures:
-        if len(inputs) > 1:  # one input: its error line says it all
+    # every process's counts, on every process: the same summary (main process) and the same exit status (all)
+    counts = processes.gather((written, failures))
+    failures = sum(n for _, n in counts)
+    if main_process:
+        written = [targets[index] for index in sorted(i for indices, _ in counts for i in indices)]
+        print(_summary("wrote", written, Path(args.output)))
+        if skipped:
+            print(_summary("skipped (--skip-existing: the output exists)", skipped, Path(args.output)))
+        if failures and len(inputs) > 1:  # one input: its error line says it all
             print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failures else 0
 
 
 #: The most file names a summary line lists
@@ -778,18 +826,24 @@ def main(argv: list[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.func(args)
-    except (CLIError, ValueError, OSError) as err:
-        # Anything the user can fix (a path, an argument, a file) is one line, never a traceback.
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # a failure nobody foresaw: still one line (SR_DIFFUSION_TRACEBACK=1 shows where)
-        if os.environ.get("SR_DIFFUSION_TRACEBACK"):
+    except Exception as err:
+        if os.environ.get("SR_DIFFUSION_TRACEBACK") and not isinstance(err, (CLIError, ValueError, OSError)):
             raise
-        print(f"error: {type(err).__name__}: {_one_line(err)} (SR_DIFFUSION_TRACEBACK=1 shows where)", file=sys.stderr)
-        return 1
+        message, code = _error_report(err)
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+
+def _error_report(err: BaseException) -> tuple[str, int]:
+    """The line (without ``error: ``) and exit status for an error that ends a command: anything the user can fix (a
+    path, an argument, a file) is its message and status 2; a failure nobody foresaw is its type and message, status
+    1 (``SR_DIFFUSION_TRACEBACK=1`` shows where)."""
+    if isinstance(err, (CLIError, ValueError, OSError)):
+        return _one_line(err), 2
+    return f"{type(err).__name__}: {_one_line(err)} (SR_DIFFUSION_TRACEBACK=1 shows where)", 1
 
 
 if __name__ == "__main__":
