@@ -15,10 +15,14 @@ serves all three. :class:`StableDiffusionSRMixin` holds what they do alike:
 - text: prompt checks (never truncated silently) and embeddings, negative prompts for classifier-free guidance, the
   user's prompts merged with a prompt extractor's (:meth:`~StableDiffusionSRMixin.resolve_text_prompts`);
 - VAE: latent scaling (``scaling_factor`` / ``shift_factor``), encoding an image to a posterior sample, decoding;
-- the ControlNet condition (the LR image padded and bicubic-upsampled to the output size) and classifier-free guidance
-  with a condition shared by both halves (:meth:`~StableDiffusionSRMixin.guided_noise_pred`);
+- the ControlNet condition (the LR image padded and upsampled to the output size with PIL's bicubic on 8 bits, as
+  PASD's and SeeSR's scripts; :meth:`~StableDiffusionSRMixin.upsample_lr`) and classifier-free guidance with a
+  condition shared by both halves (:meth:`~StableDiffusionSRMixin.guided_noise_pred`);
 - latent tiling with Gaussian-weighted overlap (:func:`gaussian_tile_weights`, :meth:`~StableDiffusionSRMixin.
-  blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``);
+  blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``), automatic
+  above the originals' thresholds for PASD and SeeSR (:meth:`~StableDiffusionSRMixin.latent_tiling`);
+- the originals' input-size rules for PASD and SeeSR (``process_size``: :meth:`~StableDiffusionSRMixin.process_steps`,
+  :meth:`~StableDiffusionSRMixin.condition_image`), off unless asked for or ``match_original=True``;
 - LoRA: diffusers' ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights`` / ``fuse_lora`` / ``unload_lora_weights``
   on the UNet and the text encoder), so SD LoRAs and LoRA-trained add-ons load as in any SD pipeline;
 - the optional components every one of them takes: a ``prompt_extractor`` (any

@@ -5,9 +5,9 @@ Personalized Stylization", ECCV 2024 (arXiv:2308.14469). Released code: ``pasd/p
 ``test_pasd.py`` (facts only). Notation and shapes:
 
 - ``y``: the LR image ``(N, 3, h, w)`` in [0, 1], padded (reflect, bottom/right) to a multiple of
-  :attr:`~PASDPipeline.lr_multiple` and bicubic-upsampled ×``upscale`` to ``y_up`` ``(N, 3, H, W)``, ``H = s·h``
-  (clamped to [0, 1]). ``y_up`` **in [0, 1]** is the ControlNet's condition (the original feeds it unnormalised);
-  ``y_up · 2 - 1`` is what the VAE encodes;
+  :attr:`~PASDPipeline.lr_multiple` and upsampled ×``upscale`` with PIL's bicubic on 8 bits (as ``test_pasd.py``)
+  to ``y_up`` ``(N, 3, H, W)``, ``H = s·h``. ``y_up`` **in [0, 1]** is the ControlNet's condition (the original feeds
+  it unnormalised); ``y_up · 2 - 1`` is what the VAE encodes;
 - the start (Sec. 4.1, "adjustable noise schedule"; ``start_point="lr"``, the original's default,
   ``init_latent_with_noise=False``): ``z_lr = E(2·y_up - 1) · scaling_factor`` (a posterior sample), noised to the
   first timestep ``t_1`` of the sampler, then once more to ``added_noise_level`` ``a`` (900):
@@ -25,8 +25,8 @@ Personalized Stylization", ECCV 2024 (arXiv:2308.14469). Released code: ``pasd/p
   :class:`~sr_diffusion.models.block_attention.BlockAttentions`) after each layer, attending to the residual of the
   same skip flattened to ``(N, h_k·w_k, C_k)`` tokens (execution position ``k`` reads ``r_{K-1-k}``, the order the
   skips are popped); classifier-free guidance with the negative prompt, both halves through the ControlNet;
-- the output: ``D(z_0 / scaling_factor)``, then the colour fix (wavelet by default, as the original's ``test_pasd.py``
-  always applies) and the crop to exactly ``s ×`` the input size.
+- the output: ``D(z_0 / scaling_factor)`` cropped to exactly ``s ×`` the input size, clamped to [0, 1], then the colour
+  fix against ``y_up`` (wavelet by default, as the original's ``test_pasd.py`` always applies, after clamping).
 
 Prompts (:func:`~sr_diffusion.prompts.resolve_prompts`): the user's prompt first, then the optional prompt extractor's
 tags (the original captions the image with BLIP / CoCa, or classifies / detects objects: ``--high_level_info``), then

@@ -5,8 +5,9 @@ Super-Resolution", CVPR 2024. Released code: ``pipelines/pipeline_seesr.py`` and
 Notation and shapes (``N`` images, ``s`` the SR factor, ``f`` the VAE factor):
 
 - ``y``: the LR image ``(N, 3, h, w)`` in [0, 1], padded (reflect, bottom/right) to a multiple of
-  :attr:`~SeeSRPipeline.lr_multiple`; ``x_lr = up_s(y)``: bicubic-upsampled to the output size ``(N, 3, s·h, s·w)``,
-  clamped to [0, 1] — the ControlNet's condition (the original upsamples first, Sec. 3.2);
+  :attr:`~SeeSRPipeline.lr_multiple`; ``x_lr = up_s(y)``: upsampled to the output size ``(N, 3, s·h, s·w)``
+  with PIL's bicubic on 8 bits (as ``test_seesr.py``) — the ControlNet's condition (the original upsamples first,
+  Sec. 3.2);
 - prompts (Sec. 3.1): a prompt extractor (DAPE) looks at ``y`` and gives *hard prompts* (tags, merged with the user's
   prompt and SeeSR's quality words by :func:`~sr_diffusion.prompts.resolve_prompts`, encoded by the text encoder into
   ``c_text``) and *soft prompts* ``p_soft`` ``(N, L, D_img)``, attended to by the image cross-attention layers of the
@@ -20,8 +21,9 @@ Notation and shapes (``N`` images, ``s`` the SR factor, ``f`` the VAE factor):
   ``eps_hat = eps_u + w (eps_c - eps_u)``;
 - the scheduler: the original's ``DDPMScheduler`` with SD 2-base's schedule (:func:`seesr_scheduler`, "leading"
   spacing with ``steps_offset=1``: 981, 961, …, 1 for 50 steps), 50 steps;
-- the output: ``D(z_0 / scaling_factor)``, cropped to ``s ×`` the input, then the colour fix against the LR image
-  (AdaIN, the original's default ``align_method``), optionally LR consistency.
+- the output: ``D(z_0 / scaling_factor)``, cropped to ``s ×`` the input, clamped to [0, 1], then the colour fix against
+  ``x_lr`` (AdaIN, the original's default ``align_method``, after clamping as the original), optionally LR
+  consistency.
 
 The fidelity controls (``guidance_scale``, ``controlnet_conditioning_scale``, ``start_point``, ``fidelity="auto"``,
 ``color_fix``, ``lr_consistency``) are the ones every SD pipeline shares (:mod:`sr_diffusion.pipelines.sd_base`).
