@@ -26,6 +26,7 @@ from seesr_tiny import tiny_components as seesr_components
 from stablesr_tiny import lr_image
 from torchvision import transforms
 
+from sr_diffusion.models.seesr import seesr_noise_pred
 from sr_diffusion.pipelines.pasd import PASDPipeline, pasd_original_prompt, pasd_process_steps
 from sr_diffusion.pipelines.sd_base import gaussian_tile_weights
 from sr_diffusion.pipelines.seesr import SeeSRPipeline, seesr_original_prompt, seesr_process_steps
@@ -370,3 +371,55 @@ def test_seesr_match_original_draws_the_posterior_sample_from_the_global_rng():
     torch.testing.assert_close(run(pipe, match_original=True, process_size=0), a, rtol=0, atol=0)
     torch.manual_seed(2)
     assert (run(pipe, match_original=True, process_size=0) - a).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# end to end: test_seesr.py's flow, written out from the script, against match_original=True
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_seesr_match_original_is_the_scripts_flow_end_to_end():
+    pipe = make("seesr", prompt_extractor=FixedExtractor(["dog, grass"]))
+    lr, seed, steps, size = lr8(7, (8, 10)), 3, 3, 48
+    torch.manual_seed(seed)
+    got = run(pipe, image=lr, seed=seed, num_inference_steps=steps, match_original=True, process_size=size)
+
+    # the script, for the tiny VAE (factor 4 where SD's is 8), process_size 48 (12 LR pixels at x4)
+    img = to_pil(lr)
+    scale = (size // 4) / min(img.size)
+    img = img.resize((int(scale * img.width), int(scale * img.height)), Image.BICUBIC)
+    img = img.resize((img.width * 4, img.height * 4), Image.BICUBIC)
+    img = img.resize((img.width // 4 * 4, img.height // 4 * 4), Image.BICUBIC)
+    image = from_pil(img)
+    ids = [
+        pipe.tokenizer(
+            text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids  # fmt: skip
+        for text in ("dotted, noise, blur, lowres, smooth", "dog, grass, ," + ADDED)
+    ]
+    with torch.no_grad():
+        embeds = torch.cat([pipe.text_encoder(i)[0] for i in ids])  # [negative, prompt]
+        soft = torch.zeros(2, 1, pipe.image_prompt_dim)  # no RAM embeddings here: the null soft prompt
+        generator = torch.Generator().manual_seed(seed)
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(steps)
+        latents = torch.randn(1, 4, image.shape[-2] // 4, image.shape[-1] // 4, generator=generator)
+        torch.manual_seed(seed)  # accelerate's set_seed
+        z = pipe.vae.encode(image * 2 - 1).latent_dist.sample() * pipe.vae.config.scaling_factor
+        latents = scheduler.add_noise(z, latents, torch.tensor([999]))
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            out = seesr_noise_pred(
+                pipe.unet, pipe.controlnet, pipe.unet_image_attentions, pipe.controlnet_image_attentions,
+                x, t, embeds, torch.cat([image] * 2), soft, 1.0,
+            )  # fmt: skip
+            uncond, cond = out.chunk(2)
+            latents = scheduler.step(uncond + 5.5 * (cond - uncond), t, latents, generator=generator).prev_sample
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    saved = torch.round((decoded / 2 + 0.5).clamp(0, 1) * 255) / 255  # diffusers' postprocess to PIL
+    fixed = torch.floor(reference_adain_fix(saved, image).clamp(0, 1) * 255) / 255  # adain_color_fix, ToPILImage
+    expected = from_pil(to_pil(fixed).resize((40, 32), Image.BICUBIC))  # back to ori * rscale
+    # float order in the networks and the biased/unbiased AdaIN variance: at most a level before the last resize,
+    # which averages neighbours (its weights sum to 1): at most a level after it, plus PIL's rounding of that
+    assert (got - expected).abs().max() <= 2 * LEVEL + 1e-6
+    assert ((got - expected).abs() > 1e-6).float().mean() < 0.05
