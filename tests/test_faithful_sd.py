@@ -27,7 +27,12 @@ from stablesr_tiny import lr_image
 from torchvision import transforms
 
 from sr_diffusion.models.seesr import seesr_noise_pred
-from sr_diffusion.pipelines.pasd import PASDPipeline, pasd_original_prompt, pasd_process_steps
+from sr_diffusion.pipelines.pasd import (
+    PASDPipeline,
+    pasd_noise_pred,
+    pasd_original_prompt,
+    pasd_process_steps,
+)
 from sr_diffusion.pipelines.sd_base import gaussian_tile_weights
 from sr_diffusion.pipelines.seesr import SeeSRPipeline, seesr_original_prompt, seesr_process_steps
 
@@ -421,5 +426,54 @@ def test_seesr_match_original_is_the_scripts_flow_end_to_end():
     expected = from_pil(to_pil(fixed).resize((40, 32), Image.BICUBIC))  # back to ori * rscale
     # float order in the networks and the biased/unbiased AdaIN variance: at most a level before the last resize,
     # which averages neighbours (its weights sum to 1): at most a level after it, plus PIL's rounding of that
+    assert (got - expected).abs().max() <= 2 * LEVEL + 1e-6
+    assert ((got - expected).abs() > 1e-6).float().mean() < 0.05
+
+
+def test_pasd_match_original_is_the_scripts_flow_end_to_end():
+    pipe = make("pasd", prompt_extractor=FixedExtractor(["a dog on the grass"]))
+    lr, seed, steps, size = lr8(8, (8, 10)), 4, 3, 48
+    got = run(pipe, image=lr, seed=seed, num_inference_steps=steps, match_original=True, process_size=size)
+
+    # test_pasd.py for the tiny VAE (factor 4), process_size 48: x4, Resize(48) bilinear, floor to 4
+    img = to_pil(lr).resize((40, 32), Image.BICUBIC)
+    img = transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR)(img)
+    img = img.resize((img.width // 4 * 4, img.height // 4 * 4), Image.BICUBIC)
+    image = from_pil(img)
+    ids = [
+        pipe.tokenizer(
+            text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids  # fmt: skip
+        for text in (
+            "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed",  # --negative_prompt
+            "a dog on the grass" + ADDED,
+        )
+    ]
+    with torch.no_grad():
+        embeds = torch.cat([pipe.text_encoder(i)[0] for i in ids])  # [negative, prompt]
+        generator = torch.Generator().manual_seed(seed)
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(steps)
+        abar = scheduler.alphas_cumprod
+        # prepare_latents: posterior sample, then noise to the first timestep, then to --added_noise_level 900, all from
+        # the generator (add_noise at abar_t: the diffusers of the script's time)
+        z = pipe.vae.encode(image * 2 - 1).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+        for t in (int(scheduler.timesteps[0]), 900):
+            noise = torch.randn(z.shape, generator=generator)
+            z = abar[t].sqrt() * z + (1 - abar[t]).sqrt() * noise
+        latents = z
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            out = pasd_noise_pred(
+                pipe.unet, pipe.controlnet, pipe.pixel_attentions, x, t, embeds, torch.cat([image] * 2), 1.0
+            )[0]
+            uncond, cond = out.chunk(2)
+            latents = scheduler.step(uncond + 9.0 * (cond - uncond), t, latents).prev_sample
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    saved = torch.round((decoded / 2 + 0.5).clamp(0, 1) * 255) / 255  # diffusers' postprocess to PIL
+    fixed = torch.floor(reference_wavelet_fix(saved, image).clamp(0, 1) * 255) / 255  # wavelet_color_fix, ToPILImage
+    expected = from_pil(to_pil(fixed).resize((40, 32), Image.BICUBIC))  # back to ori * rscale
+    # float order (the pipeline computes the start in float64, this in float32): a level at most before the last
+    # resize, which averages neighbours: at most a level after it, plus PIL's rounding of that
     assert (got - expected).abs().max() <= 2 * LEVEL + 1e-6
     assert ((got - expected).abs() > 1e-6).float().mean() < 0.05
