@@ -24,12 +24,12 @@ from sr_diffusion.color_fix import COLOR_FIX_METHODS
 from sr_diffusion.color_fix import color_fix as apply_color_fix
 from sr_diffusion.fidelity import project_to_lr
 from sr_diffusion.image_processor import crop_to_size, pad_to_multiple
-from sr_diffusion.resize import resize
+from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.tiling import tile_grid, tiled_apply
 
 from .pipeline_output import SRPipelineOutput
 
-__all__ = ["NoiseSchedulerSRMixin", "SRSamplingMixin"]
+__all__ = ["NoiseSchedulerSRMixin", "SRSamplingMixin", "quantize_8bit"]
 
 
 class SRSamplingMixin:
@@ -124,8 +124,15 @@ class SRSamplingMixin:
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
+        *,
+        tiles_share_latents: bool = False,
+        latent_shape: tuple[int, ...] | None = None,
     ) -> None:
-        """The sampling checks every pipeline makes: image size, tiling, generators, latents, callbacks."""
+        """The sampling checks every pipeline makes: image size, tiling, generators, latents, callbacks.
+
+        ``tiles_share_latents``: the pipeline tiles each step of one chain on the whole latent (PASD, SeeSR), so
+        ``latents`` may be combined with ``tile_size``. ``latent_shape``: the shape ``latents`` must have when it is
+        not :meth:`latent_shape` of the LR size (a pipeline that samples at another working size)."""
         n, _, h, w = rgb.shape
         name = f"latents ({self._latents_name})"
         if h < 1 or w < 1:
@@ -136,18 +143,20 @@ class SRSamplingMixin:
                 raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
             if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
                 raise ValueError(f"tile_overlap must be an int in [0, tile_size), got {tile_overlap}")
-            if latents is not None:
+            if latents is not None and not tiles_share_latents:
                 raise ValueError(f"{name} cannot be combined with tile_size: each tile draws its own")
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got a list of {len(generator)} generators for a batch of {n} images; pass one per image")
         if latents is not None:
-            expected = self.latent_shape(n, h, w)
+            expected = self.latent_shape(n, h, w) if latent_shape is None else tuple(latent_shape)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(
-                    f"{name} must have shape {expected} for {n} LR image(s) of {h}x{w} (padded to a multiple "
-                    f"of {self.lr_multiple}), got {got}"
+                where = (
+                    f"(padded to a multiple of {self.lr_multiple})"
+                    if latent_shape is None
+                    else "(at the working size of process_size)"
                 )
+                raise ValueError(f"{name} must have shape {expected} for {n} LR image(s) of {h}x{w} {where}, got {got}")
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -248,19 +257,48 @@ class SRSamplingMixin:
         output_type: str,
         return_dict: bool,
         lr_consistency: bool = False,
+        *,
+        clamp_before_color_fix: bool = False,
+        color_fix_reference: torch.Tensor | None = None,
+        quantize: bool = False,
+        working_size: tuple[int, int] | None = None,
     ):
         """Sampled HR (N, 3, H', W') in [-1, 1] of the padded LR → the pipeline's return value.
 
-        Crops to ``upscale`` × the LR ``rgb`` (N, 3, h, w) size, maps to [0, 1], applies the colour fix
-        against ``rgb``; with ``lr_consistency`` replaces the result by its projection onto
-        ``{x : imresize(x, 1 / upscale) = rgb}`` (MATLAB bicubic; :func:`sr_diffusion.fidelity.project_to_lr`,
-        the minimum-norm change, clamped to [0, 1]), on the whole image whether it was sampled in tiles or not;
-        upscales ``alpha`` (N, 1, h, w) separately (bicubic), postprocesses, frees hooks.
+        Crops to ``upscale`` × the LR ``rgb`` (N, 3, h, w) size (or to ``working_size``), maps to [0, 1], applies the
+        colour fix against ``color_fix_reference`` (default ``rgb``, bicubic-upsampled by the fix); resizes a
+        ``working_size`` output to ``upscale`` × the LR size (PIL bicubic on 8 bits with ``quantize``, as PASD's and
+        SeeSR's scripts, else antialiased torch bicubic); with ``lr_consistency`` replaces the result by its
+        projection onto ``{x : imresize(x, 1 / upscale) = rgb}`` (MATLAB bicubic;
+        :func:`sr_diffusion.fidelity.project_to_lr`, the minimum-norm change, clamped to [0, 1]), on the whole image
+        whether it was sampled in tiles or not; upscales ``alpha`` (N, 1, h, w) separately (bicubic), postprocesses,
+        frees hooks.
+
+        The order of clamping and colour fix is each method's (issue 14, item 2):
+
+        - ``clamp_before_color_fix=False`` (StableSR's script): the colour fix sees the unclamped decode;
+        - ``clamp_before_color_fix=True`` (PASD's and SeeSR's scripts, which fix the saved 8-bit image): the decode is
+          clamped to [0, 1] before the fix;
+        - ``quantize`` (with ``clamp_before_color_fix``: their exact 8-bit round trips): the clamped decode is rounded
+          to 8 bits (``round(255 x) / 255``, diffusers' ``numpy_to_pil``) before the fix, and the fixed image clamped
+          and truncated to 8 bits (``floor(255 x) / 255``, torchvision's ``ToPILImage``: ``mul(255).byte()``) after it
+          (when a fix is applied).
         """
         n, _, h, w = rgb.shape
         size = (h * self.upscale, w * self.upscale)
-        sr = (crop_to_size(hr.float(), size) + 1.0) / 2.0
-        sr = apply_color_fix(sr, rgb, color_fix)
+        crop = size if working_size is None else tuple(working_size)
+        sr = (crop_to_size(hr.float(), crop) + 1.0) / 2.0
+        reference = rgb if color_fix_reference is None else crop_to_size(color_fix_reference.float(), crop)
+        if clamp_before_color_fix:
+            sr = quantize_8bit(sr) if quantize else sr.clamp(0, 1)
+        sr = apply_color_fix(sr, reference, color_fix)
+        if quantize and color_fix != "none":
+            sr = torch.floor(sr.clamp(0, 1) * 255) / 255
+        if crop != size:
+            if quantize:
+                sr = pil_resize(sr, size, "bicubic")
+            else:
+                sr = resize(sr.clamp(0, 1), size=size, mode="bicubic", antialias=True)
         if lr_consistency:
             # from the [0, 1] image the output would be (project_to_lr's domain; the model or the colour fix may
             # overshoot), so that the projection only moves what contradicts the input
@@ -272,6 +310,12 @@ class SRSamplingMixin:
         if not return_dict:
             return (images,)
         return SRPipelineOutput(images=images)
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """``round(255 · clamp(x, 0, 1)) / 255``: an image in [0, 1] as its 8-bit file would hold it (diffusers'
+    ``numpy_to_pil``, which the originals' pipelines return before their colour fix)."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
 
 
 class NoiseSchedulerSRMixin(SRSamplingMixin):

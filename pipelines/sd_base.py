@@ -15,10 +15,14 @@ serves all three. :class:`StableDiffusionSRMixin` holds what they do alike:
 - text: prompt checks (never truncated silently) and embeddings, negative prompts for classifier-free guidance, the
   user's prompts merged with a prompt extractor's (:meth:`~StableDiffusionSRMixin.resolve_text_prompts`);
 - VAE: latent scaling (``scaling_factor`` / ``shift_factor``), encoding an image to a posterior sample, decoding;
-- the ControlNet condition (the LR image padded and bicubic-upsampled to the output size) and classifier-free guidance
-  with a condition shared by both halves (:meth:`~StableDiffusionSRMixin.guided_noise_pred`);
+- the ControlNet condition (the LR image padded and upsampled to the output size with PIL's bicubic on 8 bits, as
+  PASD's and SeeSR's scripts; :meth:`~StableDiffusionSRMixin.upsample_lr`) and classifier-free guidance with a
+  condition shared by both halves (:meth:`~StableDiffusionSRMixin.guided_noise_pred`);
 - latent tiling with Gaussian-weighted overlap (:func:`gaussian_tile_weights`, :meth:`~StableDiffusionSRMixin.
-  blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``);
+  blend_latent_tiles`: StableSR's progressive patch aggregation, PASD's and SeeSR's ``latent_tiled_size``), automatic
+  above the originals' thresholds for PASD and SeeSR (:meth:`~StableDiffusionSRMixin.latent_tiling`);
+- the originals' input-size rules for PASD and SeeSR (``process_size``: :meth:`~StableDiffusionSRMixin.process_steps`,
+  :meth:`~StableDiffusionSRMixin.condition_image`), off unless asked for or ``match_original=True``;
 - LoRA: diffusers' ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights`` / ``fuse_lora`` / ``unload_lora_weights``
   on the UNet and the text encoder), so SD LoRAs and LoRA-trained add-ons load as in any SD pipeline;
 - the optional components every one of them takes: a ``prompt_extractor`` (any
@@ -96,7 +100,7 @@ from sr_diffusion.estimation import DegradationEstimator
 from sr_diffusion.fidelity_auto import check_fidelity, resolve_auto_fidelity
 from sr_diffusion.image_processor import SRImageProcessor, pad_to_multiple
 from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
-from sr_diffusion.resize import resize
+from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.tiling import tile_grid
 
 __all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
@@ -145,6 +149,12 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     OPTIONAL_ADD_ONS: dict[str, str] = {}
     #: ``{keyword: the method's default}`` of the fidelity controls ``fidelity="auto"`` may set (module docstring)
     FIDELITY_DEFAULTS: dict[str, Any] = {}
+    #: automatic latent tiling (:meth:`latent_tiling`): the tile side in latent pixels above whose square a latent is
+    #: tiled, and the overlap (the originals' ``latent_tiled_size`` / ``latent_tiled_overlap``)
+    AUTO_LATENT_TILE = 320
+    AUTO_LATENT_TILE_OVERLAP = 8
+    #: the original script's ``process_size`` (what ``match_original=True`` uses; :meth:`process_steps`)
+    PROCESS_SIZE = 512
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction
@@ -508,13 +518,106 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         """``z_0`` ``(N, C_z, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1] (float32)."""
         return self.vae.decode(self.unscale_latents(latents)).sample.float()
 
-    def upsample_lr(self, rgb: torch.Tensor) -> torch.Tensor:
+    def upsample_lr(self, rgb: torch.Tensor, pil: bool = True) -> torch.Tensor:
         """The ControlNet condition: the LR images ``(N, 3, h, w)`` in [0, 1] padded (reflect, bottom/right) to a
-        multiple of :attr:`lr_multiple` and bicubic-upsampled ×``upscale`` to ``(N, 3, s·h', s·w')``, clamped to
-        [0, 1]."""
+        multiple of :attr:`lr_multiple` and bicubic-upsampled ×``upscale`` to ``(N, 3, s·h', s·w')`` in [0, 1].
+
+        ``pil=True`` (PASD's and SeeSR's default): PIL's bicubic on the 8-bit image, as their scripts upsample the LR
+        photo (``Image.resize``; :func:`sr_diffusion.resize.pil_resize`, values ``k / 255``; works on any device);
+        ``False``: torch's float bicubic, clamped (keeps more than 8 bits of a 16-bit or float input)."""
         s = self.upscale
         lr, _ = pad_to_multiple(rgb, self.lr_multiple)
-        return resize(lr, size=(lr.shape[-2] * s, lr.shape[-1] * s), mode="bicubic").clamp(0.0, 1.0)
+        size = (lr.shape[-2] * s, lr.shape[-1] * s)
+        if pil:
+            return pil_resize(lr, size, "bicubic")
+        return resize(lr, size=size, mode="bicubic").clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The originals' preprocessing (issue 14): process size, automatic tiling
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def process_steps(self, height: int, width: int, process_size: int) -> list[tuple[tuple[int, int], str]]:
+        """The original script's resizes of an LR image of ``height`` × ``width`` for ``process_size``, as
+        ``[((height, width), PIL resample), ...]``, the last being the size it samples at (each pipeline's rule)."""
+        raise NotImplementedError(f"{self.METHOD} has no process_size rule")
+
+    def resolve_process_size(self, process_size: int | None, match_original: bool) -> int | None:
+        """The process size a call uses: ``None`` (default) is off, or :attr:`PROCESS_SIZE` with ``match_original``;
+        ``0`` is off; an int is that size."""
+        if process_size is None:
+            return self.PROCESS_SIZE if match_original else None
+        return process_size or None
+
+    def check_faithfulness_options(
+        self, process_size: Any, tile_size: Any, tile_overlap: Any, match_original: Any
+    ) -> None:
+        """``match_original`` a bool; ``process_size``, ``tile_size`` and ``tile_overlap`` ``None`` or ints >= 0
+        (``tile_size`` is further checked by ``check_sampling_inputs``)."""
+        if not isinstance(match_original, bool):
+            raise ValueError(f"match_original must be a bool, got {match_original!r}")
+        for name, value in (("process_size", process_size), ("tile_size", tile_size), ("tile_overlap", tile_overlap)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an int >= 0 (0: off), got {value!r}")
+
+    def working_size(self, height: int, width: int, process_size: int | None) -> tuple[int, int] | None:
+        """The size the condition image and the output are sampled at for an LR image of ``height`` × ``width``
+        under ``process_size`` (:meth:`process_steps`), or ``None`` without one (``upscale ×`` the padded LR)."""
+        if process_size is None:
+            return None
+        size = self.process_steps(height, width, process_size)[-1][0]
+        if min(size) < self.vae_scale_factor:
+            raise ValueError(
+                f"process_size={process_size} gives a {size[0]}x{size[1]} image for a {height}x{width} input, smaller "
+                f"than one latent pixel ({self.vae_scale_factor})"
+            )
+        return size
+
+    def working_latent_shape(self, rgb: torch.Tensor, process_size: int | None) -> tuple[int, ...] | None:
+        """The shape ``latents`` must have for the LR images ``rgb`` under ``process_size`` (``None``: the default,
+        :meth:`latent_shape`)."""
+        size = self.working_size(*rgb.shape[-2:], process_size)
+        return None if size is None else self.working_shape(rgb.shape[0], *size)
+
+    def condition_image(
+        self, rgb: torch.Tensor, process_size: int | None
+    ) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """``(condition, working size)``: the LR images ``rgb`` ``(N, 3, h, w)`` upsampled ×``upscale`` (PIL bicubic
+        on 8 bits, padded; :meth:`upsample_lr`) and ``None``, or, with ``process_size``, resized by the original's
+        rule (:meth:`process_steps`, PIL on 8 bits at every step) and the size it has."""
+        if process_size is None:
+            return self.upsample_lr(rgb), None
+        image = rgb
+        for size, resample in self.process_steps(*rgb.shape[-2:], process_size):
+            image = pil_resize(image, size, resample)
+        return image, tuple(image.shape[-2:])
+
+    def working_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The latent shape ``(N, C_z, H/f, W/f)`` of a condition image of ``height`` × ``width`` pixels."""
+        f = self.vae_scale_factor
+        return (batch_size, int(self.vae.config.latent_channels), height // f, width // f)
+
+    def latent_tiling(
+        self, latent_size: tuple[int, int], tile_size: int | None, tile_overlap: int | None
+    ) -> tuple[int, int] | None:
+        """``(tile, overlap)`` in latent pixels for a latent of ``latent_size``, or ``None`` (no tiling).
+
+        ``tile_size=None`` is automatic, as the originals' scripts: tiles of :attr:`AUTO_LATENT_TILE` latent pixels
+        only when ``h · w > AUTO_LATENT_TILE²`` (PASD 320, SeeSR 96); ``0``: never; an int: tiles of
+        ``tile_size · s / f`` latent pixels (``tile_size`` LR pixels). ``tile_overlap`` is in LR pixels; ``None``:
+        :attr:`AUTO_LATENT_TILE_OVERLAP` latent pixels (PASD 8, SeeSR 4). As the originals, a tile is a square of
+        side ``min(tile, h, w)``."""
+        h, w = latent_size
+        s, f = self.upscale, self.vae_scale_factor
+        if tile_size == 0:
+            return None
+        if tile_size is None:
+            if h * w <= self.AUTO_LATENT_TILE**2:
+                return None
+            tile = self.AUTO_LATENT_TILE
+        else:
+            tile = tile_size * s // f
+        overlap = self.AUTO_LATENT_TILE_OVERLAP if tile_overlap is None else tile_overlap * s // f
+        return min(tile, h, w), overlap
 
     def prepare_latents(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None

@@ -256,9 +256,9 @@ def seesr_knobs(pipe, monkeypatch, **kwargs) -> dict:
     seen = {}
     start, predict = pipe.prepare_start_latents, pipe.predict_noise
 
-    def spy_start(shape, device, generator, latents, start_point, condition, timesteps):
+    def spy_start(shape, device, generator, latents, start_point, condition, timesteps, **kwargs):
         seen["start_point"] = start_point
-        return start(shape, device, generator, latents, start_point, condition, timesteps)
+        return start(shape, device, generator, latents, start_point, condition, timesteps, **kwargs)
 
     def spy_predict(latents, t, condition, embeds, soft, guidance_scale, conditioning_scale):
         seen["controlnet_conditioning_scale"] = conditioning_scale

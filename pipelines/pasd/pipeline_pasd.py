@@ -5,9 +5,9 @@ Personalized Stylization", ECCV 2024 (arXiv:2308.14469). Released code: ``pasd/p
 ``test_pasd.py`` (facts only). Notation and shapes:
 
 - ``y``: the LR image ``(N, 3, h, w)`` in [0, 1], padded (reflect, bottom/right) to a multiple of
-  :attr:`~PASDPipeline.lr_multiple` and bicubic-upsampled ×``upscale`` to ``y_up`` ``(N, 3, H, W)``, ``H = s·h``
-  (clamped to [0, 1]). ``y_up`` **in [0, 1]** is the ControlNet's condition (the original feeds it unnormalised);
-  ``y_up · 2 - 1`` is what the VAE encodes;
+  :attr:`~PASDPipeline.lr_multiple` and upsampled ×``upscale`` with PIL's bicubic on 8 bits (as ``test_pasd.py``)
+  to ``y_up`` ``(N, 3, H, W)``, ``H = s·h``. ``y_up`` **in [0, 1]** is the ControlNet's condition (the original feeds
+  it unnormalised); ``y_up · 2 - 1`` is what the VAE encodes;
 - the start (Sec. 4.1, "adjustable noise schedule"; ``start_point="lr"``, the original's default,
   ``init_latent_with_noise=False``): ``z_lr = E(2·y_up - 1) · scaling_factor`` (a posterior sample), noised to the
   first timestep ``t_1`` of the sampler, then once more to ``added_noise_level`` ``a`` (900):
@@ -25,8 +25,8 @@ Personalized Stylization", ECCV 2024 (arXiv:2308.14469). Released code: ``pasd/p
   :class:`~sr_diffusion.models.block_attention.BlockAttentions`) after each layer, attending to the residual of the
   same skip flattened to ``(N, h_k·w_k, C_k)`` tokens (execution position ``k`` reads ``r_{K-1-k}``, the order the
   skips are popped); classifier-free guidance with the negative prompt, both halves through the ControlNet;
-- the output: ``D(z_0 / scaling_factor)``, then the colour fix (wavelet by default, as the original's ``test_pasd.py``
-  always applies) and the crop to exactly ``s ×`` the input size.
+- the output: ``D(z_0 / scaling_factor)`` cropped to exactly ``s ×`` the input size, clamped to [0, 1], then the colour
+  fix against ``y_up`` (wavelet by default, as the original's ``test_pasd.py`` always applies, after clamping).
 
 Prompts (:func:`~sr_diffusion.prompts.resolve_prompts`): the user's prompt first, then the optional prompt extractor's
 tags (the original captions the image with BLIP / CoCa, or classifies / detects objects: ``--high_level_info``), then
@@ -36,14 +36,27 @@ steps are ``test_pasd.py``'s defaults. The fidelity controls (``guidance_scale``
 ``added_noise_level``, ``start_point``, ``fidelity="auto"``, ``color_fix``, ``lr_consistency``) are the ones every SD
 pipeline shares (:mod:`sr_diffusion.pipelines.sd_base`).
 
-Large images (the original's ``latent_tiled_size`` / ``latent_tiled_overlap``, 320 / 8 latent pixels): with
-``tile_size`` every step runs the ControlNet and the UNet on overlapping latent tiles (``tile_size · s / f`` latent
-pixels, the condition image cropped to match), blends the tiles' noise predictions with Gaussian weights (StableSR's
-``sigma = 0.1 ·`` the tile side, the same as the original's ``_gaussian_weights``) and steps the whole latent.
+Large images (the original's ``latent_tiled_size`` / ``latent_tiled_overlap``, 320 / 8 latent pixels): every step
+runs the ControlNet and the UNet on overlapping square latent tiles (the condition image cropped to match), blends the
+tiles' noise predictions with Gaussian weights (:func:`~sr_diffusion.pipelines.sd_base.gaussian_tile_weights`, the
+original's ``_gaussian_weights``) and steps the whole latent. As in the original this is automatic
+(``tile_size=None``): a latent of more than 320² pixels is tiled in tiles of ``min(320, h, w)`` latent pixels
+overlapping by 8; ``tile_size=0`` never tiles, an int tiles in ``tile_size · s / f`` latent pixels.
 
-Not carried over: the VAE's own tiling (``_init_tiled_vae``), the original's automatic resize of small inputs to
-``process_size`` (768 px on the short side; call the pipeline at the size you want), personalised/LoRA bases,
-``guess_mode``, LCM-LoRA, the grayscale-colourisation variant, PASD-light's UNet.
+Faithfulness to ``test_pasd.py`` (issue 14; ``match_original=True`` reproduces the script, see
+:meth:`PASDPipeline.__call__`): by default the LR image is upsampled with PIL's bicubic on 8 bits and the decode is
+clamped to [0, 1] before the colour fix against that upsampled image, as the script does; the script's
+``process_size`` rule (:func:`pasd_process_steps`: an upsampled image whose short side is under 768 is resized up,
+bilinear, and every size squeezed to a multiple of 8, the output resized back) is ``process_size=768``, off by default
+(every input is sampled at exactly ``s ×`` its size, padded), since it changes the scale the model sees and costs up
+to ``(768 / (s · h))²`` times the work; ``match_original`` also builds the prompt as the script does
+(:func:`pasd_original_prompt`) and rounds and truncates to 8 bits around the colour fix as the script's PIL round
+trips.
+
+Not carried over: the VAE's own tiling (``_init_tiled_vae``, encoder tiles of 1024 and decoder tiles of 224 latent
+pixels, which the original only uses above 1088 input pixels or 246 latent pixels a side, so outputs above those
+sizes differ), personalised/LoRA bases, ``guess_mode``, LCM-LoRA, the grayscale-colourisation variant, PASD-light's
+UNet.
 """
 
 from __future__ import annotations
@@ -76,9 +89,12 @@ from ..sd_base import StableDiffusionSRMixin
 __all__ = [
     "PASD_ADDED_PROMPT",
     "PASD_NEGATIVE_PROMPT",
+    "PASD_PROCESS_SIZE",
     "PASDPipeline",
     "paca_contexts",
     "pasd_noise_pred",
+    "pasd_original_prompt",
+    "pasd_process_steps",
     "pasd_scheduler",
 ]
 
@@ -86,6 +102,44 @@ __all__ = [
 PASD_ADDED_PROMPT = "clean, high-resolution, 8k"
 #: ``test_pasd.py``'s ``--negative_prompt``
 PASD_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
+#: ``test_pasd.py``'s ``--process_size``: the upsampled image's short side is brought up to this (bilinear)
+PASD_PROCESS_SIZE = 768
+
+
+def pasd_process_steps(
+    height: int, width: int, upscale: int, process_size: int, multiple: int = 8
+) -> list[tuple[tuple[int, int], str]]:
+    """The resizes ``test_pasd.py`` applies to an 8-bit LR image of ``height`` × ``width`` before sampling, as
+    ``[((height, width), PIL resample), ...]``:
+
+    1. ``×upscale``, PIL bicubic (``Image.resize``'s default);
+    2. if the short side is then under ``process_size``: ``transforms.Resize(process_size, BILINEAR)``, the short side
+       to ``process_size`` and the long one to ``int(process_size · long / short)``;
+    3. both sides floored to a multiple of ``multiple`` (8: the VAE factor), PIL bicubic.
+
+    The output is sampled at the last size and resized back to ``upscale ×`` the input (PIL bicubic)."""
+    h, w = height * upscale, width * upscale
+    steps = [((h, w), "bicubic")]
+    if min(h, w) < process_size:
+        if w <= h:
+            h, w = int(process_size * h / w), process_size
+        else:
+            h, w = process_size, int(process_size * w / h)
+        steps.append(((h, w), "bilinear"))
+    steps.append(((h // multiple * multiple, w // multiple * multiple), "bicubic"))
+    return steps
+
+
+def pasd_original_prompt(extracted: str | None, prompt: str | None, added_prompt: str | None) -> str:
+    """The prompt ``test_pasd.py`` builds (``get_validation_prompt`` + ``--added_prompt``): with a caption
+    ``extracted`` (``--high_level_info caption``, the default), ``caption`` or ``f"{caption} {prompt}"``; without one,
+    ``""`` or ``f"{prompt}, "``; then ``added_prompt`` appended with no separator (the script's ``+=``)."""
+    user = "" if prompt is None or prompt.strip().lower() == "auto" else prompt
+    if extracted is not None:
+        text = extracted if user == "" else f"{extracted} {user}"
+    else:
+        text = "" if user == "" else f"{user}, "
+    return text + (added_prompt or "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,6 +263,11 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     }
     #: the original's (``test_pasd.py``) added noise level and ControlNet scale
     FIDELITY_DEFAULTS = {"added_noise_level": 900, "controlnet_conditioning_scale": 1.0}
+    #: ``test_pasd.py``'s ``--latent_tiled_size`` / ``--latent_tiled_overlap`` (latent pixels)
+    AUTO_LATENT_TILE = 320
+    AUTO_LATENT_TILE_OVERLAP = 8
+    #: ``test_pasd.py``'s ``--process_size`` (:meth:`process_steps`)
+    PROCESS_SIZE = PASD_PROCESS_SIZE
     model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
     _optional_components = ["prompt_extractor", "degradation_estimator"]
     # the PACA layers run inside the UNet's call (hooks): they stay on the execution device, as does the (tiny)
@@ -281,6 +340,11 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             prompt_extractor=prompt_extractor,
             degradation_estimator=degradation_estimator,
         )
+
+    def process_steps(self, height: int, width: int, process_size: int) -> list[tuple[tuple[int, int], str]]:
+        """``test_pasd.py``'s resizes for ``process_size`` (:func:`pasd_process_steps`, multiples of the VAE
+        factor)."""
+        return pasd_process_steps(height, width, self.upscale, process_size, self.vae_scale_factor)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks (geometry: upscale, vae_scale_factor, lr_multiple, latent_shape: StableDiffusionSRMixin)
@@ -360,13 +424,16 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         negative_prompt: Any,
         color_fix: str,
         lr_consistency: bool,
+        process_size: int | None,
         tile_size: int | None,
-        tile_overlap: int,
+        tile_overlap: int | None,
+        match_original: bool,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
+        self.check_faithfulness_options(process_size, tile_size, tile_overlap, match_original)
         self.check_num_inference_steps(num_inference_steps)
         self.check_guidance_scale(guidance_scale)
         self.check_controlnet_conditioning_scale(controlnet_conditioning_scale)
@@ -394,7 +461,16 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         if added_prompt is not None and not isinstance(added_prompt, str):
             raise ValueError(f"added_prompt must be a string or None, got {type(added_prompt).__name__}")
         self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+        self.check_sampling_inputs(
+            rgb,
+            tile_size or None,
+            0 if tile_overlap is None else tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+            tiles_share_latents=True,
+            latent_shape=self.working_latent_shape(rgb, self.resolve_process_size(process_size, match_original)),
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling (text, VAE: StableDiffusionSRMixin)
@@ -478,8 +554,10 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         color_fix: str = "wavelet",
         lr_consistency: bool = False,
+        process_size: int | None = None,
         tile_size: int | None = None,
-        tile_overlap: int = 32,
+        tile_overlap: int | None = None,
+        match_original: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -529,9 +607,23 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
                 to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
                 when tiling; the alpha channel is unaffected. Default False.
-            tile_size: sample in latent tiles covering ``tile_size`` LR pixels (a multiple of :attr:`lr_multiple`),
-                overlapping by ``tile_overlap`` LR pixels, blended at every step; the original's 320-pixel latent
-                tiles are ``tile_size = 320 · 8 / upscale``.
+            process_size: the original's rule for small inputs (:func:`pasd_process_steps`): the ``×upscale`` image
+                (PIL bicubic) whose short side is under ``process_size`` is resized up to it (bilinear), every size is
+                squeezed to a multiple of the VAE factor by resizing, and the output is resized back (PIL bicubic).
+                ``None`` (default): off, unless ``match_original`` (then 768, the original's); ``0``: off. Off, every
+                input is sampled at exactly ``upscale ×`` its size (padded to :attr:`lr_multiple`, cropped back).
+            tile_size: latent tiling, blended at every step (Gaussian weights, square tiles of at most the latent's
+                shorter side). ``None`` (default): automatic as the original, tiles of 320 latent pixels when the
+                latent has more than 320² pixels; ``0``: never; an int (a multiple of :attr:`lr_multiple`): tiles of
+                ``tile_size`` LR pixels (``tile_size · upscale / 8`` latent pixels on SD).
+            tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 8 latent pixels.
+            match_original: reproduce ``test_pasd.py`` (yangxy/PASD) where our defaults differ: ``process_size``
+                768 unless given; the prompt built as the script does (:func:`pasd_original_prompt`: the caption,
+                then the user's words, then ``added_prompt`` with no separator) instead of the user's words first with
+                deduplicated tags; the decode rounded to 8 bits before the colour fix and the fixed image truncated
+                to 8 bits (``ToPILImage``) after it, as the script's PIL round trips. What is the original's by
+                default: PIL-bicubic upsampling of the 8-bit LR image, clamping the decode before the colour fix,
+                automatic tiling, the draws from ``generator`` (posterior sample, then the two noises). Default False.
             generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
                 with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
             latents: the start ``z_T`` (replaces the noised LR latent or the noise: ``start_point`` and
@@ -572,8 +664,10 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             negative_prompt,
             color_fix,
             lr_consistency,
+            process_size,
             tile_size,
             tile_overlap,
+            match_original,
             generator,
             latents,
             callback_on_step_end_tensor_inputs,
@@ -581,15 +675,22 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        s, f = self.upscale, self.vae_scale_factor
         do_cfg = guidance_scale > 1
 
-        # 2. Prompts (user's, extracted tags, added prompt) and their embeddings (negative first when guiding)
+        # 2. Prompts (user's, extracted tags, added prompt; or the original's string) and their embeddings (negative
+        #    first when guiding)
         resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, added_prompt, PASD_NEGATIVE_PROMPT)
-        prompt_embeds = self.embed_for_guidance(resolved.prompts, resolved.negative_prompts, device, do_cfg)
+        prompts = resolved.prompts
+        if match_original:
+            users = self._prompt_list(prompt, rgb.shape[0], "prompt", allow_none=True)
+            captions = resolved.extraction.hard_prompts if resolved.extraction is not None else [None] * len(users)
+            prompts = [pasd_original_prompt(c, u, added_prompt) for c, u in zip(captions, users)]
+        prompt_embeds = self.embed_for_guidance(prompts, resolved.negative_prompts, device, do_cfg)
 
-        # 3. The condition: the LR image padded (reflect) and bicubic-upsampled to the output size, in [0, 1]
-        cond_image = self.upsample_lr(rgb)
+        # 3. The condition in [0, 1]: the LR image padded (reflect) and upsampled to the output size (PIL bicubic on
+        #    8 bits, as the original), or resized by the original's process_size rule
+        process_size = self.resolve_process_size(process_size, match_original)
+        cond_image, working_size = self.condition_image(rgb, process_size)
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -600,20 +701,19 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         latents = self.prepare_start_latents(cond_image, timesteps, start_point, added_noise_level, generator, latents)
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)
 
-        # 6. Denoising loop; tiled, every step blends the tiles' noise predictions and steps the whole latent
-        tile = overlap = None
-        if tile_size is not None:
-            tile, overlap = tile_size * s // f, tile_overlap * s // f
+        # 6. Denoising loop; tiled (automatically above 320² latent pixels, as the original), every step blends the
+        #    tiles' noise predictions and steps the whole latent
+        tiling = self.latent_tiling(latents.shape[-2:], tile_size, tile_overlap)
         scale = float(controlnet_conditioning_scale)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if tile is None:
+                if tiling is None:
                     noise_pred = self.predict_noise(latents, t, cond_image, prompt_embeds, guidance_scale, scale)
                 else:
                     noise_pred = self.predict_noise_tiled(
-                        latents, t, cond_image, prompt_embeds, guidance_scale, scale, tile, overlap
+                        latents, t, cond_image, prompt_embeds, guidance_scale, scale, *tiling
                     )
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
@@ -622,6 +722,19 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 latents, prompt_embeds = state["latents"], state["prompt_embeds"]
                 progress_bar.update()
 
-        # 7. Decode, then crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha
+        # 7. Decode, then crop back, [-1, 1] -> [0, 1], clamp (8-bit round trips with match_original), colour fix
+        #    against the condition (the original's order), resize back from the working size, LR consistency, alpha
         hr = self.decode_latents(latents)
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
+        return self.finish_output(
+            hr,
+            rgb,
+            pre.alpha,
+            color_fix,
+            output_type,
+            return_dict,
+            lr_consistency,
+            clamp_before_color_fix=True,
+            color_fix_reference=cond_image,
+            quantize=match_original,
+            working_size=working_size,
+        )

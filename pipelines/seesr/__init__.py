@@ -1,3 +1,9 @@
-from .pipeline_seesr import SeeSRPipeline, seesr_scheduler
+from .pipeline_seesr import (
+    SEESR_PROCESS_SIZE,
+    SeeSRPipeline,
+    seesr_original_prompt,
+    seesr_process_steps,
+    seesr_scheduler,
+)
 
-__all__ = ["SeeSRPipeline", "seesr_scheduler"]
+__all__ = ["SEESR_PROCESS_SIZE", "SeeSRPipeline", "seesr_original_prompt", "seesr_process_steps", "seesr_scheduler"]

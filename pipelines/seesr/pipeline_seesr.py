@@ -5,8 +5,9 @@ Super-Resolution", CVPR 2024. Released code: ``pipelines/pipeline_seesr.py`` and
 Notation and shapes (``N`` images, ``s`` the SR factor, ``f`` the VAE factor):
 
 - ``y``: the LR image ``(N, 3, h, w)`` in [0, 1], padded (reflect, bottom/right) to a multiple of
-  :attr:`~SeeSRPipeline.lr_multiple`; ``x_lr = up_s(y)``: bicubic-upsampled to the output size ``(N, 3, s·h, s·w)``,
-  clamped to [0, 1] — the ControlNet's condition (the original upsamples first, Sec. 3.2);
+  :attr:`~SeeSRPipeline.lr_multiple`; ``x_lr = up_s(y)``: upsampled to the output size ``(N, 3, s·h, s·w)``
+  with PIL's bicubic on 8 bits (as ``test_seesr.py``) — the ControlNet's condition (the original upsamples first,
+  Sec. 3.2);
 - prompts (Sec. 3.1): a prompt extractor (DAPE) looks at ``y`` and gives *hard prompts* (tags, merged with the user's
   prompt and SeeSR's quality words by :func:`~sr_diffusion.prompts.resolve_prompts`, encoded by the text encoder into
   ``c_text``) and *soft prompts* ``p_soft`` ``(N, L, D_img)``, attended to by the image cross-attention layers of the
@@ -20,8 +21,9 @@ Notation and shapes (``N`` images, ``s`` the SR factor, ``f`` the VAE factor):
   ``eps_hat = eps_u + w (eps_c - eps_u)``;
 - the scheduler: the original's ``DDPMScheduler`` with SD 2-base's schedule (:func:`seesr_scheduler`, "leading"
   spacing with ``steps_offset=1``: 981, 961, …, 1 for 50 steps), 50 steps;
-- the output: ``D(z_0 / scaling_factor)``, cropped to ``s ×`` the input, then the colour fix against the LR image
-  (AdaIN, the original's default ``align_method``), optionally LR consistency.
+- the output: ``D(z_0 / scaling_factor)``, cropped to ``s ×`` the input, clamped to [0, 1], then the colour fix against
+  ``x_lr`` (AdaIN, the original's default ``align_method``, after clamping as the original), optionally LR
+  consistency.
 
 The fidelity controls (``guidance_scale``, ``controlnet_conditioning_scale``, ``start_point``, ``fidelity="auto"``,
 ``color_fix``, ``lr_consistency``) are the ones every SD pipeline shares (:mod:`sr_diffusion.pipelines.sd_base`).
@@ -29,13 +31,24 @@ The fidelity controls (``guidance_scale``, ``controlnet_conditioning_scale``, ``
 released model was trained and is always run from the LR embedding (``"lr"``), so it is left to the caller.
 
 Large images (the original's "tiled latent", ``latent_tiled_size`` 96 / ``latent_tiled_overlap`` 4 latent pixels in
-``test_seesr.py``, i.e. ``tile_size=192``, ``tile_overlap=8`` LR pixels at ×4 on SD): with ``tile_size`` every step
-evaluates ControlNet and UNet on overlapping latent tiles (the condition cropped alike, the soft prompts of the whole
-image), blends the tiles' noise predictions with Gaussian weights (``var = 0.01``, as the original's
-``_gaussian_weights``) and takes one scheduler step on the whole latent.
+``test_seesr.py``): every step evaluates ControlNet and UNet on overlapping square latent tiles (the condition cropped
+alike, the soft prompts of the whole image), blends the tiles' noise predictions with Gaussian weights
+(:func:`~sr_diffusion.pipelines.sd_base.gaussian_tile_weights`, the original's ``_gaussian_weights``) and takes one
+scheduler step on the whole latent. As in the original this is automatic (``tile_size=None``): a latent of more than
+96² pixels is tiled in tiles of ``min(96, h, w)`` latent pixels overlapping by 4; ``tile_size=0`` never tiles.
 
-Not carried over: the tiled VAE (``_init_tiled_vae``), guess mode and multi-ControlNets (unused by SeeSR),
-``test_seesr.py``'s up-sizing of small inputs to a 512-pixel short side (here every input is upscaled exactly ``s×``).
+Faithfulness to ``test_seesr.py`` (issue 14; ``match_original=True`` reproduces the script, see
+:meth:`SeeSRPipeline.__call__`): by default the LR image is upsampled with PIL's bicubic on 8 bits and the decode is
+clamped to [0, 1] before the AdaIN fix against that upsampled image, as the script does; the script's
+size rule (:func:`seesr_process_steps`: an LR image whose short side is under ``512 / s`` is first resized up to it,
+PIL bicubic, sizes squeezed to a multiple of 8, the output resized back) is ``process_size=512``, off by default
+(every input is sampled at exactly ``s ×`` its size, padded); ``match_original`` also builds the prompt as the script
+(:func:`seesr_original_prompt`) and draws the LR latent's posterior sample from torch's global RNG, as the script's
+``latent_dist.sample()`` without a generator (seed it with ``torch.manual_seed`` for the original's draws).
+
+Not carried over: the tiled VAE (``_init_tiled_vae``: encoder tiles of 1024 pixels and decoder tiles of 224 latent
+pixels, used by the original only above 1088 pixels or 246 latent pixels a side, so outputs above those sizes
+differ), guess mode and multi-ControlNets (unused by SeeSR).
 """
 
 from __future__ import annotations
@@ -66,7 +79,42 @@ from sr_diffusion.prompts import SEESR_ADDED_PROMPT, SEESR_NEGATIVE_PROMPT, Prom
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin
 
-__all__ = ["SeeSRPipeline", "seesr_scheduler"]
+__all__ = ["SEESR_PROCESS_SIZE", "SeeSRPipeline", "seesr_original_prompt", "seesr_process_steps", "seesr_scheduler"]
+
+#: ``test_seesr.py``'s ``--process_size``: an LR image with a side under ``process_size // upscale`` is resized up
+SEESR_PROCESS_SIZE = 512
+
+
+def seesr_process_steps(
+    height: int, width: int, upscale: int, process_size: int, multiple: int = 8
+) -> list[tuple[tuple[int, int], str]]:
+    """The resizes ``test_seesr.py`` applies to an 8-bit LR image of ``height`` × ``width`` before sampling, as
+    ``[((height, width), PIL resample), ...]``, all PIL bicubic (``Image.resize``'s default):
+
+    1. if a side is under ``process_size // upscale``: ``scale = (process_size // upscale) / min(w, h)`` and the LR
+       image to ``(int(scale · h), int(scale · w))`` (the script's float arithmetic);
+    2. ``×upscale``;
+    3. both sides floored to a multiple of ``multiple`` (8: the VAE factor).
+
+    The output is sampled at the last size and resized back to ``upscale ×`` the input (PIL bicubic)."""
+    h, w = height, width
+    steps = []
+    small = process_size // upscale
+    if w < small or h < small:
+        scale = small / min(w, h)
+        h, w = int(scale * h), int(scale * w)
+        steps.append(((h, w), "bicubic"))
+    h, w = h * upscale, w * upscale
+    steps.append(((h, w), "bicubic"))
+    steps.append(((h // multiple * multiple, w // multiple * multiple), "bicubic"))
+    return steps
+
+
+def seesr_original_prompt(tags: str | None, prompt: str | None, added_prompt: str | None) -> str:
+    """The prompt ``test_seesr.py`` builds: ``f"{tags}, {prompt},"`` (``get_validation_prompt``, RAM/DAPE's
+    ``", "``-joined tags, the user's prompt ``""`` by default) followed by ``added_prompt`` with no separator."""
+    user = "" if prompt is None or prompt.strip().lower() == "auto" else prompt
+    return f"{tags or ''}, {user}," + (added_prompt or "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,6 +210,11 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     }
     #: the original's ControlNet scale (``test_seesr.py``'s ``conditioning_scale``)
     FIDELITY_DEFAULTS = {"controlnet_conditioning_scale": 1.0}
+    #: ``test_seesr.py``'s ``--latent_tiled_size`` / ``--latent_tiled_overlap`` (latent pixels)
+    AUTO_LATENT_TILE = 96
+    AUTO_LATENT_TILE_OVERLAP = 4
+    #: ``test_seesr.py``'s ``--process_size`` (:meth:`process_steps`)
+    PROCESS_SIZE = SEESR_PROCESS_SIZE
     model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
     _optional_components = ["prompt_extractor", "degradation_estimator"]
     # the image cross-attention layers run inside the UNet's and the ControlNet's calls (hooks), and the (tiny)
@@ -243,6 +296,11 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     # Geometry (upscale, vae_scale_factor, lr_multiple, latent_shape: StableDiffusionSRMixin)
     # ------------------------------------------------------------------------------------------------------------------
 
+    def process_steps(self, height: int, width: int, process_size: int) -> list[tuple[tuple[int, int], str]]:
+        """``test_seesr.py``'s resizes for ``process_size`` (:func:`seesr_process_steps`, multiples of the VAE
+        factor)."""
+        return seesr_process_steps(height, width, self.upscale, process_size, self.vae_scale_factor)
+
     @property
     def image_prompt_dim(self) -> int:
         """``D_img``: the width of the soft prompts the image cross-attention takes."""
@@ -309,13 +367,16 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         eta: float,
         color_fix: str,
         lr_consistency: bool,
+        process_size: int | None,
         tile_size: int | None,
-        tile_overlap: int,
+        tile_overlap: int | None,
+        match_original: bool,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
         self.check_components()
+        self.check_faithfulness_options(process_size, tile_size, tile_overlap, match_original)
         self.check_steps_and_eta(num_inference_steps, eta)
         self.check_guidance_scale(guidance_scale)
         self.check_controlnet_conditioning_scale(controlnet_conditioning_scale)
@@ -326,7 +387,16 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         if image_prompt_embeds is not None:
             self._check_image_prompt_embeds(image_prompt_embeds, n, "image_prompt_embeds")
         self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+        self.check_sampling_inputs(
+            rgb,
+            tile_size or None,
+            0 if tile_overlap is None else tile_overlap,
+            generator,
+            latents,
+            callback_on_step_end_tensor_inputs,
+            tiles_share_latents=True,
+            latent_shape=self.working_latent_shape(rgb, self.resolve_process_size(process_size, match_original)),
+        )
 
     def _check_image_prompt_embeds(self, embeds: Any, batch_size: int, name: str) -> None:
         dim = self.image_prompt_dim
@@ -354,8 +424,10 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         negative_prompt: Any,
         added_prompt: str | None,
         image_prompt_embeds: torch.Tensor | None,
-    ) -> tuple[list[str], list[str], torch.Tensor]:
-        """``(prompts, negative_prompts, soft_prompts (N, L, D_img))`` for the LR images ``rgb`` ``(N, 3, h, w)``.
+        return_tags: bool = False,
+    ) -> tuple:
+        """``(prompts, negative_prompts, soft_prompts (N, L, D_img))`` for the LR images ``rgb`` ``(N, 3, h, w)``
+        (with ``return_tags``, then the extractor's hard prompts, ``None`` each without an extractor).
 
         Hard prompts: the user's prompt first, then the extractor's tags (when there is an extractor), then
         ``added_prompt`` (:func:`~sr_diffusion.prompts.merge_prompts`); the negative prompt is the user's, else
@@ -372,6 +444,9 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         soft = soft.to(device=rgb.device, dtype=self.unet.dtype)
         if soft.shape[0] != n:
             soft = soft.expand(n, -1, -1)
+        if return_tags:
+            tags = resolved.extraction.hard_prompts if resolved.extraction is not None else [None] * n
+            return resolved.prompts, resolved.negative_prompts, soft, tags
         return resolved.prompts, resolved.negative_prompts, soft
 
     def encode_lr(self, condition: torch.Tensor, generator) -> torch.Tensor:
@@ -392,14 +467,17 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         start_point: str,
         condition: torch.Tensor,
         timesteps: torch.Tensor,
+        global_rng_posterior: bool = False,
     ) -> torch.Tensor:
         """``z_T``: the noise ``eps`` (the given ``latents`` or ``randn`` from ``generator``) times ``init_noise_sigma``
         (``start_point="noise"``), or the LR latent noised with it to step 999 (``"lr"``; to the first step of the
-        schedule for schedulers that noise by ``sigmas``)."""
+        schedule for schedulers that noise by ``sigmas``). The LR latent is a posterior sample drawn (after ``eps``)
+        from ``generator``, or with ``global_rng_posterior`` from torch's global RNG (the original's
+        ``latent_dist.sample()``, which takes no generator)."""
         latents = self.prepare_latents(shape, torch.float32, device, generator, latents)
         if start_point == "noise":
             return latents
-        lr_latents = self.encode_lr(condition, generator)
+        lr_latents = self.encode_lr(condition, None if global_rng_posterior else generator)
         if getattr(self.scheduler, "sigmas", None) is not None and not isinstance(self.scheduler, DDPMScheduler):
             t_start = timesteps[:1]
         else:
@@ -478,8 +556,10 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         eta: float = 0.0,
         color_fix: str = "adain",
         lr_consistency: bool = False,
+        process_size: int | None = None,
         tile_size: int | None = None,
-        tile_overlap: int = 8,
+        tile_overlap: int | None = None,
+        match_original: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -524,11 +604,30 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
                 to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
                 when tiling; the alpha channel is unaffected. Default False.
-            tile_size: sample in overlapping latent tiles covering ``tile_size`` LR pixels (a multiple of
-                :attr:`lr_multiple`; the original's 96-pixel latent tile is 192 at ×4 on SD), overlapping by
-                ``tile_overlap`` LR pixels (the original's 4 latent pixels: 8).
+            process_size: the original's rule for small inputs (:func:`seesr_process_steps`): an LR image with a side
+                under ``process_size // upscale`` is resized up (PIL bicubic) so that its short side is that, every
+                size is squeezed to a multiple of the VAE factor by resizing, and the output is resized back (PIL
+                bicubic). ``None`` (default): off, unless ``match_original`` (then 512, the original's); ``0``: off.
+                Off, every input is sampled at exactly ``upscale ×`` its size (padded to :attr:`lr_multiple`, cropped
+                back).
+            tile_size: latent tiling, blended at every step (Gaussian weights, square tiles of at most the latent's
+                shorter side). ``None`` (default): automatic as the original, tiles of 96 latent pixels when the
+                latent has more than 96² pixels; ``0``: never; an int (a multiple of :attr:`lr_multiple`): tiles of
+                ``tile_size`` LR pixels (``tile_size · upscale / 8`` latent pixels on SD; 192 is the original's 96 at
+                ×4).
+            tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 4 latent pixels.
+            match_original: reproduce ``test_seesr.py`` (cswry/SeeSR) where our defaults differ: ``process_size``
+                512 unless given; the prompt built as the script does (:func:`seesr_original_prompt`:
+                ``f"{tags}, {prompt},"`` then ``added_prompt``) instead of the user's words first with deduplicated
+                tags; the LR latent's posterior sample drawn from torch's global RNG (the script's
+                ``latent_dist.sample()``: call ``torch.manual_seed(seed)`` first, as its ``set_seed``) instead of from
+                ``generator``; the decode rounded to 8 bits before the colour fix and the fixed image truncated to 8
+                bits (``ToPILImage``) after it, as the script's PIL round trips. What is the original's by default:
+                PIL-bicubic upsampling of the 8-bit LR image, clamping the decode before the colour fix, automatic
+                tiling, the noise from ``generator``. Default False.
             generator: a ``torch.Generator``, or a list with one per image (image ``i`` then is what it would be
-                alone with ``generator[i]``).
+                alone with ``generator[i]``). It draws the start's noise, then (unless ``match_original``) the LR
+                latent's posterior sample.
             latents: the noise ``eps`` of shape :meth:`latent_shape` (``z_T`` itself for ``start_point="noise"``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             return_dict: return an ``SRPipelineOutput`` rather than a tuple.
@@ -560,8 +659,10 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             eta,
             color_fix,
             lr_consistency,
+            process_size,
             tile_size,
             tile_overlap,
+            match_original,
             generator,
             latents,
             callback_on_step_end_tensor_inputs,
@@ -569,17 +670,22 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
-        s, f = self.upscale, self.vae_scale_factor
         do_cfg = guidance_scale > 1
 
         # 2. Prompts: hard prompts (tags) -> text embeddings (negative first when guiding), soft prompts
-        prompts, negatives, soft_prompts = self.resolve_prompts(
-            rgb, prompt, negative_prompt, added_prompt, image_prompt_embeds
+        prompts, negatives, soft_prompts, tags = self.resolve_prompts(
+            rgb, prompt, negative_prompt, added_prompt, image_prompt_embeds, return_tags=True
         )
+        if match_original:
+            users = self._prompt_list(prompt, rgb.shape[0], "prompt", allow_none=True)
+            prompts = [seesr_original_prompt(t, u, added_prompt) for t, u in zip(tags, users)]
         prompt_embeds = self.embed_for_guidance(prompts, negatives, device, do_cfg)
 
-        # 3. The ControlNet condition: the LR image padded (reflect) and bicubic-upsampled to the output size
-        condition = self.upsample_lr(rgb).to(self.controlnet.dtype)
+        # 3. The ControlNet condition in [0, 1]: the LR image padded (reflect) and upsampled to the output size (PIL
+        #    bicubic on 8 bits, as the original), or resized by the original's process_size rule
+        process_size = self.resolve_process_size(process_size, match_original)
+        cond_image, working_size = self.condition_image(rgb, process_size)
+        condition = cond_image.to(self.controlnet.dtype)
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -587,23 +693,24 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self._num_timesteps = len(timesteps)
 
         # 5. z_T: noise, or the LR latent noised to the last training step
-        shape = self.latent_shape(*rgb.shape[:1], *rgb.shape[-2:])
-        latents = self.prepare_start_latents(shape, device, generator, latents, start_point, condition, timesteps)
+        shape = self.working_shape(rgb.shape[0], *condition.shape[-2:])
+        latents = self.prepare_start_latents(
+            shape, device, generator, latents, start_point, condition, timesteps, global_rng_posterior=match_original
+        )
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
-        # 6. Denoising loop (tiled: every step blends the tiles' noise predictions and steps the whole latent)
-        tile = overlap = None
-        if tile_size is not None:
-            tile, overlap = tile_size * s // f, tile_overlap * s // f
+        # 6. Denoising loop (tiled, automatically above 96² latent pixels as the original: every step blends the
+        #    tiles' noise predictions and steps the whole latent)
+        tiling = self.latent_tiling(shape[-2:], tile_size, tile_overlap)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 args = (latents, t, condition, prompt_embeds, soft_prompts, guidance_scale)
-                if tile is None:
+                if tiling is None:
                     noise_pred = self.predict_noise(*args, controlnet_conditioning_scale)
                 else:
-                    noise_pred = self.predict_noise_tiled(*args, controlnet_conditioning_scale, tile, overlap)
+                    noise_pred = self.predict_noise_tiled(*args, controlnet_conditioning_scale, *tiling)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
                 state = {"latents": latents, "prompt_embeds": prompt_embeds, "image_prompt_embeds": soft_prompts}
@@ -615,6 +722,19 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 )
                 progress_bar.update()
 
-        # 7. Decode; crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha
+        # 7. Decode; crop back, [-1, 1] -> [0, 1], clamp (8-bit round trips with match_original), colour fix against
+        #    the condition (the original's order), resize back from the working size, LR consistency, alpha
         hr = self.decode_latents(latents)
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
+        return self.finish_output(
+            hr,
+            rgb,
+            pre.alpha,
+            color_fix,
+            output_type,
+            return_dict,
+            lr_consistency,
+            clamp_before_color_fix=True,
+            color_fix_reference=cond_image,
+            quantize=match_original,
+            working_size=working_size,
+        )
