@@ -155,6 +155,18 @@ def _number(kind: type, minimum: float | None, name: str, maximum: float | None 
     return parse
 
 
+def _tile_size(text: str) -> int:
+    """``--tile``: 0 (the whole image) or an integer >= :data:`MIN_TILE` (a smaller tile sees too little)."""
+    name = f"a tile size (0 for none, or an integer >= {MIN_TILE}: a smaller tile sees too little of the image)"
+    value = _number(int, 0, name)(text)
+    if 0 < value < MIN_TILE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+    return value
+
+
+_tile_size.__name__ = "a tile size"
+
+
 # ---------------------------------------------------------------------------------------------------
 # upscale
 
@@ -173,10 +185,26 @@ OPTIONAL_CALL_KEYWORDS = {
 }
 
 
+def tile_size_option(pipe, tile: int | None) -> int | None:
+    """The ``tile_size`` keyword for ``--tile``: ``None`` (not given) leaves the pipeline's default, which for the
+    pipelines that tile automatically as their originals do (``AUTO_TILING``: ResShift, StableSR, PASD, SeeSR) is that
+    automatic tiling; ``0`` is the whole image at once (``tile_size=0`` for those pipelines, ``None`` for the others);
+    any other value is the tile side in input pixels."""
+    if tile == 0:
+        return 0 if getattr(pipe, "AUTO_TILING", False) else None
+    return tile
+
+
+#: The overlap :func:`plan_tile` plans with when ``--tile-overlap`` is not given (the pipelines' own default is used)
+PLANNING_TILE_OVERLAP = 32
+
+
 def upscale_call_kwargs(pipe, args) -> dict:
     """The keywords of ``pipe(image, ...)`` for the ``upscale`` options; an option that was set for a pipeline whose
     ``__call__`` has no such keyword is a :class:`CLIError` (left unset, it is not passed: the pipeline's default)."""
-    kwargs = {"tile_size": args.tile, "tile_overlap": args.tile_overlap}
+    kwargs = {"tile_size": tile_size_option(pipe, args.tile)}
+    if args.tile_overlap is not None:  # not given: the pipeline's own (the original's, for the SD methods)
+        kwargs["tile_overlap"] = args.tile_overlap
     accepted = inspect.signature(pipe.__call__).parameters
     for keyword, flag in OPTIONAL_CALL_KEYWORDS.items():
         value = args.seed if keyword == "generator" else getattr(args, keyword)
@@ -281,7 +309,7 @@ def _prepare_upscale(args, device: str | None):
     """The checks before any work, then the pipeline: ``(inputs, targets, pipe, call_kwargs)``."""
     inputs = collect_inputs(args.inputs)
     targets = output_targets(inputs, Path(args.output), args)
-    if args.tile is not None and args.tile_overlap >= args.tile:
+    if args.tile and args.tile_overlap is not None and args.tile_overlap >= args.tile:
         raise CLIError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
     check_writable(targets)
     pipe = load_pipeline(args.model, device, args.dtype, args.regression)
@@ -347,7 +375,8 @@ def cmd_upscale(args) -> int:
         try:
             image = load_image(path, max_pixels=args.max_pixels and int(args.max_pixels))
             if args.tile is None:  # automatic: whole if the work fits in --max-memory, else the largest tile that does
-                tile, needed = plan_tile(pipe, image.width, image.height, max_memory, args.tile_overlap)
+                overlap = PLANNING_TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
+                tile, needed = plan_tile(pipe, image.width, image.height, max_memory, overlap)
                 call_kwargs["tile_size"] = tile
                 if needed > max_memory:
                     print(
@@ -624,7 +653,7 @@ def cmd_eval(args) -> int:
             scale=args.scale,
             degradation=args.degradation,
             crop_border=args.crop_border,
-            tile_size=args.tile,
+            tile_size=tile_size_option(pipe, args.tile),
             seed=args.seed,
         )
     write_report(report, args.output, echo=print)
@@ -649,7 +678,7 @@ def cmd_demo(args) -> int:
     check_writable([out_dir / "sample_sr.png"])
     pipe = load_pipeline(args.model, args.device, args.dtype, args.regression)
     lr = load_image(sample_image_path())
-    kwargs = {"tile_size": args.tile}
+    kwargs = {"tile_size": tile_size_option(pipe, args.tile)}
     if "generator" in inspect.signature(pipe.__call__).parameters:  # a sampling pipeline: the same demo every run
         kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     sr = pipe(lr, **kwargs).images[0]
@@ -690,12 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
         p.add_argument(
             "--tile",
-            type=_number(
-                int, MIN_TILE, f"a tile size (an integer >= {MIN_TILE}: a smaller tile sees too little of the image)"
-            ),
+            type=_tile_size,
             default=None,
-            help="tile size in input pixels (default: automatic, from the image size and --max-memory in upscale; "
-            "no tiling in eval and demo)",
+            help="tile size in input pixels, or 0 for the whole image at once (default: automatic: in upscale from the "
+            "image size and --max-memory; ResShift, StableSR, PASD and SeeSR also tile large images as their "
+            "originals do)",
         )
 
     p = sub.add_parser("upscale", help="upscale image files or folders")
@@ -711,7 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="outscale",
         help="output scale (default: the model's own)",
     )
-    p.add_argument("--tile-overlap", type=_number(int, 0, "a tile overlap (an integer >= 0)"), default=32)
+    p.add_argument(
+        "--tile-overlap",
+        type=_number(int, 0, "a tile overlap (an integer >= 0)"),
+        default=None,
+        help="tile overlap in input pixels (default: the pipeline's own: 32, or the original's for the SD methods)",
+    )
     p.add_argument(
         "--self-ensemble", action="store_true", default=None, help="x8 self-ensemble (slower, slightly better)"
     )

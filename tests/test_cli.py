@@ -710,3 +710,26 @@ def test_malformed_arguments_sweep(argv, status, words, loads, model_dir, photo,
     assert line.startswith("error: ") or status == 1, line
     assert words in line, line
     assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "o").exists()
+
+
+def test_tile_zero_is_the_whole_image_and_the_overlap_is_the_pipelines_unless_given():
+    """--tile 0: tile_size=0 for the pipelines that tile automatically as their originals do (0 is their "never"),
+    None (whole) for the others; without --tile-overlap the pipeline's own default overlap is used."""
+    from types import SimpleNamespace
+
+    from sr_diffusion.cli import build_parser, tile_size_option, upscale_call_kwargs
+    from sr_diffusion.pipelines import PASDPipeline, ResShiftPipeline, SeeSRPipeline, StableSRPipeline
+
+    assert all(cls.AUTO_TILING for cls in (ResShiftPipeline, StableSRPipeline, PASDPipeline, SeeSRPipeline))
+    auto, plain = SimpleNamespace(AUTO_TILING=True), SimpleNamespace()
+    assert (tile_size_option(auto, 0), tile_size_option(plain, 0)) == (0, None)
+    assert (tile_size_option(auto, None), tile_size_option(plain, 64)) == (None, 64)
+    args = build_parser().parse_args(["upscale", "x.png", "-o", "out", "--tile", "0"])
+    assert args.tile == 0 and args.tile_overlap is None
+
+    def call(pipe_args):
+        pipe = SimpleNamespace(AUTO_TILING=True, __call__=lambda image, tile_size=None, tile_overlap=32: None)
+        return upscale_call_kwargs(pipe, build_parser().parse_args(["upscale", "x.png", "-o", "out", *pipe_args]))
+
+    assert call(["--tile", "0"]) == {"tile_size": 0}
+    assert call(["--tile", "64", "--tile-overlap", "8"]) == {"tile_size": 64, "tile_overlap": 8}

@@ -251,6 +251,8 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     """
 
     METHOD = "PASD"
+    #: ``tile_size=None`` tiles large inputs automatically, as the original (``tile_size=0``: never)
+    AUTO_TILING = True
     BASE_EXAMPLE = "stable-diffusion-v1-5"
     #: subfolders a saved PASD pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
     ADD_ON_SUBFOLDERS = {

@@ -189,6 +189,8 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             runs all ``T`` trained steps, as the reference.
     """
 
+    #: ``tile_size=None`` tiles large inputs automatically, as the original (``tile_size=0``: never)
+    AUTO_TILING = True
     model_cpu_offload_seq = "vae->unet"  # encode y_0, then the loop; decoding moves the VAE back to the device
     _latents_name = "x_T"
     _optional_components = ["vae"]

@@ -197,6 +197,8 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     """
 
     METHOD = "SeeSR"
+    #: ``tile_size=None`` tiles large inputs automatically, as the original (``tile_size=0``: never)
+    AUTO_TILING = True
     BASE_EXAMPLE = "stabilityai/stable-diffusion-2-base"
     #: subfolders a saved SeeSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
     ADD_ON_SUBFOLDERS = {

@@ -199,6 +199,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     """
 
     METHOD = "StableSR"
+    #: ``tile_size=None`` tiles large inputs automatically, as the original (``tile_size=0``: never)
+    AUTO_TILING = True
     #: subfolders a saved StableSR pipeline must have, besides its Stable Diffusion base (vae, text_encoder, ...)
     ADD_ON_SUBFOLDERS = {"time_aware_encoder": "the time-aware encoder", "sft": "the SFT layers"}
     OPTIONAL_ADD_ONS = {
