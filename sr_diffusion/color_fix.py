@@ -40,11 +40,14 @@ def _match_reference(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def adain_color_fix(x: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Give each channel of ``x`` the mean and standard deviation of the same channel of ``reference``."""
+    """Give each channel of ``x`` the mean and standard deviation of the same channel of ``reference``.
+
+    As the originals' ``calc_mean_std`` (StableSR's, PASD's and SeeSR's ``wavelet_color_fix.py``):
+    ``sigma = sqrt(var + eps)`` with the unbiased variance (``torch.var``'s default, ``1 / (HW - 1)``)."""
     reference = _match_reference(x, reference)
     mu_x, mu_r = x.mean(dim=(-2, -1), keepdim=True), reference.mean(dim=(-2, -1), keepdim=True)
-    sigma_x = x.var(dim=(-2, -1), keepdim=True, unbiased=False).add(eps).sqrt()
-    sigma_r = reference.var(dim=(-2, -1), keepdim=True, unbiased=False).add(eps).sqrt()
+    sigma_x = x.var(dim=(-2, -1), keepdim=True, unbiased=True).add(eps).sqrt()
+    sigma_r = reference.var(dim=(-2, -1), keepdim=True, unbiased=True).add(eps).sqrt()
     return (x - mu_x) / sigma_x * sigma_r + mu_r
 
 

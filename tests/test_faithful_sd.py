@@ -143,8 +143,7 @@ def test_match_original_rounds_fixes_against_the_upsampled_lr_then_truncates(met
     saved = torch.round(((hr / 2 + 0.5).clamp(0, 1)) * 255) / 255
     fixed = (reference_wavelet_fix if method == "wavelet" else reference_adain_fix)(saved, cond)
     expected = torch.floor(fixed.clamp(0, 1) * 255) / 255
-    # float order (and, for AdaIN, the original's unbiased variance against our biased one: a relative 1 / (2 · 1024)
-    # on the deviations) may move a value across a level boundary: at most one level, on a few pixels
+    # float order may move a value across a level boundary: at most one level, on a few pixels
     diff = (got - expected).abs()
     assert diff.max() <= LEVEL + 1e-6
     assert (diff > 1e-6).float().mean() < 0.02
@@ -159,7 +158,7 @@ def test_clamp_before_the_fix_is_the_default_for_pasd_and_seesr_and_stablesr_kee
         hr, lr, None, "adain", "pt", False, clamp_before_color_fix=True, color_fix_reference=cond
     )[0]
     x = (hr + 1) / 2
-    stats = lambda v: (v.mean((-2, -1), keepdim=True), v.var((-2, -1), keepdim=True, unbiased=False).add(1e-5).sqrt())  # noqa: E731
+    stats = lambda v: (v.mean((-2, -1), keepdim=True), v.var((-2, -1), keepdim=True, unbiased=True).add(1e-5).sqrt())  # noqa: E731
     (mc, sc), (mr, sr) = stats(x.clamp(0, 1)), stats(cond)
     torch.testing.assert_close(clamp_first, ((x.clamp(0, 1) - mc) / sc * sr + mr).clamp(0, 1), rtol=1e-5, atol=1e-5)
     fix_first = pipe.finish_output(hr, lr, None, "adain", "pt", False, color_fix_reference=cond)[0]  # StableSR's
@@ -424,7 +423,7 @@ def test_seesr_match_original_is_the_scripts_flow_end_to_end():
     saved = torch.round((decoded / 2 + 0.5).clamp(0, 1) * 255) / 255  # diffusers' postprocess to PIL
     fixed = torch.floor(reference_adain_fix(saved, image).clamp(0, 1) * 255) / 255  # adain_color_fix, ToPILImage
     expected = from_pil(to_pil(fixed).resize((40, 32), Image.BICUBIC))  # back to ori * rscale
-    # float order in the networks and the biased/unbiased AdaIN variance: at most a level before the last resize,
+    # float order in the networks: at most a level before the last resize,
     # which averages neighbours (its weights sum to 1): at most a level after it, plus PIL's rounding of that
     assert (got - expected).abs().max() <= 2 * LEVEL + 1e-6
     assert ((got - expected).abs() > 1e-6).float().mean() < 0.05
