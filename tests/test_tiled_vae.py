@@ -243,3 +243,54 @@ def test_tiled_vae_tiles_only_above_tile_plus_two_pads_and_restores_the_forwards
         # the convenience functions
         torch.testing.assert_close(tiled_encode(vae, x, 43, pad=4).parameters, moments, rtol=0, atol=0)
         torch.testing.assert_close(tiled_decode(vae, z, 8, pad=2), decoded, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipelines: automatic at the originals' threshold, explicit sizes, 0 = never
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make(kind: str):
+    from pasd_tiny import tiny_components as pasd_components
+    from seesr_tiny import tiny_components as seesr_components
+
+    from sr_diffusion.pipelines.pasd import PASDPipeline
+    from sr_diffusion.pipelines.seesr import SeeSRPipeline
+
+    pipe = PASDPipeline(**pasd_components()) if kind == "pasd" else SeeSRPipeline(**seesr_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["pasd", "seesr"])
+def test_pipelines_tile_the_vae_at_the_originals_threshold_and_0_turns_it_off(kind, monkeypatch):
+    from sd_pipeline_common import run
+    from stablesr_tiny import lr_image
+
+    pipe = make(kind)
+    assert pipe.AUTO_VAE_TILE == (1024, 224) and (tv.ENCODER_PAD, tv.DECODER_PAD) == (32, 11)  # the scripts'
+    lr = lr_image(4, (8, 12))  # x4: a 32 x 48 image (encoded for the LR start), an 8 x 12 latent (f = 4)
+    calls = spy(monkeypatch)
+    whole = run(pipe, image=lr, vae_tile_size=0)
+    torch.testing.assert_close(run(pipe, image=lr), whole, rtol=0, atol=0)  # far below the scripts' sizes
+    assert calls == []
+    # the thresholds made small for the tiny VAE: pads 4 / 1, and tiles that reach the image's side with them
+    monkeypatch.setattr(tv, "ENCODER_PAD", 4)
+    monkeypatch.setattr(tv, "DECODER_PAD", 1)
+    monkeypatch.setattr(pipe, "AUTO_VAE_TILE", (40, 10))  # 48 = 40 + 2·4, 12 = 10 + 2·1: not above, not tiled
+    torch.testing.assert_close(run(pipe, image=lr), whole, rtol=0, atol=0)
+    assert calls == []
+    monkeypatch.setattr(pipe, "AUTO_VAE_TILE", (39, 9))  # one pixel less: both tiled
+    auto = run(pipe, image=lr)
+    assert calls == [("encoder", (1, 3, 32, 48), 39, 4), ("decoder", (1, 4, 8, 12), 9, 1)]
+    assert (auto - whole).abs().max() > 1e-3
+    # an explicit pair is the same as automatic with those sizes; 0 never tiles; an int n tiles both in n image pixels
+    torch.testing.assert_close(run(pipe, image=lr, vae_tile_size=(39, 9)), auto, rtol=0, atol=0)
+    calls.clear()
+    torch.testing.assert_close(run(pipe, image=lr, vae_tile_size=0), whole, rtol=0, atol=0)
+    assert calls == []
+    run(pipe, image=lr, vae_tile_size=32)
+    assert calls == [("encoder", (1, 3, 32, 48), 32, 4), ("decoder", (1, 4, 8, 12), 8, 1)]
+    for bad in (-4, 6, True, (0, 8), (8,), 8.0):
+        with pytest.raises(ValueError, match="vae_tile_size must be"):
+            run(pipe, image=lr, vae_tile_size=bad)
