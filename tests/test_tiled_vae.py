@@ -245,6 +245,22 @@ def test_tiled_vae_tiles_only_above_tile_plus_two_pads_and_restores_the_forwards
         torch.testing.assert_close(tiled_decode(vae, z, 8, pad=2), decoded, rtol=0, atol=0)
 
 
+def test_tiled_vae_restores_a_forward_already_wrapped_on_the_instance():
+    # e.g. accelerate's offload hooks set ``module.forward`` on the instance: it is kept underneath and put back
+    vae, _, x, z = vae_and_inputs((32, 32, 64))
+    seen = []
+    plain = vae.decoder.forward
+
+    def wrapped(sample, *args, **kwargs):
+        seen.append(tuple(sample.shape))
+        return plain(sample, *args, **kwargs)
+
+    vae.decoder.forward = wrapped
+    with torch.no_grad(), tiled_vae(vae, None, 224):
+        vae.decode(z)  # below the threshold: the wrapped forward runs
+    assert seen == [(2, 4, 13, 11)] and vae.decoder.forward is wrapped and "forward" not in vae.encoder.__dict__
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The pipelines: automatic at the originals' threshold, explicit sizes, 0 = never
 # ----------------------------------------------------------------------------------------------------------------------
