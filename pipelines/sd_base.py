@@ -85,6 +85,7 @@ same way in all three (:meth:`~StableDiffusionSRMixin.resolve_text_prompts`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -99,6 +100,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sr_diffusion.estimation import DegradationEstimator
 from sr_diffusion.fidelity_auto import check_fidelity, resolve_auto_fidelity
 from sr_diffusion.image_processor import SRImageProcessor, pad_to_multiple
+from sr_diffusion.models.tiled_vae import tiled_vae
 from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
 from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.tiling import tile_grid
@@ -155,6 +157,12 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     AUTO_LATENT_TILE_OVERLAP = 8
     #: the original script's ``process_size`` (what ``match_original=True`` uses; :meth:`process_steps`)
     PROCESS_SIZE = 512
+    #: automatic VAE tiling (:meth:`vae_tile_sizes`), PASD's and SeeSR's ``_init_tiled_vae``: encoder tiles of 1024
+    #: image pixels, decoder tiles of 224 latent pixels, each used only above ``tile + 2 · pad`` a side (pads 32 / 11:
+    #: 1088 image pixels, 246 latent pixels; :func:`~sr_diffusion.models.tiled_vae.tiled_vae`)
+    AUTO_VAE_TILE: tuple[int, int] = (1024, 224)
+    #: the VAE tiling of the current call (``vae_tile_size``, set by ``__call__``; :meth:`vae_tile_sizes`)
+    _vae_tile_size: int | tuple[int, int] | None = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction
@@ -510,13 +518,53 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
 
     def encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
         """``z = E(x) · scaling_factor``: a posterior sample for ``x`` ``(N, 3, H, W)`` in [-1, 1], in the UNet's latent
-        space (float32)."""
-        posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+        space (float32); the encoder tiled as the call's :meth:`vae_tiling` says."""
+        with self.vae_tiling():
+            posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
         return self.scale_latents(posterior.sample(generator=generator))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """``z_0`` ``(N, C_z, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1] (float32)."""
-        return self.vae.decode(self.unscale_latents(latents)).sample.float()
+        """``z_0`` ``(N, C_z, H/f, W/f)`` → ``(N, 3, H, W)`` in about [-1, 1] (float32); the decoder tiled as the call's
+        :meth:`vae_tiling` says."""
+        with self.vae_tiling():
+            return self.vae.decode(self.unscale_latents(latents)).sample.float()
+
+    def check_vae_tile_size(self, vae_tile_size: Any) -> int | tuple[int, int] | None:
+        """``vae_tile_size`` after checking it (:meth:`vae_tile_sizes`; a list pair as a tuple): ``None``, ``0``, a
+        positive multiple of the VAE factor ``f``, or a pair of positive ints."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        f = self.vae_scale_factor
+        if isinstance(vae_tile_size, (tuple, list)):
+            if len(vae_tile_size) == 2 and all(is_int(v) and v > 0 for v in vae_tile_size):
+                return tuple(vae_tile_size)
+        elif vae_tile_size is None or is_int(vae_tile_size) and vae_tile_size >= 0 and vae_tile_size % f == 0:
+            return vae_tile_size
+        raise ValueError(
+            f"vae_tile_size must be None (automatic), 0 (never), a positive multiple of the VAE factor {f} (image "
+            f"pixels) or a pair (encoder tile, image pixels; decoder tile, latent pixels), got {vae_tile_size!r}"
+        )
+
+    def vae_tile_sizes(self, vae_tile_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+        """``(encoder tile in image pixels, decoder tile in latent pixels)`` of the tiled VAE
+        (:func:`~sr_diffusion.models.tiled_vae.tiled_vae`, which tiles a net only when its input is larger than
+        ``tile + 2 · pad`` on a side), or ``None`` (never tiled): ``vae_tile_size=None`` (automatic, as the originals):
+        :attr:`AUTO_VAE_TILE`; ``0``: never; an int ``n``: ``(n, n / f)``, tiles of ``n`` image pixels for both; a
+        pair: the encoder's and decoder's tiles as the originals' ``_init_tiled_vae(encoder_tile_size,
+        decoder_tile_size)``."""
+        if vae_tile_size is None:
+            return self.AUTO_VAE_TILE
+        if isinstance(vae_tile_size, tuple):
+            return vae_tile_size
+        return (vae_tile_size, vae_tile_size // self.vae_scale_factor) if vae_tile_size else None
+
+    def vae_tiling(self) -> contextlib.AbstractContextManager:
+        """The context :meth:`encode_image` and :meth:`decode_latents` run the VAE in: tiled by the current (else the
+        last) call's ``vae_tile_size`` (:meth:`vae_tile_sizes`; automatic before any call), else nothing."""
+        tiles = self.vae_tile_sizes(self._vae_tile_size)
+        return contextlib.nullcontext() if tiles is None else tiled_vae(self.vae, *tiles)
 
     def upsample_lr(self, rgb: torch.Tensor, pil: bool = True) -> torch.Tensor:
         """The ControlNet condition: the LR images ``(N, 3, h, w)`` in [0, 1] padded (reflect, bottom/right) to a

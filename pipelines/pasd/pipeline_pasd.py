@@ -53,9 +53,11 @@ to ``(768 / (s · h))²`` times the work; ``match_original`` also builds the pro
 (:func:`pasd_original_prompt`) and rounds and truncates to 8 bits around the colour fix as the script's PIL round
 trips.
 
-Not carried over: the VAE's own tiling (``_init_tiled_vae``, encoder tiles of 1024 and decoder tiles of 224 latent
-pixels, which the original only uses above 1088 input pixels or 246 latent pixels a side, so outputs above those
-sizes differ), personalised/LoRA bases, ``guess_mode``, LCM-LoRA, the grayscale-colourisation variant, PASD-light's
+The VAE tiles as the original's ``_init_tiled_vae`` (``vae_tile_size=None``, automatic;
+:mod:`sr_diffusion.models.tiled_vae`): encoder tiles of 1024 pixels for an image above 1088 pixels a side, decoder
+tiles of 224 latent pixels for a latent above 246 a side, GroupNorm statistics shared across the tiles.
+
+Not carried over: personalised/LoRA bases, ``guess_mode``, LCM-LoRA, the grayscale-colourisation variant, PASD-light's
 UNet.
 """
 
@@ -559,6 +561,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         process_size: int | None = None,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        vae_tile_size: int | tuple[int, int] | None = None,
         match_original: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -619,6 +622,11 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 latent has more than 320² pixels; ``0``: never; an int (a multiple of :attr:`lr_multiple`): tiles of
                 ``tile_size`` LR pixels (``tile_size · upscale / 8`` latent pixels on SD).
             tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 8 latent pixels.
+            vae_tile_size: the VAE's own tiling (:func:`~sr_diffusion.models.tiled_vae.tiled_vae`: the original's
+                ``_init_tiled_vae``, GroupNorm statistics shared across tiles). ``None`` (default): automatic as the
+                original, encoder tiles of 1024 image pixels for an image above 1088 pixels a side, decoder tiles of
+                224 latent pixels for a latent above 246 a side; ``0``: never; an int: tiles of ``vae_tile_size``
+                image pixels for both; a pair: ``(encoder tile in image pixels, decoder tile in latent pixels)``.
             match_original: reproduce ``test_pasd.py`` (yangxy/PASD) where our defaults differ: ``process_size``
                 768 unless given; the prompt built as the script does (:func:`pasd_original_prompt`: the caption,
                 then the user's words, then ``added_prompt`` with no separator) instead of the user's words first with
@@ -675,6 +683,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
+        self._vae_tile_size = self.check_vae_tile_size(vae_tile_size)  # encode_image / decode_latents
         device = self._execution_device
         rgb = pre.rgb.to(device)
         do_cfg = guidance_scale > 1

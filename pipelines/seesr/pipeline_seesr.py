@@ -46,9 +46,11 @@ PIL bicubic, sizes squeezed to a multiple of 8, the output resized back) is ``pr
 (:func:`seesr_original_prompt`) and draws the LR latent's posterior sample from torch's global RNG, as the script's
 ``latent_dist.sample()`` without a generator (seed it with ``torch.manual_seed`` for the original's draws).
 
-Not carried over: the tiled VAE (``_init_tiled_vae``: encoder tiles of 1024 pixels and decoder tiles of 224 latent
-pixels, used by the original only above 1088 pixels or 246 latent pixels a side, so outputs above those sizes
-differ), guess mode and multi-ControlNets (unused by SeeSR).
+The VAE tiles as the original's ``_init_tiled_vae`` (``vae_tile_size=None``, automatic;
+:mod:`sr_diffusion.models.tiled_vae`): encoder tiles of 1024 pixels for an image above 1088 pixels a side, decoder
+tiles of 224 latent pixels for a latent above 246 a side, GroupNorm statistics shared across the tiles.
+
+Not carried over: guess mode and multi-ControlNets (unused by SeeSR).
 """
 
 from __future__ import annotations
@@ -561,6 +563,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         process_size: int | None = None,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        vae_tile_size: int | tuple[int, int] | None = None,
         match_original: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -618,6 +621,11 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 ``tile_size`` LR pixels (``tile_size · upscale / 8`` latent pixels on SD; 192 is the original's 96 at
                 ×4).
             tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 4 latent pixels.
+            vae_tile_size: the VAE's own tiling (:func:`~sr_diffusion.models.tiled_vae.tiled_vae`: the original's
+                ``_init_tiled_vae``, GroupNorm statistics shared across tiles). ``None`` (default): automatic as the
+                original, encoder tiles of 1024 image pixels for an image above 1088 pixels a side, decoder tiles of
+                224 latent pixels for a latent above 246 a side; ``0``: never; an int: tiles of ``vae_tile_size``
+                image pixels for both; a pair: ``(encoder tile in image pixels, decoder tile in latent pixels)``.
             match_original: reproduce ``test_seesr.py`` (cswry/SeeSR) where our defaults differ: ``process_size``
                 512 unless given; the prompt built as the script does (:func:`seesr_original_prompt`:
                 ``f"{tags}, {prompt},"`` then ``added_prompt``) instead of the user's words first with deduplicated
@@ -670,6 +678,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
+        self._vae_tile_size = self.check_vae_tile_size(vae_tile_size)  # encode_image / decode_latents
         device = self._execution_device
         rgb = pre.rgb.to(device)
         do_cfg = guidance_scale > 1
