@@ -149,3 +149,53 @@ def test_one_z_t_for_a_tiled_run(pipe):
     assert (tiled - whole).abs().max() > 1e-4
     with pytest.raises(ValueError, match="tile_overlap"):
         run(pipe, tile_overlap=-1)
+
+
+def test_match_original_above_vqgantile_size_runs_the_whole_chain_per_patch_and_stitches(pipe, monkeypatch):
+    """The script above ``vqgantile_size``: ``ImageSpliterTh`` patches of y (starts ``range(0, L, stride)`` clamped to
+    ``L - P``, column by column), ``seed_everything`` before each patch's whole chain, ``update_gaussian`` / ``gather``
+    with its ``_gaussian_weights`` (x centre ``(P - 1)/2``, y centre ``P/2``, var 0.01), then the clamp."""
+    import math
+
+    monkeypatch.setattr(pipe, "VAE_TILE", 32)
+    calls = []
+    restore = pipe.restore_upsampled
+
+    def record(upsampled, generator, latents, **kwargs):
+        out = restore(upsampled, generator, latents, **kwargs)
+        calls.append((upsampled.clone(), kwargs, out))
+        return out
+
+    monkeypatch.setattr(pipe, "restore_upsampled", record)
+    image = lr_image(1, size=(12, 20))
+    got = run(pipe, image=image, match_original=True, vae_tile_overlap=8)  # y: 48 x 80, patches 32, stride 24
+
+    def starts(length, size=32, stride=24):
+        return list(dict.fromkeys(min(s, length - size) for s in range(0, length, stride)))
+
+    assert (starts(48), starts(80)) == ([0, 16], [0, 24, 48])
+    y = resize(image * 2 - 1, size=(48, 80), mode="bicubic").clamp(-1, 1)
+    regions = [(h, w) for w in starts(80) for h in starts(48)]  # column by column
+    assert len(calls) == len(regions)
+
+    def probs(n, centre):
+        return [math.exp(-((i - centre) ** 2) / (n * n) / (2 * 0.01)) / math.sqrt(2 * math.pi * 0.01) for i in range(n)]
+
+    weight = torch.tensor([[py * px for px in probs(32, 31 / 2)] for py in probs(32, 16)])
+    total, weight_sum = torch.zeros(1, 3, 48, 80), torch.zeros(1, 1, 48, 80)
+    for (h, w), (patch, kwargs, out) in zip(regions, calls):
+        torch.testing.assert_close(patch, y[..., h : h + 32, w : w + 32], rtol=0, atol=1e-6)
+        # every patch from the same random state: the seed's fresh generator gives the same patch result (up to float32
+        # rounding: the pipeline convolves a strided view, this a contiguous copy; another draw differs by O(1))
+        again = restore(patch, torch.Generator().manual_seed(0), None, **kwargs)
+        torch.testing.assert_close(out, again, rtol=0, atol=1e-5)
+        assert (out - restore(patch, torch.Generator().manual_seed(1), None, **kwargs)).abs().max() > 1e-3
+        total[..., h : h + 32, w : w + 32] += out * weight
+        weight_sum[..., h : h + 32, w : w + 32] += weight
+    torch.testing.assert_close(got, ((total / weight_sum + 1) / 2).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    # below the patch size (and without match_original) nothing changes
+    calls.clear()
+    small = lr_image(2)
+    torch.testing.assert_close(run(pipe, image=small, match_original=True), run(pipe, image=small))
+    with pytest.raises(ValueError, match="match_original"):
+        run(pipe, image=image, match_original=True, vae_tile_overlap=8, latents=torch.zeros(1, 4, 12, 20))

@@ -130,6 +130,26 @@ def stablesr_scheduler(prediction_type: str = "epsilon", num_train_timesteps: in
     )
 
 
+class RandomStateReplay:
+    """Rewinds the random state a chain draws from to where it was when this was made: the given generator(s), or,
+    with ``generator=None``, torch's global CPU (and CUDA) generators, as the original's ``seed_everything`` before
+    every patch does."""
+
+    def __init__(self, generator: torch.Generator | list[torch.Generator] | None):
+        self.generators = [] if generator is None else generator if isinstance(generator, list) else [generator]
+        self.states = [g.get_state() for g in self.generators]
+        self.global_state = torch.get_rng_state() if generator is None else None
+        self.cuda_states = torch.cuda.get_rng_state_all() if generator is None and torch.cuda.is_available() else None
+
+    def rewind(self) -> None:
+        for g, state in zip(self.generators, self.states):
+            g.set_state(state)
+        if self.global_state is not None:
+            torch.set_rng_state(self.global_state)
+        if self.cuda_states is not None:
+            torch.cuda.set_rng_state_all(self.cuda_states)
+
+
 #: StableSR's ``_gaussian_weights`` (``var = 0.01``), shared with PASD and SeeSR
 stablesr_tile_weights = gaussian_tile_weights
 
@@ -598,6 +618,105 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
 
         return self.blend_latent_tiles(predict, latents, tile, overlap)
 
+    def restore_upsampled(
+        self,
+        upsampled: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        *,
+        prompt_embeds: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        fidelity_weight: float,
+        color_fix: str,
+        start_point: str,
+        tile_size: int | None,
+        tile_overlap: int | None,
+        vae_tile_size: int | None,
+        vae_tile_overlap: int,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> torch.Tensor:
+        """Steps 3–8 of :meth:`__call__` on the upsampled LR image ``y`` ``(N, 3, H, W)`` in [-1, 1] (padded, clamped):
+        encode ``z_lr``, the (canvas-tiled) chain from ``z_T``, the CFW decode (VAE-tiled above :attr:`VAE_TILE`), the
+        colour fix against ``y``. Returns the colour-fixed decode ``(N, 3, H, W)``, neither clamped nor cropped."""
+        vae_tile_size = self.vae_tile(upsampled.shape[-2:], vae_tile_size)
+        device = upsampled.device
+        if vae_tile_size is None:
+            cfw_store: dict[int, list[torch.Tensor]] | None = {} if fidelity_weight > 0 else None
+            lr_latents = self.encode_lr(upsampled, generator, cfw_store).to(self.unet.dtype)
+            cfw_features = {k: torch.cat(v) for k, v in (cfw_store or {}).items()}
+        else:
+            lr_latents = self.encode_lr_tiled(upsampled, generator, vae_tile_size, vae_tile_overlap)
+            lr_latents = lr_latents.to(self.unet.dtype)
+
+        # 4. Timesteps
+        timesteps = self.set_timesteps(num_inference_steps, device)
+        self._num_timesteps = len(timesteps)
+
+        # 5. z_T (pure noise, or z_lr noised to T - 1)
+        latents = self.prepare_start_latents(lr_latents, start_point, generator, latents)
+        step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)  # no eta knob: the scheduler's default
+
+        # 6. Denoising loop. Not the mixin's sample_tiles (one chain per LR tile, blended once at the end): tiled, every
+        #    step blends the tiles' noise predictions on the latent with Gaussian weights and steps the whole latent
+        #    (the original's progressive aggregation sampling), so the tiles cannot drift apart
+        tiles = self.canvas_tiles(lr_latents.shape[-2:], tile_size, tile_overlap)
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if tiles is None:
+                    noise_pred = self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
+                else:
+                    noise_pred = self.predict_noise_tiled(latents, t, lr_latents, prompt_embeds, guidance_scale, *tiles)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+                state = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
+                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+                latents, prompt_embeds, lr_latents = state["latents"], state["prompt_embeds"], state["lr_latents"]
+                progress_bar.update()
+
+        # 7. Decode with CFW (tiled: each tile with the encoder features of its own region)
+        if vae_tile_size is None:
+            hr = self.decode_latents(latents, cfw_features, fidelity_weight)
+        else:
+            hr = self.decode_latents_tiled(latents, upsampled, fidelity_weight, vae_tile_size, vae_tile_overlap)
+
+        # 8. Colour fix as the original: in [-1, 1], before clamping and cropping, against y (padded, clamped)
+        return apply_color_fix(hr, upsampled.to(hr), color_fix)
+
+    def restore_in_patches(
+        self,
+        upsampled: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        patch_size: int,
+        patch_overlap: int,
+        **restore: Any,
+    ) -> torch.Tensor:
+        """The original script's path for an image larger than ``vqgantile_size`` (``match_original=True``): ``y`` is
+        cut into ``patch_size``-pixel patches (:attr:`VAE_TILE` by default) overlapping by ``patch_overlap`` (its
+        ``ImageSpliterTh`` with ``vqgantile_size`` and ``vqgantile_stride = patch_size - patch_overlap``:
+        the last patch of a row or column shifted back to end at the border); each patch runs the whole of
+        :meth:`restore_upsampled` (encode, chain, decode, colour fix against the patch) from the same random state (the
+        script calls ``seed_everything`` before every patch), and the results are blended with Gaussian weights
+        (``update_gaussian`` / ``gather``: :func:`gaussian_tile_weights` of the patch, summed, divided by the summed
+        weights). Returns ``(N, 3, H, W)``, neither clamped nor cropped."""
+        height, width = upsampled.shape[-2:]
+        tile_h, tile_w, ys, xs = tile_grid(height, width, patch_size, patch_overlap)
+        weight = gaussian_tile_weights(tile_h, tile_w, device=upsampled.device)
+        total = torch.zeros(upsampled.shape, dtype=torch.float32, device=upsampled.device)
+        weight_sum = torch.zeros(1, 1, height, width, dtype=torch.float32, device=upsampled.device)
+        replay = RandomStateReplay(generator)
+        for x in xs:  # column by column, as ImageSpliterTh
+            for y in ys:
+                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
+                replay.rewind()
+                patch = self.restore_upsampled(upsampled[region], generator, None, **restore)
+                total[region] += patch.float() * weight
+                weight_sum[region] += weight
+        return total / weight_sum
+
     @torch.no_grad()
     def __call__(
         self,
@@ -615,6 +734,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         tile_overlap: int | None = None,
         vae_tile_size: int | None = None,
         vae_tile_overlap: int = 280,
+        match_original: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -670,6 +790,11 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 ``vqgantile_size``) when the output is larger on a side; ``0``: the whole image.
             vae_tile_overlap: the overlap of neighbouring VAE tiles in output pixels, a multiple of ``f`` below
                 ``vae_tile_size``; default 280 (the original's ``vqgantile_size - vqgantile_stride = 1280 - 1000``).
+            match_original: for an output larger than 1280 pixels (``vqgantile_size``) a side, do what the original
+                script does there: run the whole chain (encode, sample, decode, colour fix) on each 1280-pixel patch
+                (stride 1000) from the same random state and blend the patches with Gaussian weights
+                (:meth:`restore_in_patches`), instead of tiling only the VAE; ``latents`` cannot be given then. Below
+                that size every default already is the original's. Default False.
             generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
                 with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
             latents: ``z_T`` to start from, of shape :meth:`latent_shape` (before scaling by ``init_noise_sigma``); one
@@ -711,6 +836,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             vae_tile_overlap,
             start_point,
         )
+        if match_original is not True and match_original is not False:
+            raise ValueError(f"match_original must be a bool, got {match_original!r}")
         self._interrupt = False
         device = self._execution_device
         rgb = pre.rgb.to(device)
@@ -721,54 +848,36 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, None, None)
         prompt_embeds = self.embed_for_guidance(resolved.prompts, resolved.negative_prompts, device, do_cfg)
 
-        # 3. LR image: [0, 1] -> [-1, 1], pad (reflect), bicubic-upsample to the output size, encode (and keep the
-        #    CFW encoder features; tiled, the image is kept and each decoder tile re-encodes its own region)
+        # 3.–8. LR image: [0, 1] -> [-1, 1], pad (reflect), bicubic-upsample to the output size y; encode, sample,
+        #    decode, colour fix (restore_upsampled; with match_original above vqgantile_size, patch by patch)
         lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
         size = (lr.shape[-2] * s, lr.shape[-1] * s)
         upsampled = resize(lr, size=size, mode="bicubic").clamp(-1.0, 1.0)
-        vae_tile_size = self.vae_tile(size, vae_tile_size)
-        if vae_tile_size is None:
-            cfw_store: dict[int, list[torch.Tensor]] | None = {} if fidelity_weight > 0 else None
-            lr_latents = self.encode_lr(upsampled, generator, cfw_store).to(self.unet.dtype)
-            cfw_features = {k: torch.cat(v) for k, v in (cfw_store or {}).items()}
+        restore = {
+            "prompt_embeds": prompt_embeds,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "fidelity_weight": fidelity_weight,
+            "color_fix": color_fix,
+            "start_point": start_point,
+            "tile_size": tile_size,
+            "tile_overlap": tile_overlap,
+            "vae_tile_size": vae_tile_size,
+            "vae_tile_overlap": vae_tile_overlap,
+            "callback_on_step_end": callback_on_step_end,
+            "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+        }
+        patch = self.vae_tile(size, vae_tile_size)
+        if match_original and patch is not None:
+            if latents is not None:
+                raise ValueError(
+                    "latents (z_T) cannot be given with match_original=True for an output over "
+                    f"{self.VAE_TILE} pixels a side: each {self.VAE_TILE}-pixel patch draws its own, as the original"
+                )
+            # the original's script above vqgantile_size: the whole chain on each patch, re-seeded, Gaussian-stitched
+            restore["vae_tile_size"] = 0  # a patch is one VAE tile
+            hr = self.restore_in_patches(upsampled, generator, patch, vae_tile_overlap, **restore)
         else:
-            lr_latents = self.encode_lr_tiled(upsampled, generator, vae_tile_size, vae_tile_overlap)
-            lr_latents = lr_latents.to(self.unet.dtype)
-
-        # 4. Timesteps
-        timesteps = self.set_timesteps(num_inference_steps, device)
-        self._num_timesteps = len(timesteps)
-
-        # 5. z_T (pure noise, or z_lr noised to T - 1)
-        latents = self.prepare_start_latents(lr_latents, start_point, generator, latents)
-        step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)  # no eta knob: the scheduler's default
-
-        # 6. Denoising loop. Not the mixin's sample_tiles (one chain per LR tile, blended once at the end): tiled, every
-        #    step blends the tiles' noise predictions on the latent with Gaussian weights and steps the whole latent
-        #    (the original's progressive aggregation sampling), so the tiles cannot drift apart
-        tiles = self.canvas_tiles(lr_latents.shape[-2:], tile_size, tile_overlap)
-        with self.progress_bar(total=self._num_timesteps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                if tiles is None:
-                    noise_pred = self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
-                else:
-                    noise_pred = self.predict_noise_tiled(latents, t, lr_latents, prompt_embeds, guidance_scale, *tiles)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-
-                state = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
-                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
-                latents, prompt_embeds, lr_latents = state["latents"], state["prompt_embeds"], state["lr_latents"]
-                progress_bar.update()
-
-        # 7. Decode with CFW (tiled: each tile with the encoder features of its own region)
-        if vae_tile_size is None:
-            hr = self.decode_latents(latents, cfw_features, fidelity_weight)
-        else:
-            hr = self.decode_latents_tiled(latents, upsampled, fidelity_weight, vae_tile_size, vae_tile_overlap)
-
-        # 8. Colour fix as the original: in [-1, 1], before clamping and cropping, against y (padded, clamped); then
-        #    crop back, [-1, 1] -> [0, 1], LR consistency, alpha, postprocess
-        hr = apply_color_fix(hr, upsampled.to(hr), color_fix)
+            hr = self.restore_upsampled(upsampled, generator, latents, **restore)
+        # 9. Crop back, [-1, 1] -> [0, 1], LR consistency, alpha, postprocess
         return self.finish_output(hr, rgb, pre.alpha, "none", output_type, return_dict, lr_consistency)
