@@ -14,15 +14,22 @@ same weights, bit for bit (same device, same config), as one that was never inte
   * the data position is a function of the optimizer step: training samples are addressed by their
     position in the run's sample stream (:class:`~sr_diffusion.training.data.StepBatchSampler`), and each
     sample's image, crop, flips and degradation kernels come from generators seeded by
-    ``(seed, position)``; the batched on-device degradation and the task's own draws (e.g. diffusion
-    noise) use generators seeded by ``(seed, micro-batch, process)``;
+    ``(seed, position)``; the task's own draws (e.g. diffusion noise) use generators seeded by
+    ``(seed, position)`` (:attr:`TrainingTask.per_sample_generators`) or ``(seed, micro-batch, process)``, and
+    the batched on-device degradation one seeded by ``(seed, micro-batch, process)``;
   * nothing between two optimizer steps draws from the global RNGs outside the model itself (the data
     loader gets its own generator; validation runs on a copy of the model under ``torch.no_grad``).
 
-Data parallelism (``accelerate launch --num_processes P``, DDP). The contract: ``P`` processes with
-``data.batch_size=B`` train the same weights as one process with ``data.batch_size=P·B`` (or one process with
-``B`` and ``gradient_accumulation_steps=P``), up to float32 rounding (the gradient sums run in another order),
-for the same seed. It holds because
+Data parallelism (``accelerate launch --num_processes P``, DDP). The contract, for the same seed and config:
+``P`` processes with ``data.batch_size=B`` train
+  * bit for bit the weights of one process with ``B`` and ``train.gradient_accumulation_steps=P`` (DDP's
+    ``(g_0 + … + g_{P-1}) / P`` and the accumulated ``g_0/P + … + g_{P-1}/P`` are the same float operations
+    for ``P = 2``; for other ``P`` they differ by rounding), and
+  * the weights of one process with ``data.batch_size=P·B`` up to float32 rounding: the batch reductions run
+    in another order. Adam's normalised step ``g / (|g| + eps)`` turns rounding into an O(lr) step for a
+    parameter whose gradient cancels to the rounding level (e.g. a bias in front of a normalisation), and later
+    steps spread it; a larger ``optim.eps`` keeps that difference at the rounding level too.
+It holds because
   * optimizer step ``k`` reads the same samples either way: micro-batch ``b`` of process ``r`` holds stream
     positions ``(b·P + r)·B …`` (:class:`~sr_diffusion.training.data.StepBatchSampler`), i.e. rank ``r`` gets
     positions ``r·B … (r+1)·B - 1`` of the global batch, and every sample's image, crop, flips and kernels are
@@ -46,6 +53,14 @@ rename (:mod:`.checkpointing`); on resume every process reads the same folder ba
 optimizer state from the main process's files, its RNG state from its own). Validation, image logging,
 trackers, ``config.yaml`` and the exported pipeline are main-process only; the logged ``train/loss`` is the mean
 over processes (the global batch's loss).
+
+Launching. On GPUs: ``accelerate launch --config_file configs/accelerate/multi_gpu.yaml`` (or ``multi_node``,
+``fsdp``, ``deepspeed_zero2``). Several CPU processes (gloo, as the tests run): ``ACCELERATE_USE_CPU=true
+accelerate launch --multi_gpu --num_processes 2 …``; ``accelerate launch --cpu --num_processes 2`` starts a single
+process (accelerate spreads CPU processes only through ``mpirun``), and processes that a launcher started but
+that did not join one group are refused (each would train alone into the same folder). Under FSDP the EMA
+update, the checkpoint's ``model/``, validation and the export run inside ``FSDP.summon_full_params``; DDP and
+DeepSpeed ZeRO-2 keep whole weights on every process (FSDP and DeepSpeed are not run by the CPU tests).
 
 ``SR_DIFFUSION_STATE_DIGESTS=<dir>`` (a debugging hook, used by the tests): at the end of :meth:`Trainer.train`,
 each process writes ``<dir>/rank{r}.json`` with the SHA-256 of every tensor of its model and EMA weights
