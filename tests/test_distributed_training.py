@@ -91,17 +91,25 @@ REGRESSION_ARGS = [
     "optim.warmup_steps=3", "data.num_workers=0",
 ]  # fmt: skip
 REGRESSION_LR = 3.0e-3  # optim.lr of regression_tiny.yaml
-RESSHIFT_STEPS = 4
-# optim.eps=1e-3: some ResShiftUNet parameters have a gradient that cancels by structure to the rounding level
-# (|g| ~ 1e-7, e.g. output_blocks.3.0.out_layers.3.bias), where Adam's default eps=1e-8 turns a float32 reordering
-# of the batch sums into an O(lr) change of its step (g / (|g| + eps)), which later steps carry everywhere. A larger
-# eps keeps Adam's step a smooth function of the gradient there, so the 1 x 2B comparison measures the split, not
-# Adam's sign(0). The bit-exact comparison with gradient accumulation holds at any eps.
-RESSHIFT_ARGS = [
-    "--config", str(CONFIGS / "resshift_tiny.yaml"), f"train.max_steps={RESSHIFT_STEPS}",
-    f"train.checkpointing_steps={RESSHIFT_STEPS}", "train.validation_steps=0", "train.report_to=none", "optim.eps=1e-3",
+DIFFUSION_STEPS = 4
+# optim.eps=1e-3 (the diffusion runs): some ResShiftUNet parameters have a gradient that cancels by structure to the
+# rounding level (|g| ~ 1e-7, e.g. output_blocks.3.0.out_layers.3.bias), where Adam's default eps=1e-8 turns a
+# float32 reordering of the batch sums into an O(lr) change of its step (g / (|g| + eps)), which later steps carry
+# everywhere. A larger eps keeps Adam's step a smooth function of the gradient there, so the 1 x 2B comparison
+# measures the split, not Adam's sign(0). The bit-exact comparison with gradient accumulation holds at any eps.
+DIFFUSION_ARGS = [
+    f"train.max_steps={DIFFUSION_STEPS}", f"train.checkpointing_steps={DIFFUSION_STEPS}", "train.validation_steps=0",
+    "train.report_to=none", "optim.eps=1e-3",
 ]  # fmt: skip
-RESSHIFT_LR = 2.0e-3  # optim.lr of resshift_tiny.yaml
+RESSHIFT_ARGS = ["--config", str(CONFIGS / "resshift_tiny.yaml"), *DIFFUSION_ARGS]
+DIFFUSION_LR = 2.0e-3  # optim.lr of resshift_tiny.yaml, sr3_tiny.yaml and srdiff_tiny.yaml
+# Compared across process counts (name, steps, lr): the regression task and the diffusion tasks that draw per sample.
+EQUIVALENT_RUNS = [
+    ("regression", MAX_STEPS, REGRESSION_LR),
+    ("resshift", DIFFUSION_STEPS, DIFFUSION_LR),
+    ("sr3", DIFFUSION_STEPS, DIFFUSION_LR),
+    ("srdiff", DIFFUSION_STEPS, DIFFUSION_LR),
+]
 SMOKE_NAMES = (
     "regression_tiny", "resshift_tiny", "sr3_tiny", "srdiff_rrdb_tiny", "srdiff_tiny", "autoencoder_tiny", "dape_tiny",
     "degradation_estimator_tiny", "stablesr_tiny", "stablesr_cfw_tiny", "pasd_tiny", "seesr_tiny",
@@ -257,33 +265,48 @@ def sd_fixtures(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def _equivalence_runs(fixtures: dict[str, Path]) -> dict[str, tuple[Path, list]]:
+    """The runs compared across process counts (without data.batch_size, which each launch sets)."""
+    return {
+        "regression": (TRAIN / "train_regression.py", REGRESSION_ARGS),
+        "resshift": (TRAIN / "train_resshift.py", RESSHIFT_ARGS),
+        "sr3": (TRAIN / "train_sr3.py", ["--config", CONFIGS / "sr3_tiny.yaml", *DIFFUSION_ARGS]),
+        "srdiff": (
+            TRAIN / "train_srdiff.py",
+            [
+                "--config",
+                CONFIGS / "srdiff_tiny.yaml",
+                f"srdiff.rrdb_path={fixtures['srdiff_encoder']}",
+                *DIFFUSION_ARGS,
+            ],
+        ),
+    }
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, sd_fixtures) -> tuple[Path, str]:
-    """One launch of two gloo processes with configs/accelerate/multi_gpu.yaml: the regression and ResShift runs
-    of the equivalence tests, then every smoke run. Returns the run folder and the launch's output."""
+    """One launch of two gloo processes with configs/accelerate/multi_gpu.yaml: the runs of the equivalence tests
+    (2 samples per process), then every smoke run. Returns the run folder and the launch's output."""
     root = tmp_path_factory.mktemp("two_processes")
     runs = {
-        "regression": (TRAIN / "train_regression.py", REGRESSION_ARGS),  # data.batch_size=2 per process
-        "resshift": (TRAIN / "train_resshift.py", [*RESSHIFT_ARGS, "data.batch_size=2"]),
-        **{name: (script, [*args, *SMOKE]) for name, (script, args) in _smoke_runs(sd_fixtures).items()},
+        name: (script, [*args, "data.batch_size=2"]) for name, (script, args) in _equivalence_runs(sd_fixtures).items()
     }
-    assert tuple(runs)[2:] == SMOKE_NAMES
+    runs.update({name: (script, [*args, *SMOKE]) for name, (script, args) in _smoke_runs(sd_fixtures).items()})
+    assert tuple(runs)[len(EQUIVALENT_RUNS) :] == SMOKE_NAMES
     log = _launch_spec(runs, root, 2, launch_args=["--config_file", ACCELERATE_CONFIGS / "multi_gpu.yaml"])
     return root, log
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    """The same regression and ResShift runs on one process: with the global batch of 4 (``<name>``), and with
-    batches of 2 and gradient accumulation over 2 micro-batches (``<name>_accumulated``)."""
+def one_process(tmp_path_factory, sd_fixtures) -> Path:
+    """The same runs on one process: with the global batch of 4 (``<name>``), and with batches of 2 and gradient
+    accumulation over 2 micro-batches (``<name>_accumulated``)."""
     root = tmp_path_factory.mktemp("one_process")
     accumulate = ["data.batch_size=2", "train.gradient_accumulation_steps=2"]
-    runs = {
-        "regression": (TRAIN / "train_regression.py", [*REGRESSION_ARGS, "data.batch_size=4"]),
-        "regression_accumulated": (TRAIN / "train_regression.py", [*REGRESSION_ARGS, *accumulate]),
-        "resshift": (TRAIN / "train_resshift.py", [*RESSHIFT_ARGS, "data.batch_size=4"]),
-        "resshift_accumulated": (TRAIN / "train_resshift.py", [*RESSHIFT_ARGS, *accumulate]),
-    }
+    runs = {}
+    for name, (script, args) in _equivalence_runs(sd_fixtures).items():
+        runs[name] = (script, [*args, "data.batch_size=4"])
+        runs[f"{name}_accumulated"] = (script, [*args, *accumulate])
     _launch_spec(runs, root, 1)
     return root
 
@@ -314,9 +337,6 @@ def test_every_tiny_config_and_the_defaults_train_on_two_processes(two_processes
 # ----------------------------------------------------------------------------------------------------------------------
 # 2 processes x B = 1 process x 2B
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-EQUIVALENT_RUNS = [("regression", MAX_STEPS, REGRESSION_LR), ("resshift", RESSHIFT_STEPS, RESSHIFT_LR)]
 
 
 @pytest.mark.parametrize("name, steps, lr", EQUIVALENT_RUNS)
