@@ -103,12 +103,16 @@ DIFFUSION_ARGS = [
 ]  # fmt: skip
 RESSHIFT_ARGS = ["--config", str(CONFIGS / "resshift_tiny.yaml"), *DIFFUSION_ARGS]
 DIFFUSION_LR = 2.0e-3  # optim.lr of resshift_tiny.yaml, sr3_tiny.yaml and srdiff_tiny.yaml
-# Compared across process counts (name, steps, lr): the regression task and the diffusion tasks that draw per sample.
+SD_LR = 1.0e-3  # optim.lr of stablesr_tiny.yaml, pasd_tiny.yaml and seesr_tiny.yaml
+# Compared across process counts (name, steps, lr): the regression task and every task that draws per sample.
 EQUIVALENT_RUNS = [
     ("regression", MAX_STEPS, REGRESSION_LR),
     ("resshift", DIFFUSION_STEPS, DIFFUSION_LR),
     ("sr3", DIFFUSION_STEPS, DIFFUSION_LR),
     ("srdiff", DIFFUSION_STEPS, DIFFUSION_LR),
+    ("stablesr", DIFFUSION_STEPS, SD_LR),
+    ("pasd", DIFFUSION_STEPS, SD_LR),
+    ("seesr", DIFFUSION_STEPS, SD_LR),
 ]
 SMOKE_NAMES = (
     "regression_tiny", "resshift_tiny", "sr3_tiny", "srdiff_rrdb_tiny", "srdiff_tiny", "autoencoder_tiny", "dape_tiny",
@@ -279,7 +283,25 @@ def _equivalence_runs(fixtures: dict[str, Path]) -> dict[str, tuple[Path, list]]
                 f"srdiff.rrdb_path={fixtures['srdiff_encoder']}",
                 *DIFFUSION_ARGS,
             ],
+        ),  # fmt: skip
+        "stablesr": (
+            TRAIN / "train_stablesr.py",
+            ["--config", CONFIGS / "stablesr_tiny.yaml", f"stablesr.base={fixtures['stablesr_base']}", *DIFFUSION_ARGS],
+        ),  # fmt: skip
+        "pasd": (
+            TRAIN / "train_pasd.py",
+            ["--config", CONFIGS / "pasd_tiny.yaml", f"pasd.base={fixtures['pasd_base']}", *DIFFUSION_ARGS],
         ),
+        "seesr": (
+            TRAIN / "train_seesr.py",
+            [
+                "--config",
+                CONFIGS / "seesr_tiny.yaml",
+                f"seesr.base={fixtures['seesr_base']}",
+                f"seesr.dape={fixtures['seesr_dape']}",
+                *DIFFUSION_ARGS,
+            ],
+        ),  # fmt: skip
     }
 
 
