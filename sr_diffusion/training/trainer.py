@@ -43,9 +43,12 @@ It holds because
     :func:`~sr_diffusion.training.optim.build_lr_scheduler` divides its counter by ``P``);
   * every process starts from the same seeded initialisation, and the EMA is updated on every process
     from the same synchronised weights, so it is identical on every rank.
-Outside it: on-the-fly ``realesrgan``/``bsrgan`` degradations draw batch-wide choices (resize factors and
-modes, as in Real-ESRGAN) from a per-``(micro-batch, process)`` generator, and dropout layers draw from each
-process's global RNG; both keep their distribution, not their exact draws, when the batch is split.
+Per-sample draws: regression (none), ResShift, SR3, SRDiff, StableSR (SFT), PASD and SeeSR. Outside the contract:
+the tasks still on one generator per ``(micro-batch, process)`` (StableSR's CFW stage, the KL autoencoder's
+posterior sample, the degradation estimator's synthetic degradations); on-the-fly ``realesrgan``/``bsrgan``
+degradations, which draw batch-wide choices (resize factors and modes, as in Real-ESRGAN) per ``(micro-batch,
+process)``; and dropout layers, which draw from each process's global RNG. They keep their distribution, not their
+exact draws, when the batch is split.
 
 Checkpoints are written once: the main process writes ``model/``, ``ema/``, the optimizer and the schedule,
 every process its own ``random_states_{rank}.pkl``, and the main process publishes the folder with an atomic
