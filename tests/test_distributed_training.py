@@ -1,8 +1,10 @@
-"""Data-parallel training on two CPU processes (gloo): every method's tiny config and the two default configs start,
-2 processes x batch B train the same weights as 1 process x batch 2B, a SIGKILLed two-process run resumes to the
-same weights, checkpoints are written once, validation and logging run on the main process only, and every rank
-holds the same weights and EMA. The accelerate launch configs of ``configs/accelerate/`` parse, and the DDP one
-starts our trainer.
+"""Data-parallel training on two CPU processes (gloo): every method's tiny config and the two default configs train;
+2 processes x batch B train bit for bit the weights of 1 process x batch B with 2-step accumulation, and within
+float32 rounding those of 1 process x batch 2B (regression, ResShift, SR3, SRDiff, StableSR, PASD, SeeSR); a
+SIGKILLed two-process run resumes to the same weights; checkpoints are written once; validation and logging run on
+the main process only; every rank holds the same weights and EMA. The accelerate launch configs of
+``configs/accelerate/`` parse, and the DDP ones start our trainer (multi_gpu.yaml, and multi_node.yaml brought
+down to one machine).
 
 Launches are grouped to pay the start-up of two Python processes once: this file is also the launched script
 (``python tests/test_distributed_training.py SPEC.json``, see ``_run_spec``), which trains each run of a spec in
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 ACCELERATE_CONFIGS = CONFIGS / "accelerate"
 TRAIN = REPO / "training"
-DIGESTS_ENV = "SR_DIFFUSION_STATE_DIGESTS"  # sr_diffusion.training.trainer.STATE_DIGESTS_ENV
+DIGESTS_ENV = "SR_DIFFUSION_STATE_DIGESTS"  # sr_diffusion.training.trainer.STATE_DIGESTS_ENV (checked below)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def _run_spec(spec_path: str) -> None:
             main = runpy.run_path(run["script"], run_name=f"spec_{name}")["main"]
             result = main(run["args"])
             status.update(ok=True, global_step=result.global_step, losses=result.losses)
-        except Exception:  # recorded, so that one broken method does not hide the others
+        except Exception:  # recorded, so that the test names the run that broke
             status.update(ok=False, error=traceback.format_exc())
         out.mkdir(parents=True, exist_ok=True)
         (out / f"status_rank{rank}.json").write_text(json.dumps(status))
@@ -65,8 +67,67 @@ def _run_spec(spec_path: str) -> None:
     PartialState().destroy_process_group()
 
 
+def _fsdp_check(out: str) -> None:
+    """Under torch FSDP (FULL_SHARD, original parameters; gloo on CPU): the trainer's ``_full_weights`` gives the EMA
+    update and the EMA copy the full weights, the same on every rank. Writes ``out/rank{r}.json``."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType, extract_model_from_parallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    from sr_diffusion.models import SRVGGNetCompact
+    from sr_diffusion.training.ema import copy_with_ema_weights, create_ema
+    from sr_diffusion.training.trainer import _full_weights, state_digests
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=4)
+    full_shapes = [tuple(p.shape) for p in model.parameters()]
+    ema = create_ema(model, decay=0.9)
+    wrapped = FullyShardedDataParallel(
+        model, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True, device_id=torch.device("cpu")
+    )
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.FSDP, unwrap_model=extract_model_from_parallel, is_main_process=rank == 0
+    )
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
+    weights = []  # the full weights after each step
+    for _ in range(2):
+        wrapped(x).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with _full_weights(accelerator, wrapped):
+            ema.step(accelerator.unwrap_model(wrapped).parameters())
+            weights.append([p.detach().clone() for p in accelerator.unwrap_model(wrapped).parameters()])
+    sharded_shapes = [tuple(p.shape) for p in accelerator.unwrap_model(wrapped).parameters()]
+    # diffusers' EMA warm-up: d_1 = 0 (a copy of w_1), d_2 = 2/11, so ema = w_1 - (1 - 2/11) (w_1 - w_2)
+    expected = [w1 - (1 - 2 / 11) * (w1 - w2) for w1, w2 in zip(*weights)]
+    ema_error = max(float((e - s).abs().max()) for e, s in zip(expected, ema.shadow_params))
+    with _full_weights(accelerator, wrapped):
+        inner = accelerator.unwrap_model(wrapped)
+        names = [name for name, _ in inner.named_parameters()]
+        record = {
+            "sharded_outside": sharded_shapes != full_shapes,
+            "full_inside": [tuple(p.shape) for p in inner.parameters()] == full_shapes,
+            "ema_error": ema_error,
+            "weight_scale": max(float(w.abs().max()) for w in weights[-1]),
+            "model": state_digests(dict(inner.named_parameters())),
+            "ema": state_digests(dict(zip(names, ema.shadow_params))),
+            "copy": state_digests(dict(copy_with_ema_weights(inner, ema).named_parameters())),
+        }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    _run_spec(sys.argv[1])
+    if sys.argv[1] == "--fsdp-check":
+        _fsdp_check(sys.argv[2])
+    else:
+        _run_spec(sys.argv[1])
     sys.exit(0)
 
 
@@ -79,7 +140,9 @@ import torch  # noqa: E402
 from conftest import accelerate_launch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from sr_diffusion.training.trainer import state_digests  # noqa: E402
+from sr_diffusion.training.trainer import STATE_DIGESTS_ENV, state_digests  # noqa: E402
+
+assert DIGESTS_ENV == STATE_DIGESTS_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -580,3 +643,27 @@ def test_separate_processes_are_refused(tmp_path):
     )
     assert proc.returncode != 0
     assert "not one data-parallel group" in proc.stderr
+
+
+def test_fsdp_full_weights_feed_the_ema_on_every_rank(tmp_path):
+    """FSDP cannot be started through accelerate on CPU (it stays MULTI_CPU, i.e. DDP), so the trainer's FSDP path
+    is checked on torch FSDP directly (gloo, two processes via torchrun): outside ``_full_weights`` each rank holds a
+    shard, inside it the full weights, so the EMA (built from the full model) updates and copies correctly, the same
+    on both ranks."""
+    import subprocess
+
+    from conftest import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), __file__, "--fsdp-check", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        assert record["sharded_outside"] and record["full_inside"]
+        # the EMA followed the full weights: w_1 - (9/11)(w_1 - w_2) in another float32 order, a few ulp of the
+        # weights apart (a shard or a stale weight would be off by the weights' own size)
+        assert record["ema_error"] <= 8 * 2.0**-24 * record["weight_scale"], record["ema_error"]
+        assert record["copy"] == record["ema"]  # the validation/export copy carries exactly the EMA
+    assert records[0]["model"] == records[1]["model"] and records[0]["ema"] == records[1]["ema"]

@@ -63,7 +63,8 @@ accelerate launch --multi_gpu --num_processes 2 …``; ``accelerate launch --cpu
 process (accelerate spreads CPU processes only through ``mpirun``), and processes that a launcher started but
 that did not join one group are refused (each would train alone into the same folder). Under FSDP the EMA
 update, the checkpoint's ``model/``, validation and the export run inside ``FSDP.summon_full_params``; DDP and
-DeepSpeed ZeRO-2 keep whole weights on every process (FSDP and DeepSpeed are not run by the CPU tests).
+DeepSpeed ZeRO-2 keep whole weights on every process (the CPU tests check the FSDP context on torch FSDP directly;
+no whole FSDP or DeepSpeed run is tested).
 
 ``SR_DIFFUSION_STATE_DIGESTS=<dir>`` (a debugging hook, used by the tests): at the end of :meth:`Trainer.train`,
 each process writes ``<dir>/rank{r}.json`` with the SHA-256 of every tensor of its model and EMA weights
@@ -483,7 +484,7 @@ def state_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """``{name: SHA-256 hex}`` of each tensor's dtype, shape and bytes (on CPU): equal digests, equal tensors."""
     digests = {}
     for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu", copy=True).contiguous()  # a copy: numpy() would pin the storage
         h = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         digests[name] = h.hexdigest()
