@@ -471,7 +471,9 @@ def _check_process_group(num_processes: int) -> None:
     """Refuse processes that a launcher started together but that did not join one process group: each would
     train alone on the full schedule and overwrite the others' checkpoints (e.g. ``accelerate launch --multi_gpu``
     on a machine without GPUs and without ``ACCELERATE_USE_CPU=true``)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" not in os.environ:  # not a torchrun-style launch (plain python, mpirun, ...): nothing to compare
+        return
+    launched = int(os.environ["WORLD_SIZE"])
     if launched != num_processes:
         raise RuntimeError(
             f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {num_processes}: the processes are "
