@@ -509,3 +509,22 @@ def test_per_sample_draws_do_not_depend_on_how_the_batch_is_split():
     # the trainer's positions: rank r of P holds positions r*B ... (r+1)*B - 1 of each global micro-batch
     assert StepBatchSampler.positions(3, 2, process_index=1, num_processes=2) == [14, 15]
     assert StepBatchSampler.positions(3, 4) == [12, 13, 14, 15]
+
+
+def test_launches_that_are_not_one_process_group_are_refused_or_flagged(monkeypatch, caplog):
+    from sr_diffusion.training.trainer import _check_process_group
+
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    _check_process_group(1)  # plain python
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _check_process_group(2)  # torchrun, one group
+    with pytest.raises(RuntimeError, match="not one data-parallel group"):
+        _check_process_group(1)  # torchrun, but each process alone
+    # `accelerate launch --cpu --num_processes 2` without mpirun: one process, MASTER_ADDR set, no WORLD_SIZE
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with caplog.at_level("WARNING", logger="sr_diffusion.training.trainer"):
+        _check_process_group(1)
+    assert "starts several CPU processes only with mpirun" in caplog.text

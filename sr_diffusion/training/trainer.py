@@ -472,6 +472,14 @@ def _check_process_group(num_processes: int) -> None:
     train alone on the full schedule and overwrite the others' checkpoints (e.g. ``accelerate launch --multi_gpu``
     on a machine without GPUs and without ``ACCELERATE_USE_CPU=true``)."""
     if "WORLD_SIZE" not in os.environ:  # not a torchrun-style launch (plain python, mpirun, ...): nothing to compare
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        if num_processes == 1 and cpu and "MASTER_ADDR" in os.environ:
+            # what `accelerate launch --cpu --num_processes N` (N > 1, no --mpirun_hostfile) leaves behind
+            logger.warning(
+                "one process: `accelerate launch --cpu --num_processes N` starts several CPU processes only with "
+                "mpirun (--mpirun_hostfile); use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+                "--num_processes N` for N gloo processes"
+            )
         return
     launched = int(os.environ["WORLD_SIZE"])
     if launched != num_processes:
