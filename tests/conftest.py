@@ -44,11 +44,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def accelerate_launch(script, args, tmp_path, timeout: int = 300):
-    """Run ``accelerate launch`` of a training script on one CPU process, as CI does; returns the process.
+def free_port() -> int:
+    """A TCP port free right now on localhost (for a multi-process launch's rendezvous)."""
+    import socket
 
-    No accelerate config file is needed: every launcher setting is given. Single-threaded, with a private
-    HF_HOME so nothing outside ``tmp_path`` is touched.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(
+    script, args, tmp_path, timeout: int = 300, num_processes: int = 1, launch_args=(), env=None, popen: bool = False
+):
+    """Run ``accelerate launch`` of a training script on ``num_processes`` CPU processes (gloo), as CI does;
+    returns the finished process (or, with ``popen``, the running ``subprocess.Popen``, in its own session,
+    output to ``tmp_path/launch.log``).
+
+    No accelerate config file is needed: every launcher setting is given (``launch_args``, e.g.
+    ``["--config_file", path]``, come first, so the settings given here override the file's). Each process is
+    single-threaded, with a private HF_HOME so nothing outside ``tmp_path`` is touched; several processes meet
+    on a free localhost port. ``env`` adds environment variables.
+
+    Several CPU processes: ``accelerate launch --cpu --num_processes 2`` starts ONE process in accelerate 1.x
+    (its CPU launcher spreads processes with ``mpirun`` only, given ``--mpirun_hostfile``), so the processes are
+    started by the torchrun launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU=true``, which makes each of
+    them a gloo ``MULTI_CPU`` rank (the trainer refuses a launch whose processes did not join one group).
     """
     import os
     import subprocess
@@ -58,7 +78,17 @@ def accelerate_launch(script, args, tmp_path, timeout: int = 300):
     repo = Path(__file__).resolve().parents[1]
     launcher = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HOME": str(Path(tmp_path) / "hf_home"),
-           "PYTHONUNBUFFERED": "1"}
-    cmd = [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args)]
+           "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", **(env or {})}
+    cmd = [str(launcher), "launch", *map(str, launch_args), "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        cmd += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    else:
+        cmd += ["--cpu"]
+    cmd += [str(script), *map(str, args)]
+    if popen:
+        with open(Path(tmp_path) / "launch.log", "w") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)

@@ -476,3 +476,55 @@ def test_tiny_run_learns_and_exports_a_pipeline(tmp_path, fresh_accelerate_state
     pipe.set_progress_bar_config(disable=True)
     out = pipe(torch.rand(1, 3, 12, 10), output_type="pt").images
     assert out.shape == (1, 3, 48, 40)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-sample draws (the data-parallel contract)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_per_sample_draws_do_not_depend_on_how_the_batch_is_split():
+    from sr_diffusion.training import rng
+    from sr_diffusion.training.data import make_generator
+
+    def gens(positions):
+        return [make_generator(0, 4, p) for p in positions]
+
+    # a global batch of 4 drawn at once, or as two halves on two "processes": the same numbers, sample by sample
+    for draw in (
+        lambda g, n: rng.randint(0, 1000, n, g),
+        lambda g, n: rng.rand(n, g),
+        lambda g, n: rng.randn((n, 3, 2, 2), g),
+    ):
+        whole = draw(gens(range(4)), 4)
+        halves = torch.cat([draw(gens(range(0, 2)), 2), draw(gens(range(2, 4)), 2)])
+        assert torch.equal(whole, halves)
+        # sample i's draw is the one its own generator makes
+        assert torch.equal(whole[2:3], draw(gens([2]), 1))
+    # one generator: exactly torch's batched draw (what tasks without per-sample generators, and tests, use)
+    assert torch.equal(rng.randn((2, 3), make_generator(1)), torch.randn((2, 3), generator=make_generator(1)))
+    assert torch.equal(rng.randint(0, 9, 5, make_generator(1)), torch.randint(0, 9, (5,), generator=make_generator(1)))
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        rng.rand(2, gens(range(3)))
+    # the trainer's positions: rank r of P holds positions r*B ... (r+1)*B - 1 of each global micro-batch
+    assert StepBatchSampler.positions(3, 2, process_index=1, num_processes=2) == [14, 15]
+    assert StepBatchSampler.positions(3, 4) == [12, 13, 14, 15]
+
+
+def test_launches_that_are_not_one_process_group_are_refused_or_flagged(monkeypatch, caplog):
+    from sr_diffusion.training.trainer import _check_process_group
+
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    _check_process_group(1)  # plain python
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _check_process_group(2)  # torchrun, one group
+    with pytest.raises(RuntimeError, match="not one data-parallel group"):
+        _check_process_group(1)  # torchrun, but each process alone
+    # `accelerate launch --cpu --num_processes 2` without mpirun: one process, MASTER_ADDR set, no WORLD_SIZE
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with caplog.at_level("WARNING", logger="sr_diffusion.training.trainer"):
+        _check_process_group(1)
+    assert "starts several CPU processes only with mpirun" in caplog.text

@@ -2,8 +2,9 @@
 
 ``config`` (YAML + dotted overrides → dataclasses), ``data`` (deterministic datasets and sampler),
 ``losses``, ``optim``, ``ema``, ``checkpointing`` (atomic, pruned checkpoints), ``validation``
-(PSNR/SSIM vs bicubic), ``trainer`` (the accelerate loop with exact resume) and ``regression`` (the
-regression-SR task). A method's script is::
+(PSNR/SSIM vs bicubic), ``rng`` (a task's random draws, one generator per sample), ``trainer`` (the
+accelerate loop with exact resume and data parallelism) and ``regression`` (the regression-SR task).
+A method's script is::
 
     config = parse_args(description="...")
     Trainer(config, MyTask()).train()

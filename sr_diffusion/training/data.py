@@ -475,10 +475,16 @@ class StepBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
+    @staticmethod
+    def positions(micro_batch: int, batch_size: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
+        """The sample positions of micro-batch ``micro_batch`` of process ``process_index``: positions
+        ``process_index·B … (process_index+1)·B - 1`` of the global micro-batch ``micro_batch`` of ``P·B``."""
+        base = (int(micro_batch) * int(num_processes) + int(process_index)) * int(batch_size)
+        return list(range(base, base + int(batch_size)))
+
     def __iter__(self) -> Iterator[list[int]]:
         for b in range(self.start_batch, self.start_batch + self.num_batches):
-            base = (b * self.num_processes + self.process_index) * self.batch_size
-            yield list(range(base, base + self.batch_size))
+            yield self.positions(b, self.batch_size, self.process_index, self.num_processes)
 
 
 class BatchDegrader:

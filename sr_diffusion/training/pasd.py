@@ -24,7 +24,7 @@ initialisation, as the original's ``strict=False`` load leaves them). The SD bas
 not in the paper) LoRA adapters of the base UNet train with the add-ons, the base itself staying frozen
 (:mod:`~sr_diffusion.training.sd_addons`: fused into the exported UNet, also written to ``pipeline/unet_lora/``).
 
-Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generator.
+Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generators, one per sample.
 
 Config: the shared sections, ``model`` (``arch: pasd`` plus ``conditioning_embedding_out_channels`` and ``use_rrdb``
 of the degradation-removal module) and ``pasd`` (:class:`PASDConfig`).

@@ -11,7 +11,8 @@ For an HR crop ``x_0`` and its LR image (both in [-1, 1]), with ``y_0`` the bicu
    every released model (``prediction_type="sample"``); for ``"epsilon_scale"`` both sides are divided by
    ``kappa sqrt(eta_t)``, the reference's weighting of that target.
 
-Every random draw (``t``, ``noise``) comes from the trainer's generator. The released models diffuse in the latent
+Every random draw (``t``, ``noise``) comes from the trainer's generators, one per sample (``t`` then its noise), so
+a global batch trains the same however it is split across processes. The released models diffuse in the latent
 space of a frozen VQ-f4 autoencoder; this task trains pixel-space models only (the pipeline runs both).
 
 Config: the shared sections, plus ``scheduler`` (``preset``: a name of
@@ -33,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import rng
 from .config import ConfigError, ExperimentConfig, TrainConfig, check_model_kwargs
 from .losses import build_loss
 from .trainer import TrainingTask
@@ -206,6 +208,7 @@ class ResShiftTask(TrainingTask):
     """
 
     supports_phase_bias = True
+    per_sample_generators = True
 
     def __init__(self, scheduler=None):
         self.scheduler = scheduler
@@ -243,8 +246,8 @@ class ResShiftTask(TrainingTask):
         n = x0.shape[0]
 
         # 1. t ~ U{0..T-1}, noise ~ N(0, I)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = rng.randint(0, scheduler.config.num_train_timesteps, n, generator, device=x0.device)
+        noise = rng.randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
 
         # 2. x_t ~ q(x_t | x_0, y_0); 3. the denoiser's output
         x_t = scheduler.add_noise(x0, noise, t, y0)

@@ -43,8 +43,10 @@ from typing import Any
 
 import torch
 
+from . import rng
 from .config import ConfigError, ExperimentConfig
 from .losses import build_loss
+from .rng import GeneratorArg
 from .trainer import TrainingTask
 
 __all__ = [
@@ -121,6 +123,7 @@ class SDAddOnTask(TrainingTask):
     :meth:`sampling_kwargs`.
     """
 
+    per_sample_generators = True
     #: the config section holding ``base`` and the sampling settings (``stablesr``, ``pasd``, ``seesr``)
     section_name: str = ""
     #: its dataclass
@@ -261,22 +264,23 @@ class SDAddOnTask(TrainingTask):
             self._scheduler = self.make_noise_scheduler()
         return self._scheduler
 
-    def encode_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_latents(self, image: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
         """``z = E(x) · s``: a posterior sample of the frozen VAE for ``x`` ``(B, 3, H, W)`` in [-1, 1], times its
-        scaling factor ``s`` (float32, no gradients)."""
+        scaling factor ``s`` (float32, no gradients); ``generator``: one, or one per sample (diffusers'
+        ``randn_tensor`` takes either)."""
         vae = self.base(image.device)["vae"]
         with torch.no_grad():
             z = vae.encode(image.to(vae.dtype)).latent_dist.sample(generator)
         return z.float() * float(vae.config.scaling_factor)
 
-    def diffuse(self, z_0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def diffuse(self, z_0: torch.Tensor, generator: GeneratorArg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(z_t, t, target)`` for clean latents ``z_0`` ``(B, C, h, w)``: ``t ~ U{0, ..., T-1}`` ``(B,)``,
         ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps``; the target is ``eps``, or
         ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0`` for a v-prediction schedule."""
         scheduler = self.noise_scheduler()
         n, device = z_0.shape[0], z_0.device
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-        noise = torch.randn(z_0.shape, generator=generator, device=device, dtype=z_0.dtype)
+        t = rng.randint(0, scheduler.config.num_train_timesteps, n, generator, device=device)
+        noise = rng.randn(z_0.shape, generator, device=device, dtype=z_0.dtype)
         z_t = scheduler.add_noise(z_0, noise, t)
         v_prediction = scheduler.config.prediction_type == "v_prediction"
         target = scheduler.get_velocity(z_0, noise, t) if v_prediction else noise

@@ -24,7 +24,8 @@ copied from the UNet's, as the original). The SD base and the DAPE are frozen, a
 staying frozen (:mod:`~sr_diffusion.training.sd_addons`: fused into the exported UNet, also written to
 ``pipeline/unet_lora/``).
 
-Every random draw (posterior samples, ``t``, ``eps``, the null-text choice) comes from the trainer's generator.
+Every random draw (posterior samples, ``t``, ``eps``, the null-text choice) comes from the trainer's generators, one
+per sample.
 
 Config: the shared sections, ``model`` (``arch: seesr`` plus :func:`build_seesr_add_ons` arguments) and ``seesr``
 (:class:`SeeSRConfig`).
@@ -51,7 +52,9 @@ from sr_diffusion.models.seesr import (
     seesr_noise_pred,
 )
 
+from . import rng
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from .rng import GeneratorArg
 from .sd_addons import (
     SDAddOnSection,
     SDAddOnTask,
@@ -270,7 +273,7 @@ class SeeSRTask(SDAddOnTask):
         return self._dape
 
     def prompts(
-        self, hr: torch.Tensor, condition: torch.Tensor, generator: torch.Generator
+        self, hr: torch.Tensor, condition: torch.Tensor, generator: GeneratorArg
     ) -> tuple[list[str], torch.Tensor]:
         """Step 3 of the module docstring: ``(hard prompts, soft prompts (N, L, D_img))`` for HR images and the
         upsampled LR images, both ``(N, 3, H, W)`` in [0, 1]."""
@@ -283,7 +286,7 @@ class SeeSRTask(SDAddOnTask):
             tags = dape(hr, use_lora=False).hard_prompts
             soft = dape(condition).soft_prompts.float()
         dape.requires_grad_(False)  # peft's disable_adapter() marks the LoRA trainable again on exit
-        keep = torch.rand(n, generator=generator, device=device) >= self.section.null_text_ratio
+        keep = rng.rand(n, generator, device=device) >= self.section.null_text_ratio
         return [t if k else "" for t, k in zip(tags, keep.tolist())], soft
 
     # ------------------------------------------------------------------------------------------------------------------

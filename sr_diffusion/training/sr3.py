@@ -14,7 +14,7 @@ with ``Image.BICUBIC``; :func:`~sr_diffusion.pipelines.sr3.pipeline_sr3.sr3_upsa
    ``p`` from ``train.loss``: ``l1`` (the default, as the re-implementation; it sums, we average) or ``mse``
    (the paper's ``p in {1, 2}``).
 
-Every random draw (``t``, then ``gamma``'s uniform, then ``eps``) comes from the trainer's generator.
+Every random draw (``t``, then ``gamma``'s uniform, then ``eps``) comes from the trainer's generators, one per sample.
 
 Config: the shared sections, plus ``scheduler`` (``DDPMScheduler`` arguments: ``num_train_timesteps``,
 ``beta_schedule``, ``beta_start``, ``beta_end``, ...) and ``sr3`` (:class:`SR3Config`: ``noise_level_scale``, and the
@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import rng
 from .config import ConfigError, ExperimentConfig, TrainConfig, check_model_kwargs
 from .losses import build_loss
 from .trainer import TrainingTask
@@ -202,6 +203,8 @@ class SR3Task(TrainingTask):
         scheduler: a ``DDPMScheduler`` to train with; by default built from the config's ``scheduler`` section.
     """
 
+    per_sample_generators = True
+
     def __init__(self, scheduler=None):
         self.scheduler = scheduler
         self.loss_fn = None
@@ -234,12 +237,12 @@ class SR3Task(TrainingTask):
         sqrt_ab_prev = torch.cat([torch.ones(1, device=device), sqrt_ab[:-1]])
 
         # 1. t ~ U{0..T-1}; 2. gamma ~ U(sqrt(alpha_bar_t), sqrt(alpha_bar_{t-1}))
-        t = torch.randint(0, len(alphas_cumprod), (n,), generator=generator, device=device)
-        u = torch.rand(n, generator=generator, device=device)
+        t = rng.randint(0, len(alphas_cumprod), n, generator, device=device)
+        u = rng.rand(n, generator, device=device)
         gamma = sqrt_ab[t] + u * (sqrt_ab_prev[t] - sqrt_ab[t])
 
         # 3. y_t = gamma y_0 + sqrt(1 - gamma^2) eps
-        noise = torch.randn(y0.shape, generator=generator, device=device, dtype=y0.dtype)
+        noise = rng.randn(y0.shape, generator, device=device, dtype=y0.dtype)
         g = gamma.view(-1, 1, 1, 1)
         y_t = g * y0 + (1.0 - g**2).clamp(min=0).sqrt() * noise
 

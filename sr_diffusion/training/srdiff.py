@@ -12,8 +12,9 @@ For an HR crop ``x_H`` and its LR image ``x_L`` (both in [-1, 1]), with ``up(x_L
 4. loss ``= || eps_theta(x_t, t, x_e) - eps ||`` with ``train.loss`` (``l1``, the original's ``loss_type`` default;
    ``mse`` its ``l2``), plus the auxiliary loss of step 1.
 
-Every random draw (``t``, then ``eps``) comes from the trainer's generator. The conditioning helpers are the
-pipeline's own (:mod:`sr_diffusion.pipelines.srdiff.pipeline_srdiff`), so training and sampling see the same inputs.
+Every random draw (``t``, then ``eps``) comes from the trainer's generators, one per sample. The conditioning helpers
+are the pipeline's own (:mod:`sr_diffusion.pipelines.srdiff.pipeline_srdiff`), so training and sampling see the same
+inputs.
 
 The trainable model is :class:`SRDiffModel`: the original ``GaussianDiffusion``'s two networks, ``denoise_fn`` (an
 :class:`~sr_diffusion.models.SRDiffUNet`) and ``rrdb`` (an :class:`~sr_diffusion.models.RRDBNet`); the exported
@@ -47,6 +48,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from . import rng
 from .config import ConfigError, ExperimentConfig, TrainConfig, check_model_kwargs
 from .losses import build_loss
 from .trainer import TrainingTask
@@ -280,6 +282,8 @@ class SRDiffTask(TrainingTask):
         scheduler: a ``DDPMScheduler`` to train with; by default built from the ``srdiff`` section.
     """
 
+    per_sample_generators = True
+
     def __init__(self, scheduler=None):
         self.scheduler = scheduler
         self.loss_fn = None
@@ -332,8 +336,8 @@ class SRDiffTask(TrainingTask):
 
         # 2. the residual x_0; 3. t, eps, x_t
         x0 = srdiff_img2res(hr, img_lr_up, s.res_rescale, s.clip_input)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t = rng.randint(0, self.scheduler.config.num_train_timesteps, n, generator, device=device)
+        noise = rng.randn(x0.shape, generator, device=device, dtype=x0.dtype)
         x_t = self.scheduler.add_noise(x0, noise, t)
 
         # 1. + 4. x_e = D(x_L), eps_theta(x_t, t, x_e), regress the noise (+ the encoder's auxiliary L1)

@@ -21,7 +21,7 @@ second stage, trained afterwards on this model's outputs (:mod:`sr_diffusion.tra
 ``train_stablesr.py --stage cfw``); ``stablesr.cfw`` may name a saved :class:`~sr_diffusion.models.StableSRCFW` folder
 to export with the pipeline.
 
-Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generator.
+Every random draw (posterior samples, ``t``, ``eps``) comes from the trainer's generators, one per sample.
 
 Config: the shared sections, ``model`` (``arch: stablesr`` plus :class:`~sr_diffusion.models.StableSRTimeAwareEncoder`
 arguments; the released ones by default), and ``stablesr`` (:class:`StableSRConfig`).
