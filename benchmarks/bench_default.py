@@ -74,16 +74,28 @@ def bench_memory_child(kind: str, tile: int | None, overlap: int, device: str) -
 def bench_memory(args) -> None:
     for kind in DEFAULT_MODELS:
         for tile in (args.tile, None):
-            cmd = [sys.executable, __file__, "--memory-child", kind, "--tile", str(tile or 0), "--overlap",
-                   str(args.overlap), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                kind,
+                "--tile",
+                str(tile or 0),
+                "--overlap",
+                str(args.overlap),
+                "--device",
+                args.device,
+            ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             w, h = result["size"]
             how = f"tiled {tile}/{args.overlap}" if tile else "whole"
-            print(f"{kind:<11} 512x512 -> {w}x{h} ({how}): {result['seconds']:.1f} s, "
-                  f"peak RSS {result['peak_rss_mib'] / 1024:.2f} GiB (whole process)")
+            print(
+                f"{kind:<11} 512x512 -> {w}x{h} ({how}): {result['seconds']:.1f} s, "
+                f"peak RSS {result['peak_rss_mib'] / 1024:.2f} GiB (whole process)"
+            )
 
 
 def main() -> None:

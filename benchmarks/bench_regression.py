@@ -26,12 +26,24 @@ ARCHITECTURES = {
     "EDSR full (32x256)": lambda: EDSR(num_feat=256, num_block=32, upscale=4, res_scale=0.1),
     "RRDBNet 23 blocks (ESRGAN)": lambda: RRDBNet(num_feat=64, num_block=23, num_grow_ch=32, scale=4),
     "SwinIR classical (180, 6x6)": lambda: SwinIR(
-        upscale=4, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8, mlp_ratio=2.0,
-        upsampler="pixelshuffle", resi_connection="1conv",
+        upscale=4,
+        embed_dim=180,
+        depths=[6] * 6,
+        num_heads=[6] * 6,
+        window_size=8,
+        mlp_ratio=2.0,
+        upsampler="pixelshuffle",
+        resi_connection="1conv",
     ),
     "SwinIR lightweight (60, 4x6)": lambda: SwinIR(
-        upscale=4, embed_dim=60, depths=[6] * 4, num_heads=[6] * 4, window_size=8, mlp_ratio=2.0,
-        upsampler="pixelshuffledirect", resi_connection="1conv",
+        upscale=4,
+        embed_dim=60,
+        depths=[6] * 4,
+        num_heads=[6] * 4,
+        window_size=8,
+        mlp_ratio=2.0,
+        upsampler="pixelshuffledirect",
+        resi_connection="1conv",
     ),
     "SRVGGNetCompact (64x32)": lambda: SRVGGNetCompact(num_feat=64, num_conv=32, upscale=4),
 }
@@ -61,8 +73,11 @@ def bench_speed(args) -> None:
         flops = model.flops(size, size)
         out_mp = (size * 4) ** 2 / 1e6
         for path, seconds in measure_paths(model, x, args.repeats, args.reference):
-            print(f"{name:32s} {flops / 1e9:8.1f} {path:>15s} {seconds:8.3f} {out_mp / seconds:9.3f} "
-                  f"{flops / seconds / 1e9:8.1f}", flush=True)
+            print(
+                f"{name:32s} {flops / 1e9:8.1f} {path:>15s} {seconds:8.3f} {out_mp / seconds:9.3f} "
+                f"{flops / seconds / 1e9:8.1f}",
+                flush=True,
+            )
 
 
 def measure_paths(model, x, repeats: int, reference: bool) -> list[tuple[str, float]]:
@@ -97,8 +112,10 @@ def bench_memory() -> None:
     out = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     w, h = result["size"]
-    print(f"# tiled 512x512 -> {w}x{h} with RRDBNet-23 (tile 128, overlap 16): "
-          f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB (whole process)")
+    print(
+        f"# tiled 512x512 -> {w}x{h} with RRDBNet-23 (tile 128, overlap 16): "
+        f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB (whole process)"
+    )
 
 
 def main() -> None:

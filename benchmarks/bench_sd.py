@@ -183,8 +183,10 @@ def main() -> None:
             row = f"{method:10s} {r['per_step_s']:9.3f} {r['call_2_steps_s']:14.2f} {r['peak_rss_gib']:13.2f}"
             print(row, flush=True)
     if args.only in (None, "tiled"):
-        print(f"\n# 2. 512x512 -> 2048x2048 (latent 256x256), latent tiles 64 / overlap 8, tiled VAE, 2 steps; "
-              f"bound {args.max_rss_gb} GiB")
+        print(
+            f"\n# 2. 512x512 -> 2048x2048 (latent 256x256), latent tiles 64 / overlap 8, tiled VAE, 2 steps; "
+            f"bound {args.max_rss_gb} GiB"
+        )
         print(f"{'method':10s} {'output':>10s} {'seconds':>8s} {'peak RSS GiB':>13s} {'within bound':>13s}")
         for method in args.methods:
             r = in_fresh_process(method, "tiled", args)

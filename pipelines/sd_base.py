@@ -232,9 +232,7 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         if torch_dtype is not None:
             add_ons = {*cls.ADD_ON_SUBFOLDERS, *cls.OPTIONAL_ADD_ONS} - set(_OWN_DTYPE_COMPONENTS)
             components = {
-                name: module.to(torch_dtype)
-                if name in add_ons and isinstance(module, torch.nn.Module)
-                else module
+                name: module.to(torch_dtype) if name in add_ons and isinstance(module, torch.nn.Module) else module
                 for name, module in components.items()
             }
         return cls(**parts, scheduler=scheduler, **components, upscale=upscale)

@@ -290,9 +290,7 @@ def _prepare_torch(sr, hr, crop_border, y_channel, kind):
         if sr.shape[1] == 3:
             sr, hr = rgb_to_y(sr), rgb_to_y(hr)
         elif sr.shape[1] != 1:  # a 1-channel image is used as is, as in BasicSR
-            raise ValueError(
-                f"y_channel=True needs 1- or 3-channel (RGB) images, got {sr.shape[1]} channels."
-            )
+            raise ValueError(f"y_channel=True needs 1- or 3-channel (RGB) images, got {sr.shape[1]} channels.")
     return sr, hr
 
 
@@ -388,11 +386,7 @@ def lr_consistency(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
         if t.ndim not in (3, 4):
             raise ValueError(f"{name} must be (N, C, H, W) or (C, H, W), got shape {tuple(t.shape)}.")
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, numbers.Real)
-        or not (math.isfinite(scale) and scale > 0)
-    ):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}.")
     if lr.ndim != sr.ndim or lr.shape[:-2] != sr.shape[:-2]:
         raise ValueError(

@@ -124,9 +124,7 @@ def _dense_matrix(weights: torch.Tensor, indices: torch.Tensor, in_length: int) 
     return matrix.scatter_add_(1, indices, weights)  # mirrored taps may hit the same pixel twice
 
 
-def _resize_axis(
-    x: torch.Tensor, dim: int, out_length: int, scale: float, antialiasing: bool
-) -> torch.Tensor:
+def _resize_axis(x: torch.Tensor, dim: int, out_length: int, scale: float, antialiasing: bool) -> torch.Tensor:
     """Resize ``x`` (``(..., H, W)``) along ``dim`` (``-2`` for H, ``-1`` for W) with MATLAB bicubic weights.
 
     The per-axis operator is a banded ``(out, in)`` matrix. BLAS makes the dense product faster than a sparse
@@ -206,9 +204,7 @@ def imresize(
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"imresize expects a torch.Tensor or numpy.ndarray, got {type(img).__name__}.")
     if img.ndim < 2:
-        raise ValueError(
-            f"tensors must be (..., H, W), e.g. (C, H, W) or (N, C, H, W); got shape {tuple(img.shape)}."
-        )
+        raise ValueError(f"tensors must be (..., H, W), e.g. (C, H, W) or (N, C, H, W); got shape {tuple(img.shape)}.")
     if img.dtype == torch.bool or img.is_complex():
         raise TypeError(f"imresize expects a real numeric tensor, got dtype {img.dtype}.")
     out_dtype = img.dtype if img.is_floating_point() else torch.float32
@@ -255,13 +251,9 @@ def resize(
         Tensor ``(..., out_h, out_w)`` on ``img``'s device.
     """
     if mode not in RESIZE_MODES:
-        raise ValueError(
-            f"Unknown resize mode {mode!r}; valid modes are {', '.join(map(repr, RESIZE_MODES))}."
-        )
+        raise ValueError(f"Unknown resize mode {mode!r}; valid modes are {', '.join(map(repr, RESIZE_MODES))}.")
     if mode == "matlab_bicubic":
-        return imresize(
-            img, scale=scale, size=size, antialiasing=True if antialias is None else bool(antialias)
-        )
+        return imresize(img, scale=scale, size=size, antialiasing=True if antialias is None else bool(antialias))
 
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"mode {mode!r} needs a torch.Tensor, got {type(img).__name__}.")
@@ -310,9 +302,7 @@ def resize_matrix(
         dtype, device: of the returned matrix (float64 on the CPU by default).
     """
     if mode not in RESIZE_MODES:
-        raise ValueError(
-            f"Unknown resize mode {mode!r}; valid modes are {', '.join(map(repr, RESIZE_MODES))}."
-        )
+        raise ValueError(f"Unknown resize mode {mode!r}; valid modes are {', '.join(map(repr, RESIZE_MODES))}.")
     if min(int(in_length), int(out_length)) < 1:
         raise ValueError(f"axis lengths must be >= 1, got {in_length} -> {out_length}")
     if mode == "matlab_bicubic":
@@ -355,8 +345,6 @@ def pil_resize(img: torch.Tensor, size: Sequence[int], resample: str = "bicubic"
         raise ValueError(f"size must be positive, got {tuple(size)}.")
     filt = getattr(Image.Resampling, resample.upper())
     planes = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().reshape(-1, *img.shape[-2:])
-    resized = [
-        np.asarray(Image.fromarray(plane.numpy(), mode="L").resize((out_w, out_h), filt)) for plane in planes
-    ]
+    resized = [np.asarray(Image.fromarray(plane.numpy(), mode="L").resize((out_w, out_h), filt)) for plane in planes]
     out = torch.from_numpy(np.stack(resized)).reshape(*img.shape[:-2], out_h, out_w)
     return (out.to(torch.float32) / 255).to(device=img.device, dtype=img.dtype)

@@ -77,10 +77,28 @@ def accelerate_launch(
 
     repo = Path(__file__).resolve().parents[1]
     launcher = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HOME": str(Path(tmp_path) / "hf_home"),
-           "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", **(env or {})}
-    cmd = [str(launcher), "launch", *map(str, launch_args), "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HOME": str(Path(tmp_path) / "hf_home"),
+        "PYTHONUNBUFFERED": "1",
+        "ACCELERATE_USE_CPU": "true",
+        **(env or {}),
+    }
+    cmd = [
+        str(launcher),
+        "launch",
+        *map(str, launch_args),
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if num_processes > 1:
         cmd += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
     else:

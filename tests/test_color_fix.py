@@ -37,8 +37,9 @@ def test_adain_matches_reference_statistics_and_ignores_affine_changes(hr):
     out = adain_color_fix(hr, ref)
     ref_up = F.interpolate(ref, size=hr.shape[-2:], mode="bicubic", align_corners=False)
     torch.testing.assert_close(out.mean(dim=(-2, -1)), ref_up.mean(dim=(-2, -1)))
-    torch.testing.assert_close(out.std(dim=(-2, -1), unbiased=True), ref_up.std(dim=(-2, -1), unbiased=True),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out.std(dim=(-2, -1), unbiased=True), ref_up.std(dim=(-2, -1), unbiased=True), rtol=1e-4, atol=1e-4
+    )
     torch.testing.assert_close(adain_color_fix(2 * hr + 0.3, ref), out, rtol=1e-4, atol=1e-4)
 
 

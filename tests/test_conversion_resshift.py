@@ -603,8 +603,9 @@ def test_released_files_assemble_into_a_working_pipeline(tmp_path):
     torch.save({"state_dict": original_unet_state_dict(TINY)}, tmp_path / "resshift.pth")
     torch.save({"state_dict": ldm_vq_state_dict(ch_mult=(1, 2, 2))}, tmp_path / "vq_f4.pth")
     unet, _ = convert_resshift_unet(tmp_path / "resshift.pth")
-    pipe = ResShiftPipeline(unet=unet, scheduler=ResShiftScheduler.from_preset("v3"),
-                            vae=convert_vq_f4(tmp_path / "vq_f4.pth"))
+    pipe = ResShiftPipeline(
+        unet=unet, scheduler=ResShiftScheduler.from_preset("v3"), vae=convert_vq_f4(tmp_path / "vq_f4.pth")
+    )
     pipe.set_progress_bar_config(disable=True)
     assert pipe.upscale == 4 and pipe.vae_scale_factor == 4
     lr = torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(0))

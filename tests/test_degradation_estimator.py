@@ -149,6 +149,7 @@ def test_a_draw_after_the_second_noise_stage_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="the second noise being its last draw"):
         degrade_with_targets(RealESRGANDegradation(), hr_batch(n=2, size=32), torch.Generator().manual_seed(0))
 
+
 def test_blur_sigma_of_gaussians_sinc_filters_and_bottlenecks():
     def sigma(kernel, pitch, bottleneck=1.0):
         chain = [(kernel[None], torch.tensor([pitch], dtype=F64))]

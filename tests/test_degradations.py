@@ -87,9 +87,7 @@ def test_import_does_not_load_optional_dependencies():
 @pytest.mark.parametrize("size", [7, 21])
 def test_random_kernels_are_normalised_centred(kernel_type, size):
     for seed in range(3):
-        k = random_kernel(
-            kernel_type, size, (0.2, 3.0), betag_range=(0.5, 4), betap_range=(1, 2), generator=gen(seed)
-        )
+        k = random_kernel(kernel_type, size, (0.2, 3.0), betag_range=(0.5, 4), betap_range=(1, 2), generator=gen(seed))
         assert k.shape == (size, size) and k.dtype == torch.float64
         assert torch.isclose(k.sum(), torch.tensor(1.0, dtype=torch.float64))
         assert (k >= 0).all()
@@ -111,20 +109,14 @@ def test_anisotropic_gaussian_axes_and_rotation():
     c = size // 2
     row, col = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
     expected = np.exp(-(col**2) / (2 * sx**2) - row**2 / (2 * sy**2))  # x runs along columns
-    np.testing.assert_allclose(
-        bivariate_gaussian(size, sx, sy, 0.0).numpy(), expected / expected.sum(), rtol=1e-12
-    )
+    np.testing.assert_allclose(bivariate_gaussian(size, sx, sy, 0.0).numpy(), expected / expected.sum(), rtol=1e-12)
     # a quarter turn swaps the axes
-    torch.testing.assert_close(
-        bivariate_gaussian(size, sx, sy, math.pi / 2), bivariate_gaussian(size, sy, sx, 0.0)
-    )
+    torch.testing.assert_close(bivariate_gaussian(size, sx, sy, math.pi / 2), bivariate_gaussian(size, sy, sx, 0.0))
 
 
 def test_generalized_and_plateau_formulas():
     size, sigma, beta = 7, 1.3, 0.7
-    torch.testing.assert_close(
-        bivariate_generalized_gaussian(size, sigma, beta=1.0), bivariate_gaussian(size, sigma)
-    )
+    torch.testing.assert_close(bivariate_generalized_gaussian(size, sigma, beta=1.0), bivariate_gaussian(size, sigma))
     c = size // 2
     row, col = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
     q = (row**2 + col**2) / sigma**2
@@ -158,9 +150,7 @@ def test_sinc_kernel_matches_circular_lowpass_closed_form(cutoff):
     row, col = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
     r = np.hypot(row, col).ravel()
     safe_r = np.where(r > 0, r, 1.0)
-    closed = np.where(
-        r > 0, cutoff * _bessel_j1(cutoff * safe_r) / (2 * np.pi * safe_r), cutoff**2 / (4 * np.pi)
-    )
+    closed = np.where(r > 0, cutoff * _bessel_j1(cutoff * safe_r) / (2 * np.pi * safe_r), cutoff**2 / (4 * np.pi))
     closed = closed.reshape(size, size) / closed.sum()
     for i, j in [(c, c), (c, c + 1), (c + 3, c - 4), (0, 0), (2, 17)]:
         assert kernel[i, j].item() == pytest.approx(closed[i, j], rel=1e-4, abs=1e-7)
@@ -220,9 +210,7 @@ def test_sampling_rules_follow_config():
 
 def test_gaussian_noise_variance_and_gray():
     img = torch.full((2, 3, 128, 128), 0.5)
-    noise = gaussian_noise(
-        img, torch.tensor([10.0, 20.0]), gray=torch.tensor([False, True]), generator=gen(0)
-    )
+    noise = gaussian_noise(img, torch.tensor([10.0, 20.0]), gray=torch.tensor([False, True]), generator=gen(0))
     assert noise[0].std().item() == pytest.approx(10 / 255, rel=0.03)
     assert noise[1].std().item() == pytest.approx(20 / 255, rel=0.03)
     assert abs(noise.mean().item()) < 1e-3
@@ -244,9 +232,7 @@ def test_poisson_noise_variance():
     assert bright.item() > 4  # shot noise grows with intensity
     gray = poisson_noise(img, scale, gray=True, generator=gen(0))
     assert torch.equal(gray[:, 0], gray[:, 1])
-    assert torch.equal(
-        poisson_noise(img, scale, generator=gen(3)), poisson_noise(img, scale, generator=gen(3))
-    )
+    assert torch.equal(poisson_noise(img, scale, generator=gen(3)), poisson_noise(img, scale, generator=gen(3)))
 
 
 def test_jpeg_quality_affects_output(hr):

@@ -128,7 +128,9 @@ def test_tiling_is_automatic_above_the_originals_sizes(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "VAE_TILE", 32)
     image = lr_image(1, size=(12, 20))  # latent 12 x 20 (f = s = 4), output 48 x 80
     s, f = pipe.upscale, pipe.vae_scale_factor
-    explicit = run(pipe, image=image, tile_size=8 * f // s, tile_overlap=4 * f // s, vae_tile_size=32, vae_tile_overlap=8)
+    explicit = run(
+        pipe, image=image, tile_size=8 * f // s, tile_overlap=4 * f // s, vae_tile_size=32, vae_tile_overlap=8
+    )
     auto = run(pipe, image=image, vae_tile_overlap=8)
     torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
     untiled = run(pipe, image=image, tile_size=0, vae_tile_size=0)

@@ -109,9 +109,7 @@ def test_psnr_constant_images_hand_computed():
     black, white = np.zeros((8, 8, 3)), np.full((8, 8, 3), 255.0)
     expected_y = 10 * math.log10(255**2 / 219**2)
     assert calculate_psnr(black, white, 0, test_y_channel=True) == pytest.approx(expected_y, abs=1e-10)
-    assert psnr(_to_torch(black), _to_torch(white), y_channel=True).item() == pytest.approx(
-        expected_y, abs=1e-10
-    )
+    assert psnr(_to_torch(black), _to_torch(white), y_channel=True).item() == pytest.approx(expected_y, abs=1e-10)
 
 
 def test_psnr_identical_is_inf():
@@ -153,9 +151,7 @@ def test_uint8_float_hwc_chw_2d_agree():
         assert fn(a.transpose(2, 0, 1), b.transpose(2, 0, 1), 2, input_order="CHW") == pytest.approx(ref)
         assert fn(a[..., 0], b[..., 0], 2) == pytest.approx(fn(a[..., :1], b[..., :1], 2))
         # A 1-channel image is used as is for the Y channel, as in BasicSR.
-        assert fn(a[..., :1], b[..., :1], 2, test_y_channel=True) == pytest.approx(
-            fn(a[..., :1], b[..., :1], 2)
-        )
+        assert fn(a[..., :1], b[..., :1], 2, test_y_channel=True) == pytest.approx(fn(a[..., :1], b[..., :1], 2))
 
 
 def test_y_channel_uses_rgb_order():

@@ -36,7 +36,6 @@ def make_pipe(**overrides) -> PASDPipeline:
     return pipe
 
 
-
 class TestPASDPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = PASDPipeline
 

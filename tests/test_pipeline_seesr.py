@@ -38,7 +38,6 @@ def make_pipe(**overrides) -> SeeSRPipeline:
     return pipe
 
 
-
 class TestSeeSRPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = SeeSRPipeline
 

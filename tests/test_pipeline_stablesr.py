@@ -38,7 +38,6 @@ def make_pipe(**overrides) -> StableSRPipeline:
     return pipe
 
 
-
 class TestStableSRPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
     pipeline_class = StableSRPipeline
 

@@ -317,7 +317,6 @@ def _heldout_crops(size: int = 64, downscale: float = 0.375) -> torch.Tensor:
     return torch.stack(crops)
 
 
-
 @pytest.mark.slow
 def test_lora_fine_tune_aligns_degraded_with_hr_embeddings(tmp_path, fresh_accelerate_state):
     """``training/train_dape.py``'s task for LEARN_STEPS steps on Real-ESRGAN x2 pairs of the training photos, then on

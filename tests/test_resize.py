@@ -85,13 +85,9 @@ def test_hand_derived_ramp_1d():
 def test_hand_derived_ramp_4x4():
     img = RAMP[:, None] + 4.0 * RAMP[None, :]  # 4x4 ramp, values 0..15
     expected_down = RAMP_DOWN_2[:, None] + 4.0 * RAMP_DOWN_2[None, :]
-    np.testing.assert_allclose(
-        expected_down, [[2.3046875, 10.6171875], [4.3828125, 12.6953125]], rtol=0, atol=0
-    )
+    np.testing.assert_allclose(expected_down, [[2.3046875, 10.6171875], [4.3828125, 12.6953125]], rtol=0, atol=0)
     np.testing.assert_allclose(imresize(img, 0.5), expected_down, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(
-        imresize(img, 2), RAMP_UP_2[:, None] + 4.0 * RAMP_UP_2[None, :], rtol=0, atol=1e-12
-    )
+    np.testing.assert_allclose(imresize(img, 2), RAMP_UP_2[:, None] + 4.0 * RAMP_UP_2[None, :], rtol=0, atol=1e-12)
     # torch (C, H, W) path, float32
     out = imresize(torch.tensor(img, dtype=torch.float32)[None], 0.5)
     np.testing.assert_allclose(out[0].numpy(), expected_down, rtol=0, atol=1e-5)
@@ -334,8 +330,16 @@ def test_errors():
 
 @pytest.mark.parametrize(
     "mode,antialias",
-    [("matlab_bicubic", None), ("matlab_bicubic", False), ("bicubic", None), ("bicubic", True),
-     ("bilinear", True), ("area", None), ("nearest", None), ("nearest-exact", None)],
+    [
+        ("matlab_bicubic", None),
+        ("matlab_bicubic", False),
+        ("bicubic", None),
+        ("bicubic", True),
+        ("bilinear", True),
+        ("area", None),
+        ("nearest", None),
+        ("nearest-exact", None),
+    ],
 )
 @pytest.mark.parametrize("size", [(5, 3), (26, 21)])  # down on both axes; up on both axes
 def test_resize_matrix_is_the_operator_of_resize(mode, antialias, size):

@@ -32,7 +32,9 @@ def test_convolution_matches_untiled_to_50db():
     """A deterministic conv net with a small receptive field: tiling must agree with one pass."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, padding=1),
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, padding=1),
         torch.nn.PixelShuffle(2),
     )
     x = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(2))

@@ -32,7 +32,6 @@ def base(tmp_path_factory) -> Path:
     return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
-
 def tiny_config(tmp_path, base, *overrides: str) -> PASDExperimentConfig:
     args = [f"pasd.base={base}", f"train.output_dir={tmp_path / 'run'}", *overrides]
     return load_config(TINY, args, cls=PASDExperimentConfig)

@@ -30,7 +30,6 @@ def tiny_config(tmp_path, *overrides: str) -> ResShiftExperimentConfig:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------------------

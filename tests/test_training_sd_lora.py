@@ -34,7 +34,6 @@ def base(tmp_path_factory) -> Path:
     return save_sd_base(tiny_components(), tmp_path_factory.mktemp("sd_base"))
 
 
-
 def ready_task(tmp_path, base, *overrides: str) -> tuple[PASDTask, PASDExperimentConfig]:
     args = [f"pasd.base={base}", f"train.output_dir={tmp_path / 'run'}", *overrides]
     config = load_config(TINY, args, cls=PASDExperimentConfig)

@@ -37,7 +37,6 @@ def dape_folder(tmp_path_factory) -> Path:
     return folder
 
 
-
 def tiny_config(tmp_path, base, *overrides: str) -> SeeSRExperimentConfig:
     args = [f"seesr.base={base}", f"train.output_dir={tmp_path / 'run'}", *overrides]
     return load_config(TINY, args, cls=SeeSRExperimentConfig)

@@ -25,7 +25,6 @@ def tiny_config(tmp_path, *overrides: str) -> SR3ExperimentConfig:
     return load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", *overrides], cls=SR3ExperimentConfig)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------------------
@@ -247,7 +246,6 @@ def test_predict_and_build_pipeline(tmp_path):
 LEARN_STEPS = 400
 LEARN_OVERRIDES = ("model.resnet_time_scale_shift=scale_shift", "scheduler.beta_end=0.05")
 LEARN_SAMPLING = {"num_inference_steps": 10, "strength": 0.5}
-
 
 
 @pytest.mark.slow

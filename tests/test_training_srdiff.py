@@ -22,7 +22,6 @@ SCRIPT = REPO / "training" / "train_srdiff.py"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
     """Stage 1's output, made directly: a RegressionSRPipeline around the tiny RRDBNet of srdiff_rrdb_tiny.yaml."""
@@ -254,7 +253,6 @@ def test_predict_and_build_pipeline(tmp_path, encoder_dir):
 LEARN_STEPS = 400
 LEARN_OVERRIDES = ("srdiff.timesteps=10", "srdiff.sampler=ddpm", "srdiff.num_inference_steps=null", "optim.lr=4e-3")
 LEARN_SAMPLING = {"num_inference_steps": 10}
-
 
 
 @pytest.mark.slow

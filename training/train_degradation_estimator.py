@@ -31,8 +31,10 @@ def evaluate(config, pipeline_dir: Path) -> dict:
     result = evaluate_on_held_out_photos(DegradationEstimator.from_pretrained(pipeline_dir), config)
     (Path(config.train.output_dir) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, mae in result["mae"].items():
-        print(f"{name}: MAE {mae:.4g} vs predict-the-mean {result['baseline_mae'][name]:.4g} "
-              f"(ratio {result['ratio'][name]:.3f})")
+        print(
+            f"{name}: MAE {mae:.4g} vs predict-the-mean {result['baseline_mae'][name]:.4g} "
+            f"(ratio {result['ratio'][name]:.3f})"
+        )
     return result
 
 

@@ -220,9 +220,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                 f"scheduler's trained steps), got {num_inference_steps!r}"
             )
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_to_config(
-            upscale=upscale, lr_consistency=lr_consistency, num_inference_steps=num_inference_steps
-        )
+        self.register_to_config(upscale=upscale, lr_consistency=lr_consistency, num_inference_steps=num_inference_steps)
         self.image_processor = SRImageProcessor()
         self.check_components()
 

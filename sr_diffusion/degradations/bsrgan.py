@@ -122,17 +122,12 @@ class BSRGANDegradation:
         r = uniform(generator)
         _, c, h, w = img.shape
         if r < cfg.gray_noise_prob:
-            noise = (
-                torch.randn((1, 1, h, w), generator=generator, device=generator.device).expand(1, c, h, w)
-                * level
-            )
+            noise = torch.randn((1, 1, h, w), generator=generator, device=generator.device).expand(1, c, h, w) * level
         elif r >= 1.0 - cfg.color_noise_prob:
             noise = torch.randn((1, c, h, w), generator=generator, device=generator.device) * level
         else:
             diag = torch.diag(_rand(3, generator))
-            orth = torch.linalg.svd(
-                _rand((3, 3), generator)
-            ).U  # orthonormal basis of a random matrix's range
+            orth = torch.linalg.svd(_rand((3, 3), generator)).U  # orthonormal basis of a random matrix's range
             cov = ((cfg.noise_range[1] / 255.0) ** 2 * orth.T @ diag @ orth).abs()
             eigvals, eigvecs = torch.linalg.eigh(cov)  # |.| may break positive semi-definiteness: clip
             factor = (eigvecs * eigvals.clamp(min=0).sqrt()).to(torch.float32)

@@ -84,15 +84,11 @@ def _distribution(name: str, value, length: int) -> tuple:
 
 def _kernel_list(name: str, value) -> tuple:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
-        raise ValueError(
-            f"{name} must be a non-empty list of kernel types from {KERNEL_TYPES}, got {value!r}"
-        )
+        raise ValueError(f"{name} must be a non-empty list of kernel types from {KERNEL_TYPES}, got {value!r}")
     for kernel_type in value:
         if kernel_type not in KERNEL_TYPES:
             hint = " (sinc filters are chosen with sinc_prob / sinc_prob2)" if kernel_type == "sinc" else ""
-            raise ValueError(
-                f"{name} has unknown kernel type {kernel_type!r}{hint}; expected one of {KERNEL_TYPES}"
-            )
+            raise ValueError(f"{name} has unknown kernel type {kernel_type!r}{hint}; expected one of {KERNEL_TYPES}")
     return tuple(value)
 
 
@@ -127,9 +123,7 @@ class _ConfigIO:
             for key in unknown:
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(
-                f"unknown {cls.__name__} option(s): {', '.join(hints)}; valid options: {list(names)}"
-            )
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(hints)}; valid options: {list(names)}")
         return cls(**dict(options))
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,9 +144,7 @@ class _ConfigIO:
         if options is None:
             options = {}
         if not isinstance(options, Mapping):
-            raise TypeError(
-                f"{path}: expected a mapping of {cls.__name__} options, got {type(options).__name__}"
-            )
+            raise TypeError(f"{path}: expected a mapping of {cls.__name__} options, got {type(options).__name__}")
         return cls.from_dict(options)
 
     def to_yaml(self, path: str | os.PathLike) -> None:
@@ -308,9 +300,7 @@ class BSRGANDegradationConfig(_ConfigIO):
                 "color_noise_prob + gray_noise_prob must be <= 1 (the rest is channel-correlated noise), got "
                 f"{v['color_noise_prob']} + {v['gray_noise_prob']}"
             )
-        v["blur_kernel_size_range"] = _int_range(
-            "blur_kernel_size_range", self.blur_kernel_size_range, 1, odd=True
-        )
+        v["blur_kernel_size_range"] = _int_range("blur_kernel_size_range", self.blur_kernel_size_range, 1, odd=True)
         v["noise_range"] = _int_range("noise_range", self.noise_range, 0)
         v["jpeg_range"] = _int_range("jpeg_range", self.jpeg_range, 1, 100)
         return v

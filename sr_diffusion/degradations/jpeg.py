@@ -58,9 +58,7 @@ def jpeg_compress(img: torch.Tensor, quality: int | Sequence[int] | torch.Tensor
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=img.device, dtype=img.dtype) / 255.0
 
 
-def sample_jpeg_quality(
-    batch: int, quality_range: Sequence[float], *, generator: torch.Generator
-) -> torch.Tensor:
+def sample_jpeg_quality(batch: int, quality_range: Sequence[float], *, generator: torch.Generator) -> torch.Tensor:
     """``(B,)`` int64 qualities drawn uniformly from the integers in ``[low, high]`` (both included)."""
     check_generator(generator)
     low, high = int(np.ceil(quality_range[0])), int(np.floor(quality_range[1]))

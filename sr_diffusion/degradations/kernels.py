@@ -90,9 +90,7 @@ def _normalize(kernel: torch.Tensor) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def bivariate_gaussian(
-    kernel_size: int, sig_x: float, sig_y: float | None = None, theta: float = 0.0
-) -> torch.Tensor:
+def bivariate_gaussian(kernel_size: int, sig_x: float, sig_y: float | None = None, theta: float = 0.0) -> torch.Tensor:
     """Gaussian kernel ``exp(-1/2 x^T Sigma^-1 x)``, normalised; ``(K, K)`` float64.
 
     Isotropic (``iso``) when ``sig_y`` is None (``theta`` is then ignored), anisotropic (``aniso``) otherwise.
@@ -204,9 +202,7 @@ def random_kernel(
     if kernel_type in ("iso", "aniso"):
         return bivariate_gaussian(kernel_size, sig_x, sig_y, theta)
     if kernel_type.startswith("generalized"):
-        return bivariate_generalized_gaussian(
-            kernel_size, sig_x, sig_y, theta, _sample_beta(generator, betag_range)
-        )
+        return bivariate_generalized_gaussian(kernel_size, sig_x, sig_y, theta, _sample_beta(generator, betag_range))
     return bivariate_plateau(kernel_size, sig_x, sig_y, theta, _sample_beta(generator, betap_range))
 
 

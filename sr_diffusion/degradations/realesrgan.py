@@ -171,9 +171,7 @@ class RealESRGANDegradation:
         cfg = self.config
         out: dict[str, torch.Tensor] = {"kernel1": self._sample_blur_kernel(generator, "")}
         kernel2 = self._sample_blur_kernel(generator, "2")
-        out["kernel2"] = (
-            kernel2 if bernoulli(generator, cfg.second_blur_prob) else pulse_kernel(self.kernel_size)
-        )
+        out["kernel2"] = kernel2 if bernoulli(generator, cfg.second_blur_prob) else pulse_kernel(self.kernel_size)
         out["sinc_kernel"] = self._sample_final_sinc(generator)
         out = {key: kernel.to(torch.float32) for key, kernel in out.items()}
         for stage, suffix in ((1, ""), (2, "2")):
@@ -203,9 +201,7 @@ class RealESRGANDegradation:
     def _draw_resize(generator: torch.Generator, probs: Sequence[float], scale_range: Sequence[float]):
         """Batch-wide ``(factor, mode)``: up ``U(1, high)``, down ``U(low, 1)`` or keep, with ``probs``."""
         updown = categorical(generator, probs)
-        factor = (uniform(generator, 1.0, scale_range[1]), uniform(generator, scale_range[0], 1.0), 1.0)[
-            updown
-        ]
+        factor = (uniform(generator, 1.0, scale_range[1]), uniform(generator, scale_range[0], 1.0), 1.0)[updown]
         mode = INTERPOLATION_MODES[randint(generator, 0, len(INTERPOLATION_MODES) - 1)]
         return factor, mode
 
@@ -223,9 +219,7 @@ class RealESRGANDegradation:
             if value.ndim == per_image_ndim:  # one sample's value, shared by the batch
                 value = value.expand(batch, *value.shape)
             if value.ndim != per_image_ndim + 1 or value.shape[0] != batch:
-                raise ValueError(
-                    f"kernels[{key!r}] has shape {tuple(value.shape)}; expected a batch of {batch}"
-                )
+                raise ValueError(f"kernels[{key!r}] has shape {tuple(value.shape)}; expected a batch of {batch}")
             out[key] = value if key.startswith("jpeg_quality") else value.to(device)
         return out
 
@@ -256,9 +250,7 @@ class RealESRGANDegradation:
         return img.index_copy(0, idx, jpeg_compress(img[idx], quality))
 
     @torch.no_grad()
-    def apply(
-        self, hr: torch.Tensor, kernels: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor:
+    def apply(self, hr: torch.Tensor, kernels: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Degrade a batch with per-image parameters from :meth:`sample_kernels` (Sec. 3, Fig. 2).
 
         Args:

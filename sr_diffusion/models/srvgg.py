@@ -62,9 +62,7 @@ class SRVGGNetCompact(ModelMixin, ConfigMixin):
         if upscale < 1:
             raise ValueError(f"upscale must be a positive integer, got {upscale}")
         if num_in_ch != num_out_ch:
-            raise ValueError(
-                "SRVGGNetCompact adds the upsampled input to its output: num_in_ch must equal num_out_ch"
-            )
+            raise ValueError("SRVGGNetCompact adds the upsampled input to its output: num_in_ch must equal num_out_ch")
         layers: list[nn.Module] = [nn.Conv2d(num_in_ch, num_feat, 3, 1, 1), _activation(act_type, num_feat)]
         for _ in range(num_conv):
             layers += [nn.Conv2d(num_feat, num_feat, 3, 1, 1), _activation(act_type, num_feat)]
