@@ -26,6 +26,7 @@ from sr_diffusion.fidelity import project_to_lr
 from sr_diffusion.image_processor import crop_to_size, pad_to_multiple
 from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.tiling import tile_grid, tiled_apply
+from sr_diffusion.utils import is_int, is_number
 
 from .pipeline_output import SRPipelineOutput
 
@@ -106,7 +107,7 @@ class SRSamplingMixin:
     def check_steps_and_eta(self, num_inference_steps: int, eta: float) -> None:
         """:meth:`check_num_inference_steps`, and ``eta >= 0``."""
         self.check_num_inference_steps(num_inference_steps)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+        if not is_number(eta) or eta < 0:
             raise ValueError(f"eta must be a non-negative number, got {eta!r}")
 
     def check_output_options(self, color_fix: str, lr_consistency: bool) -> None:
@@ -139,9 +140,9 @@ class SRSamplingMixin:
             raise ValueError(f"image has an empty side: {h}x{w}")
         if tile_size is not None:
             m = self.lr_multiple
-            if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < m or tile_size % m:
+            if not is_int(tile_size) or tile_size < m or tile_size % m:
                 raise ValueError(f"tile_size must be a positive multiple of {m} for these components, got {tile_size}")
-            if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+            if not is_int(tile_overlap) or not 0 <= tile_overlap < tile_size:
                 raise ValueError(f"tile_overlap must be an int in [0, tile_size), got {tile_overlap}")
             if latents is not None and not tiles_share_latents:
                 raise ValueError(f"{name} cannot be combined with tile_size: each tile draws its own")
@@ -167,7 +168,7 @@ class SRSamplingMixin:
 
     def check_strength(self, num_inference_steps: int, strength: float) -> None:
         """``strength`` in (0, 1], and at least one of the ``num_inference_steps`` steps run."""
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if not is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
         if int(num_inference_steps * strength) < 1:
             raise ValueError(

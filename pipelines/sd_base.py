@@ -104,6 +104,7 @@ from sr_diffusion.models.tiled_vae import tiled_vae
 from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
 from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.tiling import tile_grid
+from sr_diffusion.utils import is_int, is_number
 
 __all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
 
@@ -172,7 +173,7 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         """What a pipeline's ``__init__`` does after ``super().__init__()``: ``register_modules(**components)`` (the
         base parts, the scheduler and the add-ons), the ``upscale`` config entry (a positive int), the image processor,
         and :meth:`check_components`."""
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+        if not is_int(upscale) or upscale < 1:
             raise ValueError(f"upscale must be a positive int, got {upscale!r}")
         self.register_modules(**components)
         self.register_to_config(upscale=upscale)
@@ -382,14 +383,14 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
 
     def check_guidance_scale(self, guidance_scale: float) -> None:
         """Classifier-free guidance's ``w``: a number >= 1 (1: no guidance)."""
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+        if not is_number(guidance_scale) or not guidance_scale >= 1:
             raise ValueError(
                 f"guidance_scale must be a number >= 1 (1: no classifier-free guidance), got {guidance_scale!r}"
             )
 
     def check_controlnet_conditioning_scale(self, scale: float) -> None:
         """The factor of a ControlNet's residuals: a finite number >= 0 (0: the ControlNet has no effect)."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        if not is_number(scale) or not math.isfinite(scale) or scale < 0:
             raise ValueError(f"controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
 
     @staticmethod
@@ -602,7 +603,7 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         if not isinstance(match_original, bool):
             raise ValueError(f"match_original must be a bool, got {match_original!r}")
         for name, value in (("process_size", process_size), ("tile_size", tile_size), ("tile_overlap", tile_overlap)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (not is_int(value) or value < 0):
                 raise ValueError(f"{name} must be None or an int >= 0 (0: off), got {value!r}")
 
     def working_size(self, height: int, width: int, process_size: int | None) -> tuple[int, int] | None:

@@ -15,12 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+from sr_diffusion.utils import IMAGE_EXTENSIONS
+
 __all__ = ["main", "build_parser"]
 
 #: The smallest ``--tile``: tiles of a few pixels give a model almost nothing to see (--tile 1 is a grey mush)
 MIN_TILE = 16
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 #: ``--max-memory`` default, GiB: what one image's work may take beyond the process and the loaded model. Importing
 #: torch and diffusers and loading a shipped model take about 0.82 GiB of RSS (benchmarks/bench_tile_memory.py), so a

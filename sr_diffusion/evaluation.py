@@ -29,11 +29,9 @@ import torch
 from .image_processor import ImageLoadError, SRImageProcessor, load_image
 from .metrics import gradient_magnitude, lr_consistency, psnr, ssim
 from .resize import imresize
-from .utils import atomic_path
+from .utils import IMAGE_EXTENSIONS, atomic_path
 
 __all__ = ["EvaluationReport", "evaluate_folders", "evaluate_model", "write_report", "score"]
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass

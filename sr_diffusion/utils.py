@@ -12,6 +12,20 @@ from pathlib import Path
 __all__ = ["atomic_path", "atomic_directory", "exists", "default"]
 
 
+#: File name extensions (lower case) of the images the CLI, the evaluation and the training data read from folders
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def is_int(value) -> bool:
+    """``value`` is an ``int`` and not a ``bool`` (``True`` is an ``int`` to Python, never a count or a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """``value`` is an ``int`` or a ``float`` and not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

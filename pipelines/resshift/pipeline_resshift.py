@@ -51,6 +51,7 @@ import sr_diffusion.schedulers  # noqa: F401
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.schedulers import ResShiftScheduler, resshift_spaced_timesteps
+from sr_diffusion.utils import is_int
 
 from ..pipeline_utils import SRSamplingMixin
 
@@ -206,7 +207,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         num_inference_steps: int | None = None,
     ):
         super().__init__()
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+        if not is_int(upscale) or upscale < 1:
             raise ValueError(f"upscale must be a positive int, got {upscale!r}")
         if not isinstance(lr_consistency, bool):
             raise ValueError(f"lr_consistency must be a bool, got {lr_consistency!r}")

@@ -51,6 +51,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor
 from sr_diffusion.resize import pil_resize, resize
+from sr_diffusion.utils import is_int, is_number
 
 from ..pipeline_utils import NoiseSchedulerSRMixin
 
@@ -160,9 +161,9 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         self, unet: ModelMixin, scheduler: SchedulerMixin, upscale: int = 4, noise_level_scale: float = 1000.0
     ):
         super().__init__()
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+        if not is_int(upscale) or upscale < 1:
             raise ValueError(f"upscale must be a positive int, got {upscale!r}")
-        if isinstance(noise_level_scale, bool) or not isinstance(noise_level_scale, (int, float)):
+        if not is_number(noise_level_scale):
             raise ValueError(f"noise_level_scale must be a positive number, got {noise_level_scale!r}")
         if not noise_level_scale > 0:
             raise ValueError(f"noise_level_scale must be a positive number, got {noise_level_scale!r}")

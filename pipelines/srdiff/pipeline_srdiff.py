@@ -45,6 +45,7 @@ from sr_diffusion.image_processor import ImageInput, SRImageProcessor
 from sr_diffusion.models.rrdbnet import RRDBNet
 from sr_diffusion.models.srdiff_unet import SRDiffUNet
 from sr_diffusion.resize import imresize
+from sr_diffusion.utils import is_number
 
 from ..pipeline_utils import NoiseSchedulerSRMixin
 
@@ -183,7 +184,7 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     ):
         super().__init__()
         for name, value in (("res_rescale", res_rescale), ("lr_up_gain", lr_up_gain)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(clip_input, bool):
             raise ValueError(f"clip_input must be a bool, got {clip_input!r}")

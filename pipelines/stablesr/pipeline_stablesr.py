@@ -79,6 +79,7 @@ from sr_diffusion.models.stablesr_sft import StableSRSFT
 from sr_diffusion.prompts.base import PromptExtractor
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid
+from sr_diffusion.utils import is_int, is_number
 
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin, gaussian_tile_weights
@@ -375,7 +376,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         self.check_components()
         self.check_num_inference_steps(num_inference_steps)  # no eta, no strength: the original's DDPM from z_T
         self.check_guidance_scale(guidance_scale)
-        if isinstance(fidelity_weight, bool) or not isinstance(fidelity_weight, (int, float)):
+        if not is_number(fidelity_weight):
             raise ValueError(f"fidelity_weight must be a number in [0, 1], got {fidelity_weight!r}")
         if not 0 <= fidelity_weight <= 1:
             raise ValueError(f"fidelity_weight must be in [0, 1], got {fidelity_weight}")
@@ -392,9 +393,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         self.check_start_point(start_point)
         # one z_T for the whole latent even when tiling (every step blends the tiles on it): the tile checks alone, then
         # the latents' alone
-        if tile_overlap is not None and (
-            isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0
-        ):
+        if tile_overlap is not None and (not is_int(tile_overlap) or tile_overlap < 0):
             raise ValueError(f"tile_overlap must be an int >= 0 or None (the original's), got {tile_overlap!r}")
         tile, overlap = (None if tile_size == 0 else tile_size), (tile_overlap or 0)  # tile_size 0: never tile
         self.check_sampling_inputs(rgb, tile, overlap, generator, None, callback_on_step_end_tensor_inputs)
@@ -408,7 +407,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             return
         f = self.vae_scale_factor
         for name, value in (("vae_tile_size", vae_tile_size), ("vae_tile_overlap", vae_tile_overlap)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(f"{name} must be an integer number of pixels, got {value!r}")
         if vae_tile_size <= 0 or vae_tile_size % f:
             raise ValueError(

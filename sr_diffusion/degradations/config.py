@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sr_diffusion.utils import is_int
+
 from .kernels import KERNEL_TYPES
 
 __all__ = ["BSRGANDegradationConfig", "RealESRGANDegradationConfig"]
@@ -51,7 +53,7 @@ def _probability(name: str, value) -> float:
 
 
 def _integer(name: str, value, low: int = 1, odd: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (odd and value % 2 != 1):
+    if not is_int(value) or value < low or (odd and value % 2 != 1):
         raise ValueError(f"{name} must be an {'odd ' if odd else ''}integer >= {low}, got {value!r}")
     return value
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from sr_diffusion.utils import is_int
+
 from .base import PromptExtraction, PromptExtractor
 
 __all__ = ["PASD_CAPTION_REPLACEMENTS", "BlipCaptioner"]
@@ -70,7 +72,7 @@ class BlipCaptioner(ModelMixin, ConfigMixin, PromptExtractor):
         super().__init__()
         from transformers import BlipConfig, BlipForConditionalGeneration
 
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        if not is_int(image_size) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if not 1 <= min_new_tokens <= max_new_tokens:
             raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}")

@@ -33,6 +33,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from sr_diffusion.utils import is_int
+
 __all__ = [
     "RESSHIFT_PRESETS",
     "RESSHIFT_PRESET_ALIASES",
@@ -187,7 +189,7 @@ def resshift_spaced_timesteps(
     """
     if timestep_spacing not in _TIMESTEP_SPACINGS:
         raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected one of {_TIMESTEP_SPACINGS}.")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+    if not is_int(num_inference_steps):
         raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
     if not 1 <= num_inference_steps <= num_train_timesteps:
         raise ValueError(
@@ -275,7 +277,7 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: Literal["leading", "trailing"] = "trailing",
         latent_scale_factor: float = 1.0,
     ):
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        if not is_int(num_train_timesteps) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}.")
         if not kappa > 0:
             raise ValueError(f"kappa must be > 0, got {kappa}.")
@@ -397,7 +399,7 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
             not isinstance(values, Sequence)
             or isinstance(values, str)
             or not values
-            or any(isinstance(t, bool) or not isinstance(t, int) for t in values)
+            or any(not is_int(t) for t in values)
         ):
             raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}.")
         if any(a <= b for a, b in zip(values, values[1:])) or not 0 <= values[-1] <= values[0] < num_train:

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sr_diffusion.utils import is_int, is_number
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -368,7 +370,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
@@ -377,7 +379,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sr_diffusion.utils import IMAGE_EXTENSIONS
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SKIMAGE_SKLEARN_TRAIN",
@@ -69,7 +71,6 @@ __all__ = [
     "build_validation_set",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 #: Bundled photos used for training by ``data.source: skimage_sklearn`` ("library/name").
 SKIMAGE_SKLEARN_TRAIN = (
