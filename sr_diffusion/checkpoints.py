@@ -315,9 +315,15 @@ _LAYOUT_ARCH = {
 }
 
 
-def _get(state_dict: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+def required_tensor(
+    state_dict: Mapping[str, torch.Tensor], key: str, source: str, what: str | None = None
+) -> torch.Tensor:
+    """``state_dict[key]``, or a :class:`CheckpointError` naming ``source``, the key and (with ``what``, the model the
+    state dict should have been) its first keys."""
     if key not in state_dict:
-        raise CheckpointError(f"{source} lacks {key!r}, which its layout needs")
+        if what is None:
+            raise CheckpointError(f"{source} lacks {key!r}, which its layout needs")
+        raise CheckpointError(f"{source} is not {what}: it has no {key!r} (first keys: {preview(state_dict)})")
     return state_dict[key]
 
 
@@ -336,7 +342,7 @@ def _pixelshuffle_scale(convs: list[torch.Tensor], num_feat: int, source: str) -
 
 
 def _edsr(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
-    conv_first = _get(sd, "conv_first.weight", source)
+    conv_first = required_tensor(sd, "conv_first.weight", source)
     num_feat, num_in_ch = conv_first.shape[:2]
     ups = [sd[f"upsample.{i}.weight"] for i in _indices(sd, r"upsample\.(\d+)\.weight")]
     converted = dict(sd)
@@ -347,7 +353,7 @@ def _edsr(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
         converted["mean"] = torch.tensor(rgb_mean).view(1, -1, 1, 1)
     config = {
         "num_in_ch": int(num_in_ch),
-        "num_out_ch": int(_get(sd, "conv_last.weight", source).shape[0]),
+        "num_out_ch": int(required_tensor(sd, "conv_last.weight", source).shape[0]),
         "num_feat": int(num_feat),
         "num_block": len(_indices(sd, r"body\.(\d+)\.conv1\.weight")),
         "upscale": _pixelshuffle_scale(ups, num_feat, source),
@@ -395,9 +401,9 @@ def _edsr_official(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, d
 
 
 def _rrdbnet(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
-    conv_first = _get(sd, "conv_first.weight", source)
+    conv_first = required_tensor(sd, "conv_first.weight", source)
     num_feat, in_ch = (int(v) for v in conv_first.shape[:2])
-    num_out_ch = int(_get(sd, "conv_last.weight", source).shape[0])
+    num_out_ch = int(required_tensor(sd, "conv_last.weight", source).shape[0])
     num_up = len(_indices(sd, r"conv_up(\d+)\.weight"))
     ratio = in_ch // num_out_ch if in_ch % num_out_ch == 0 else 0
     if num_up == 3 and ratio == 1:
@@ -415,7 +421,7 @@ def _rrdbnet(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
         "scale": scale,
         "num_feat": num_feat,
         "num_block": len(_indices(sd, r"body\.(\d+)\.rdb1\.conv1\.weight")),
-        "num_grow_ch": int(_get(sd, "body.0.rdb1.conv1.weight", source).shape[0]),
+        "num_grow_ch": int(required_tensor(sd, "body.0.rdb1.conv1.weight", source).shape[0]),
     }
     return config, dict(sd)
 
@@ -466,23 +472,26 @@ def _esrgan_old(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict
 def _swinir(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
     if "absolute_pos_embed" in sd:
         raise CheckpointError(f"{source}: SwinIR with absolute position embedding (ape=True) is not supported")
-    conv_first = _get(sd, "conv_first.weight", source)
+    conv_first = required_tensor(sd, "conv_first.weight", source)
     embed_dim, in_chans = (int(v) for v in conv_first.shape[:2])
     layers = _indices(sd, r"layers\.(\d+)\.residual_group\.blocks\.0\.attn\.qkv\.weight")
     depths = [len(_indices(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.attn\.qkv\.weight")) for i in layers]
-    tables = [_get(sd, f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", source) for i in layers]
+    tables = [
+        required_tensor(sd, f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", source)
+        for i in layers
+    ]
     num_heads = [int(t.shape[1]) for t in tables]
     window_size = (math.isqrt(int(tables[0].shape[0])) + 1) // 2
     if (2 * window_size - 1) ** 2 != tables[0].shape[0]:
         raise CheckpointError(f"{source}: relative_position_bias_table has {tables[0].shape[0]} rows, not (2·ws-1)²")
-    hidden = int(_get(sd, "layers.0.residual_group.blocks.0.mlp.fc1.weight", source).shape[0])
+    hidden = int(required_tensor(sd, "layers.0.residual_group.blocks.0.mlp.fc1.weight", source).shape[0])
     resi_connection = "3conv" if "layers.0.conv.0.weight" in sd else "1conv"
 
     num_feat = 64
     if "conv_up1.weight" in sd:
         upsampler = "nearest+conv"
         upscale = 4 if "conv_up2.weight" in sd else 2
-        num_feat = int(_get(sd, "conv_before_upsample.0.weight", source).shape[0])
+        num_feat = int(required_tensor(sd, "conv_before_upsample.0.weight", source).shape[0])
     elif "conv_before_upsample.0.weight" in sd:
         upsampler = "pixelshuffle"
         num_feat = int(sd["conv_before_upsample.0.weight"].shape[0])

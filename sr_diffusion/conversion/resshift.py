@@ -57,13 +57,22 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import CheckpointError, check_keys_and_shapes, load_state_dict, preview, unwrap_state_dict
+from ..checkpoints import (
+    CheckpointError,
+    check_keys_and_shapes,
+    load_state_dict,
+    required_tensor,
+    unwrap_state_dict,
+)
 from ..models.resshift_unet import (
     ResShiftUNet,
     SwinTransformerBlock,
     WindowAttention,
     resshift_window_mask,
 )
+
+#: What the converter's input must be, for its error messages
+_LAYOUT = "a ResShift UNetModelSwin state dict"
 
 __all__ = ["convert_resshift_unet", "infer_resshift_unet_config"]
 
@@ -105,15 +114,6 @@ def indices(state_dict: Mapping[str, Any], pattern: str) -> list[int]:
     """Sorted distinct integers captured by ``pattern`` (one group, full match) over the keys."""
     regex = re.compile(pattern)
     return sorted({int(m.group(1)) for k in state_dict if (m := regex.fullmatch(k))})
-
-
-def _get(state_dict: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
-    if key not in state_dict:
-        raise CheckpointError(
-            f"{source} is not a ResShift UNetModelSwin state dict: it has no {key!r} (first keys: "
-            f"{preview(state_dict)})"
-        )
-    return state_dict[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,24 +204,26 @@ def infer_resshift_unet_config(
         CheckpointError: the keys are not those of ResShift's ``UNetModelSwin``, or are inconsistent.
     """
     sd = state_dict
-    mc = int(_get(sd, "time_embed.0.weight", source).shape[1])
-    out_channels = int(_get(sd, "out.2.weight", source).shape[0])
-    total_in = int(_get(sd, "input_blocks.0.0.weight", source).shape[1])
+    mc = int(required_tensor(sd, "time_embed.0.weight", source, _LAYOUT).shape[1])
+    out_channels = int(required_tensor(sd, "out.2.weight", source, _LAYOUT).shape[0])
+    total_in = int(required_tensor(sd, "input_blocks.0.0.weight", source, _LAYOUT).shape[1])
 
     # 1. levels
     widths, num_res, resblock_updown, conv_resample = _levels(sd, source)
     num_levels = len(widths)
     channel_mult = [w // mc if w % mc == 0 else w / mc for w in widths]
     first_blocks = [1 + sum(num_res[:level]) + level for level in range(num_levels)]  # encoder index per level
-    first_res = int(_get(sd, "input_blocks.1.0.out_layers.3.weight", source).shape[0])
-    use_scale_shift_norm = int(_get(sd, "input_blocks.1.0.emb_layers.1.weight", source).shape[0]) == 2 * first_res
+    first_res = int(required_tensor(sd, "input_blocks.1.0.out_layers.3.weight", source, _LAYOUT).shape[0])
+    use_scale_shift_norm = (
+        int(required_tensor(sd, "input_blocks.1.0.emb_layers.1.weight", source, _LAYOUT).shape[0]) == 2 * first_res
+    )
 
     # 2. Swin layers: the middle one gives the widths, each level its window
     mid = "middle_block.1"
-    swin_embed_dim = int(_get(sd, f"{mid}.patch_embed.proj.weight", source).shape[0])
+    swin_embed_dim = int(required_tensor(sd, f"{mid}.patch_embed.proj.weight", source, _LAYOUT).shape[0])
     swin_depth = len(indices(sd, rf"{re.escape(mid)}\.blocks\.(\d+)\.attn\.qkv\.weight"))
-    heads = int(_get(sd, f"{mid}.blocks.0.attn.relative_position_bias_table", source).shape[1])
-    hidden = int(_get(sd, f"{mid}.blocks.0.mlp.fc1.weight", source).shape[0])
+    heads = int(required_tensor(sd, f"{mid}.blocks.0.attn.relative_position_bias_table", source, _LAYOUT).shape[1])
+    hidden = int(required_tensor(sd, f"{mid}.blocks.0.mlp.fc1.weight", source, _LAYOUT).shape[0])
     swin_levels = [
         lvl for lvl in range(num_levels) if f"input_blocks.{first_blocks[lvl]}.1.blocks.0.attn.qkv.weight" in sd
     ]
@@ -230,7 +232,7 @@ def infer_resshift_unet_config(
     windows = {}
     for prefix, level in layers.items():
         key = f"{prefix}.blocks.0.attn.relative_position_bias_table"
-        windows[prefix] = (level, _window(_get(sd, key, source), key, source))
+        windows[prefix] = (level, _window(required_tensor(sd, key, source, _LAYOUT), key, source))
     window_size = max(ws for _, ws in windows.values())
 
     # 3. image_size: stored shifted-window masks, else a shrunk window, else the smallest consistent size

@@ -46,9 +46,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import CheckpointError, check_keys_and_shapes, preview
+from ..checkpoints import CheckpointError, check_keys_and_shapes, preview, required_tensor
 from ..models.sr3_unet import SR3UNet
 from .resshift import indices, read_flat_state_dict
+
+#: What the converter's input must be, for its error messages
+_LAYOUT = "an SR3 UNet state dict of the re-implementation"
 
 __all__ = [
     "RELEASED_CONFIGS",
@@ -163,15 +166,6 @@ def split_sr3_state_dict(
     return unet, schedule
 
 
-def _get(sd: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
-    if key not in sd:
-        raise CheckpointError(
-            f"{source} is not an SR3 UNet state dict of the re-implementation: it has no {key!r} (first keys: "
-            f"{preview(sd)})"
-        )
-    return sd[key]
-
-
 # ----------------------------------------------------------------------------------------------
 # config inference
 # ----------------------------------------------------------------------------------------------
@@ -230,15 +224,15 @@ def infer_sr3_unet_config(
             ``norm_groups`` cannot be defaulted (32 does not divide the widths) and was not given.
     """
     sd = state_dict
-    inner_channel, in_channel = (int(s) for s in _get(sd, "downs.0.weight", source).shape[:2])
-    out_channel = int(_get(sd, "final_conv.block.3.weight", source).shape[0])
+    inner_channel, in_channel = (int(s) for s in required_tensor(sd, "downs.0.weight", source, _LAYOUT).shape[:2])
+    out_channel = int(required_tensor(sd, "final_conv.block.3.weight", source, _LAYOUT).shape[0])
     with_emb = "noise_level_mlp.1.weight" in sd
     if with_emb:
         for key, shape in (
             ("noise_level_mlp.1.weight", (4 * inner_channel, inner_channel)),
             ("noise_level_mlp.3.weight", (inner_channel, 4 * inner_channel)),
         ):
-            if tuple(_get(sd, key, source).shape) != shape:
+            if tuple(required_tensor(sd, key, source, _LAYOUT).shape) != shape:
                 raise CheckpointError(
                     f"{source}: {key} has shape {tuple(sd[key].shape)}, but inner_channel={inner_channel} (from "
                     f"downs.0.weight) gives {shape}"
@@ -250,7 +244,7 @@ def infer_sr3_unet_config(
     if any(w % inner_channel for w in widths):
         raise CheckpointError(f"{source}: block widths {widths} are not multiples of inner_channel={inner_channel}")
     first = f"ups.{levels[0][0]}.res_block.noise_func.noise_func.0.weight"
-    affine = with_emb and int(_get(sd, first, source).shape[0]) == 2 * widths[0]
+    affine = with_emb and int(required_tensor(sd, first, source, _LAYOUT).shape[0]) == 2 * widths[0]
     attn_levels = [lvl for lvl, level in enumerate(levels) if f"ups.{level[0]}.attn.qkv.weight" in sd]
     inferred = {
         "in_channel": in_channel,

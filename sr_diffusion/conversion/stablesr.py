@@ -46,7 +46,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from ..checkpoints import CheckpointError, preview, torch_load_weights, unsafe_pickle_refusal, unwrap_state_dict
+from ..checkpoints import (
+    CheckpointError,
+    preview,
+    required_tensor,
+    torch_load_weights,
+    unsafe_pickle_refusal,
+    unwrap_state_dict,
+)
 from ..models.stablesr_cfw import StableSRCFW
 from ..models.stablesr_encoder import StableSRTimeAwareEncoder
 from ..models.stablesr_sft import StableSRSFT
@@ -151,12 +158,6 @@ def split_stablesr_state_dict(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _get(state_dict: Mapping[str, torch.Tensor], key: str, source: str, what: str) -> torch.Tensor:
-    if key not in state_dict:
-        raise CheckpointError(f"{source} is not {what}: it has no {key!r} (first keys: {preview(state_dict)})")
-    return state_dict[key]
-
-
 def infer_time_aware_encoder_config(state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> dict:
     """The :class:`StableSRTimeAwareEncoder` keyword arguments of an ``EncoderUNetModelWT`` state dict (prefix
     stripped): ``model_channels``, ``in_channels``, ``out_channels``, ``channel_mult``, ``num_res_blocks``,
@@ -164,9 +165,9 @@ def infer_time_aware_encoder_config(state_dict: Mapping[str, torch.Tensor], sour
     ``num_head_channels=-1``, conv downsampling, ``resblock_updown=False``, the legacy attention order."""
     what = "a StableSR time-aware encoder (EncoderUNetModelWT) state dict"
     sd = state_dict
-    model_channels = int(_get(sd, "time_embed.0.weight", source, what).shape[1])
-    in_channels = int(_get(sd, "input_blocks.0.0.weight", source, what).shape[1])
-    out_channels = int(_get(sd, "fea_tran.0.out_layers.3.weight", source, what).shape[0])
+    model_channels = int(required_tensor(sd, "time_embed.0.weight", source, what).shape[1])
+    in_channels = int(required_tensor(sd, "input_blocks.0.0.weight", source, what).shape[1])
+    out_channels = int(required_tensor(sd, "fea_tran.0.out_layers.3.weight", source, what).shape[0])
     levels: list[list[tuple[int, bool]]] = [[]]  # per level: (width, has attention) of each residual block
     for k in indices(sd, r"input_blocks\.(\d+)\.0\.(?:in_layers\.0|op)\.weight"):
         if k == 0:
@@ -188,7 +189,7 @@ def infer_time_aware_encoder_config(state_dict: Mapping[str, torch.Tensor], sour
     widths = [blocks[0][0] for blocks in levels]
     if any(w % model_channels for w in widths):
         raise CheckpointError(f"{source}: level widths {widths} are not multiples of model_channels={model_channels}")
-    emb_out = int(_get(sd, "fea_tran.0.emb_layers.1.weight", source, what).shape[0])
+    emb_out = int(required_tensor(sd, "fea_tran.0.emb_layers.1.weight", source, what).shape[0])
     return {
         "in_channels": in_channels,
         "model_channels": model_channels,
@@ -261,7 +262,9 @@ def convert_stablesr_cfw(
     config = {
         "block_out_channels": list(vae_config["block_out_channels"]),
         "num_fuse_block": len(indices(fusion, rf"{re.escape(rrdb)}\.(\d+)\.rdb1\.conv1\.weight")),
-        "num_grow_ch": int(_get(fusion, f"{rrdb}.0.rdb1.conv1.weight", source, "a CFW autoencoder").shape[0]),
+        "num_grow_ch": int(
+            required_tensor(fusion, f"{rrdb}.0.rdb1.conv1.weight", source, "a CFW autoencoder").shape[0]
+        ),
         "norm_num_groups": int(vae_config.get("norm_num_groups", 32)),
     }
     target = "StableSRCFW(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")"

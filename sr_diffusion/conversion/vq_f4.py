@@ -48,8 +48,11 @@ from typing import Any
 import torch
 from diffusers import VQModel
 
-from ..checkpoints import CheckpointError, check_keys_and_shapes, preview
+from ..checkpoints import CheckpointError, check_keys_and_shapes, preview, required_tensor
 from .resshift import indices, read_flat_state_dict
+
+#: What the converter's input must be, for its error messages
+_LAYOUT = "an LDM VQ autoencoder state dict"
 
 __all__ = ["RELEASED_VQ_F4_CONFIG", "convert_vq_f4", "infer_vq_f4_config", "ldm_vq_to_diffusers"]
 
@@ -71,14 +74,6 @@ _RESNET = {"nin_shortcut": "conv_shortcut"}
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def _get(sd: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
-    if key not in sd:
-        raise CheckpointError(
-            f"{source} is not an LDM VQ autoencoder state dict: it has no {key!r} (first keys: {preview(sd)})"
-        )
-    return sd[key]
-
-
 def infer_vq_f4_config(state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> dict:
     """The ``diffusers.VQModel`` keyword arguments of a flat LDM-layout VQ state dict.
 
@@ -88,7 +83,7 @@ def infer_vq_f4_config(state_dict: Mapping[str, torch.Tensor], source: str = "th
     sd = state_dict
     if "quantize.used" in sd:
         raise CheckpointError(f"{source} uses codebook index remapping (quantize.used), which VQModel does not support")
-    conv_in = _get(sd, "encoder.conv_in.weight", source)
+    conv_in = required_tensor(sd, "encoder.conv_in.weight", source, _LAYOUT)
     levels = indices(sd, r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
     if not levels or levels != list(range(len(levels))):
         raise CheckpointError(f"{source}: encoder levels encoder.down.N are missing or not numbered 0..N ({levels})")
@@ -101,14 +96,14 @@ def infer_vq_f4_config(state_dict: Mapping[str, torch.Tensor], source: str = "th
             "diffusers.VQModel needs the same number n on every encoder level and n + 1 on every decoder level "
             "(one layers_per_block)"
         )
-    latent_channels = int(_get(sd, "encoder.conv_out.weight", source).shape[0])
-    quant_in = int(_get(sd, "quant_conv.weight", source).shape[1])
+    latent_channels = int(required_tensor(sd, "encoder.conv_out.weight", source, _LAYOUT).shape[0])
+    quant_in = int(required_tensor(sd, "quant_conv.weight", source, _LAYOUT).shape[1])
     if quant_in != latent_channels:
         raise CheckpointError(
             f"{source}: the encoder outputs {latent_channels} channels but quant_conv takes {quant_in}; a "
             "double_z (KL) encoder is not a VQ model"
         )
-    codebook = _get(sd, "quantize.embedding.weight", source)
+    codebook = required_tensor(sd, "quantize.embedding.weight", source, _LAYOUT)
     down_types = [
         "AttnDownEncoderBlock2D" if f"encoder.down.{i}.attn.0.q.weight" in sd else "DownEncoderBlock2D" for i in levels
     ]
@@ -118,7 +113,7 @@ def infer_vq_f4_config(state_dict: Mapping[str, torch.Tensor], source: str = "th
     ]
     return {
         "in_channels": int(conv_in.shape[1]),
-        "out_channels": int(_get(sd, "decoder.conv_out.weight", source).shape[0]),
+        "out_channels": int(required_tensor(sd, "decoder.conv_out.weight", source, _LAYOUT).shape[0]),
         "down_block_types": down_types,
         "up_block_types": up_types,
         "block_out_channels": widths,
