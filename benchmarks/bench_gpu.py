@@ -18,8 +18,10 @@ encoder, SFT and CFW), PASD 20 (SD 1.5 + its ControlNet and pixel-aware attentio
 ControlNet + image cross-attention on 16 soft prompts of 512, guidance 5.5), LDM-SR 100 (CompVis' openimages UNet on
 VQ-f4), SR3 100 (the released 64→512 SR3 UNet), SRDiff 100 (the released x4 UNet on its 8-block RRDB), and the shipped
 defaults (``sr_diffusion/weights``: the generative ResShift, 3 steps, and the regression EDSR, their real weights).
-Then the same at 512 → 2048 with each pipeline's tiling (``tile_size=128, tile_overlap=16`` LR pixels; the SD
-pipelines' VAE tiled too: StableSR's ``vae_tile_size=512, vae_tile_overlap=64``, PASD/SeeSR ``vae.enable_tiling()``),
+Then the same at 512 → 2048 with each pipeline's default tiling: ResShift, StableSR, PASD and SeeSR tile on their own
+as their originals do (``AUTO_TILING``: latent canvas tiles and their VAE tiling), the others get ``tile_size=128,
+tile_overlap=16`` LR pixels (``--tiny``: every pipeline the tiny tiles, StableSR's VAE ``vae_tile_size=512``, PASD/SeeSR
+``vae.enable_tiling()``),
 one step count per method, ``--tiled-repeats`` calls after a 2-step warm-up. Variants on ``--variant-cases`` (default
 ResShift-4 and StableSR-50): xformers attention instead of SDPA (when ``xformers`` imports; skipped with a note
 otherwise) and ``torch.compile`` of the denoiser's forward (compile time, taken by the warm-up, printed, not timed).
@@ -424,11 +426,14 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, tiled: 
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v.to(device, dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     lr = args.tiled_lr_size if tiled else args.lr_size
-    if tiled:
+    # 512 -> 2048 with our defaults: the pipelines that tile on their own as their originals (AUTO_TILING: ResShift,
+    # StableSR, PASD, SeeSR, VAE included) get no tiling keywords; the others TILE (and, tiny, everything TINY_TILE)
+    own_tiling = tiled and getattr(pipe, "AUTO_TILING", False) and not args.tiny
+    if tiled and not own_tiling:
         kwargs |= dict(TINY_TILE if args.tiny else TILE) | case.extra
     steps = (args.steps or case.steps) if case.steps is not None else None  # no steps: the regression default
     image = torch.rand(1, 3, lr, lr, generator=torch.Generator().manual_seed(0)).to(device)
-    vae_tiling = tiled and case.sd and "vae_tile_size" not in case.extra
+    vae_tiling = tiled and case.sd and "vae_tile_size" not in case.extra and not own_tiling
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = NetworkTimer(device)
