@@ -103,7 +103,7 @@ from sr_diffusion.image_processor import SRImageProcessor, pad_to_multiple
 from sr_diffusion.models.tiled_vae import tiled_vae
 from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
 from sr_diffusion.resize import pil_resize, resize
-from sr_diffusion.tiling import ORIGINALS_GAUSSIAN, TileAccumulator, tile_grid, tile_weights
+from sr_diffusion.tiling import ORIGINALS_GAUSSIAN, TileAccumulator, tile_regions, tile_weights
 from sr_diffusion.utils import is_int, is_number
 
 __all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
@@ -687,15 +687,13 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         ``latents`` (so it can slice the latents and every per-pixel condition alike). One tile covering everything
         is ``predict`` on the whole latent, unweighted."""
         height, width = latents.shape[-2:]
-        tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
-        if len(ys) * len(xs) == 1:
+        tile_size, regions = tile_regions(height, width, tile, overlap)
+        if len(regions) == 1:
             return predict((slice(None), slice(None), slice(None), slice(None)))
-        weight = gaussian_tile_weights(tile_h, tile_w, device=latents.device)
+        weight = gaussian_tile_weights(*tile_size, device=latents.device)
         blended = TileAccumulator(latents.shape, dtype=latents.dtype, device=latents.device)
-        for y in ys:
-            for x in xs:
-                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                blended.add(region, predict(region), weight)
+        for region in regions:
+            blended.add(region, predict(region), weight)
         return blended.result()
 
     def pixel_region(self, region: tuple[slice, ...]) -> tuple[slice, ...]:

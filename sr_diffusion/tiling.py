@@ -1,7 +1,7 @@
 """Tiling for every pipeline: the tile grid, the tile weights and the accumulator that blends tiles.
 
-* :func:`tile_grid` / :func:`tile_starts`: overlapping tiles of one size, the last tile in each row or column shifted
-  back so it ends at the image border.
+* :func:`tile_grid` / :func:`tile_starts` / :func:`tile_regions`: overlapping tiles of one size, the last tile in
+  each row or column shifted back so it ends at the image border.
 * :func:`tile_weights`: the one definition of per-pixel tile weights (below).
 * :class:`TileAccumulator`: sums ``weight · tile`` and ``weight`` over the tiles in float32 and returns their ratio.
   Every tiled path accumulates with it: :func:`tiled_apply` (regression, SR3, SRDiff, LDM-SR, ResShift),
@@ -45,6 +45,7 @@ __all__ = [
     "TileAccumulator",
     "blend_weights",
     "tile_grid",
+    "tile_regions",
     "tile_starts",
     "tile_weights",
     "tiled_apply",
@@ -82,6 +83,17 @@ def tile_grid(height: int, width: int, tile_size: int, tile_overlap: int) -> tup
     ys = tile_starts(height, tile_h, min(tile_overlap, tile_h - 1))
     xs = tile_starts(width, tile_w, min(tile_overlap, tile_w - 1))
     return tile_h, tile_w, ys, xs
+
+
+def tile_regions(
+    height: int, width: int, tile_size: int, tile_overlap: int, *, column_major: bool = False
+) -> tuple[tuple[int, int], list[tuple[slice, ...]]]:
+    """``((tile_h, tile_w), regions)``: the indices ``(:, :, ys, xs)`` of the tiles of :func:`tile_grid` in an
+    ``(N, C, height, width)`` tensor, row by row (``column_major``: column by column, as ``ImageSpliterTh``)."""
+    tile_h, tile_w, ys, xs = tile_grid(height, width, tile_size, tile_overlap)
+    full = slice(None)
+    positions = [(y, x) for x in xs for y in ys] if column_major else [(y, x) for y in ys for x in xs]
+    return (tile_h, tile_w), [(full, full, slice(y, y + tile_h), slice(x, x + tile_w)) for y, x in positions]
 
 
 def tile_weights(

@@ -9,6 +9,7 @@ from sr_diffusion.tiling import (
     TileAccumulator,
     blend_weights,
     tile_grid,
+    tile_regions,
     tile_starts,
     tile_weights,
     tiled_apply,
@@ -181,3 +182,13 @@ def test_accumulator_adds_as_the_written_out_loop_and_keeps_float32_sums():
         count[region] += 1
     assert torch.equal(uniform.result(), total / count)
     assert torch.equal(uniform.weight_sum, count)
+
+
+def test_tile_regions_cover_the_grid_row_or_column_major():
+    (tile_h, tile_w), rows = tile_regions(20, 30, 12, 4)
+    _, _, ys, xs = tile_grid(20, 30, 12, 4)
+    assert (tile_h, tile_w) == (12, 12) and (ys, xs) == ([0, 8], [0, 8, 16, 18])
+    assert [(r[2].start, r[3].start) for r in rows] == [(y, x) for y in ys for x in xs]
+    _, columns = tile_regions(20, 30, 12, 4, column_major=True)
+    assert [(r[2].start, r[3].start) for r in columns] == [(y, x) for x in xs for y in ys]
+    assert all(r[:2] == (slice(None), slice(None)) and r[2].stop - r[2].start == 12 for r in rows + columns)

@@ -78,7 +78,7 @@ from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
 from sr_diffusion.prompts.base import PromptExtractor
 from sr_diffusion.resize import resize
-from sr_diffusion.tiling import TileAccumulator, tile_grid
+from sr_diffusion.tiling import TileAccumulator, tile_regions
 from sr_diffusion.utils import is_int, is_number
 
 from ..pipeline_utils import SRSamplingMixin
@@ -460,9 +460,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         ``overlap`` (both multiples of ``f``) for a latent of ``latent_shape`` ``(..., H/f, W/f)``; a side shorter
         than a tile gets one tile of that side; the last tile of a row or column ends at the border."""
         f = self.vae_scale_factor
-        tile_h, tile_w, ys, xs = tile_grid(latent_shape[-2], latent_shape[-1], tile_size // f, overlap // f)
-        full = slice(None)
-        return [(full, full, slice(y, y + tile_h), slice(x, x + tile_w)) for y in ys for x in xs]
+        return tile_regions(latent_shape[-2], latent_shape[-1], tile_size // f, overlap // f)[1]
 
     def encode_lr_tiled(
         self,
@@ -698,16 +696,14 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         (``update_gaussian`` / ``gather``: :func:`gaussian_tile_weights` of the patch, summed, divided by the summed
         weights). Returns ``(N, 3, H, W)``, neither clamped nor cropped."""
         height, width = upsampled.shape[-2:]
-        tile_h, tile_w, ys, xs = tile_grid(height, width, patch_size, patch_overlap)
-        weight = gaussian_tile_weights(tile_h, tile_w, device=upsampled.device)
+        tile_size, regions = tile_regions(height, width, patch_size, patch_overlap, column_major=True)  # ImageSpliterTh
+        weight = gaussian_tile_weights(*tile_size, device=upsampled.device)
         image = TileAccumulator(upsampled.shape, device=upsampled.device)
         replay = RandomStateReplay(generator)
-        for x in xs:  # column by column, as ImageSpliterTh
-            for y in ys:
-                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                replay.rewind()
-                patch = self.restore_upsampled(upsampled[region], generator, None, **restore)
-                image.add(region, patch, weight)
+        for region in regions:
+            replay.rewind()
+            patch = self.restore_upsampled(upsampled[region], generator, None, **restore)
+            image.add(region, patch, weight)
         return image.result()
 
     @torch.no_grad()
