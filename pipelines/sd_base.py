@@ -103,7 +103,7 @@ from sr_diffusion.image_processor import SRImageProcessor, pad_to_multiple
 from sr_diffusion.models.tiled_vae import tiled_vae
 from sr_diffusion.prompts.base import PromptExtractor, ResolvedPrompts, resolve_prompts
 from sr_diffusion.resize import pil_resize, resize
-from sr_diffusion.tiling import tile_grid
+from sr_diffusion.tiling import ORIGINALS_GAUSSIAN, TileAccumulator, tile_regions, tile_weights
 from sr_diffusion.utils import is_int, is_number
 
 __all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
@@ -124,13 +124,9 @@ def gaussian_tile_weights(height: int, width: int, device=None) -> torch.Tensor:
 
     The x centre is the tile's middle and the y centre half a pixel below it (``H/2``, not ``(H - 1)/2``), exactly as
     the originals compute it; the asymmetry is kept so that tiled outputs match theirs. The constant factor
-    ``1/sqrt(2π · var)`` cancels in the blend and is left out."""
-
-    def axis(n: int, centre: float) -> torch.Tensor:
-        x = torch.arange(n, dtype=torch.float32, device=device)
-        return torch.exp(-(((x - centre) / n) ** 2) / (2 * 0.01))
-
-    return (axis(height, height / 2)[:, None] * axis(width, (width - 1) / 2)[None, :])[None, None]
+    ``1/sqrt(2π · var)`` cancels in the blend and is left out. This is :func:`sr_diffusion.tiling.tile_weights` with
+    :data:`~sr_diffusion.tiling.ORIGINALS_GAUSSIAN`."""
+    return tile_weights(height, width, "gaussian", **ORIGINALS_GAUSSIAN, device=device)
 
 
 class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
@@ -691,18 +687,14 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         ``latents`` (so it can slice the latents and every per-pixel condition alike). One tile covering everything
         is ``predict`` on the whole latent, unweighted."""
         height, width = latents.shape[-2:]
-        tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
-        if len(ys) * len(xs) == 1:
+        tile_size, regions = tile_regions(height, width, tile, overlap)
+        if len(regions) == 1:
             return predict((slice(None), slice(None), slice(None), slice(None)))
-        weight = gaussian_tile_weights(tile_h, tile_w, device=latents.device)
-        total = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
-        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
-        for y in ys:
-            for x in xs:
-                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                total[region] += predict(region).float() * weight
-                weight_sum[region] += weight
-        return (total / weight_sum).to(latents.dtype)
+        weight = gaussian_tile_weights(*tile_size, device=latents.device)
+        blended = TileAccumulator(latents.shape, dtype=latents.dtype, device=latents.device)
+        for region in regions:
+            blended.add(region, predict(region), weight)
+        return blended.result()
 
     def pixel_region(self, region: tuple[slice, ...]) -> tuple[slice, ...]:
         """The index of the image-space region (``f`` times larger) under the latent ``region`` that

@@ -51,6 +51,7 @@ import sr_diffusion.schedulers  # noqa: F401
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 from sr_diffusion.resize import resize
 from sr_diffusion.schedulers import ResShiftScheduler, resshift_spaced_timesteps
+from sr_diffusion.tiling import TileAccumulator
 from sr_diffusion.utils import is_int
 
 from ..pipeline_utils import SRSamplingMixin
@@ -425,8 +426,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         s = self.upscale
         rows = original_chop_starts(h, chop_size, chop_stride)
         columns = original_chop_starts(w, chop_size, chop_stride)
-        total = lr.new_zeros((n, 3, h * s, w * s), dtype=torch.float32)
-        count = lr.new_zeros((1, 1, h * s, w * s), dtype=torch.float32)
+        hr_tiles = TileAccumulator((n, 3, h * s, w * s), device=lr.device)  # uniform weights: an average
         with self.progress_bar(total=len(rows) * len(columns) * steps_per_chain) as progress_bar:
             for top in rows:
                 for left in columns:
@@ -435,9 +435,8 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                     padded, _ = pad_to_multiple(tile, self.lr_multiple)
                     hr = sample(padded, None, progress_bar)[..., : th * s, : tw * s].clamp(-1.0, 1.0)
                     region = (..., slice(top * s, (top + th) * s), slice(left * s, (left + tw) * s))
-                    total[region] += hr.float()
-                    count[region] += 1
-        return total / count
+                    hr_tiles.add(region, hr)
+        return hr_tiles.result()
 
     @torch.no_grad()
     def __call__(

@@ -78,7 +78,7 @@ from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
 from sr_diffusion.prompts.base import PromptExtractor
 from sr_diffusion.resize import resize
-from sr_diffusion.tiling import tile_grid
+from sr_diffusion.tiling import TileAccumulator, tile_regions
 from sr_diffusion.utils import is_int, is_number
 
 from ..pipeline_utils import SRSamplingMixin
@@ -460,9 +460,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         ``overlap`` (both multiples of ``f``) for a latent of ``latent_shape`` ``(..., H/f, W/f)``; a side shorter
         than a tile gets one tile of that side; the last tile of a row or column ends at the border."""
         f = self.vae_scale_factor
-        tile_h, tile_w, ys, xs = tile_grid(latent_shape[-2], latent_shape[-1], tile_size // f, overlap // f)
-        full = slice(None)
-        return [(full, full, slice(y, y + tile_h), slice(x, x + tile_w)) for y in ys for x in xs]
+        return tile_regions(latent_shape[-2], latent_shape[-1], tile_size // f, overlap // f)[1]
 
     def encode_lr_tiled(
         self,
@@ -479,13 +477,11 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         latent_shape = (n, 2 * self.vae.config.latent_channels, height // f, width // f)
         regions = self.vae_tiles(latent_shape, tile_size, overlap)
         weight = gaussian_tile_weights(*self._region_size(regions[0]), device=upsampled_lr.device)
-        total = torch.zeros(latent_shape, dtype=torch.float32, device=upsampled_lr.device)
-        weight_sum = torch.zeros(1, 1, *latent_shape[-2:], device=upsampled_lr.device)
+        parameters = TileAccumulator(latent_shape, dtype=self.vae.dtype, device=upsampled_lr.device)
         for region in regions:
             tile = upsampled_lr[self.pixel_region(region)].to(self.vae.dtype)
-            total[region] += self.vae.encode(tile).latent_dist.parameters.float() * weight
-            weight_sum[region] += weight
-        posterior = DiagonalGaussianDistribution((total / weight_sum).to(self.vae.dtype))
+            parameters.add(region, self.vae.encode(tile).latent_dist.parameters, weight)
+        posterior = DiagonalGaussianDistribution(parameters.result())
         return self.scale_latents(posterior.sample(generator=generator))
 
     def decode_latents_tiled(
@@ -505,8 +501,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         tile_h, tile_w = self._region_size(regions[0])
         weight = gaussian_tile_weights(tile_h * f, tile_w * f, device=latents.device)
         n, _, height, width = upsampled_lr.shape
-        total = torch.zeros(n, 3, height, width, dtype=torch.float32, device=latents.device)
-        weight_sum = torch.zeros(1, 1, height, width, device=latents.device)
+        image = TileAccumulator((n, 3, height, width), device=latents.device)
         for region in regions:
             pixels = self.pixel_region(region)
             features = None
@@ -515,9 +510,8 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 with self.cfw.capture_encoder_features(self.vae, store):
                     self.vae.encode(upsampled_lr[pixels].to(self.vae.dtype))
                 features = {k: torch.cat(v) for k, v in store.items()}
-            total[pixels] += self.decode_latents(latents[region], features, fidelity_weight).to(total.device) * weight
-            weight_sum[pixels] += weight
-        return total / weight_sum
+            image.add(pixels, self.decode_latents(latents[region], features, fidelity_weight), weight)
+        return image.result()
 
     @staticmethod
     def _region_size(region: tuple[slice, ...]) -> tuple[int, int]:
@@ -702,19 +696,15 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         (``update_gaussian`` / ``gather``: :func:`gaussian_tile_weights` of the patch, summed, divided by the summed
         weights). Returns ``(N, 3, H, W)``, neither clamped nor cropped."""
         height, width = upsampled.shape[-2:]
-        tile_h, tile_w, ys, xs = tile_grid(height, width, patch_size, patch_overlap)
-        weight = gaussian_tile_weights(tile_h, tile_w, device=upsampled.device)
-        total = torch.zeros(upsampled.shape, dtype=torch.float32, device=upsampled.device)
-        weight_sum = torch.zeros(1, 1, height, width, dtype=torch.float32, device=upsampled.device)
+        tile_size, regions = tile_regions(height, width, patch_size, patch_overlap, column_major=True)  # ImageSpliterTh
+        weight = gaussian_tile_weights(*tile_size, device=upsampled.device)
+        image = TileAccumulator(upsampled.shape, device=upsampled.device)
         replay = RandomStateReplay(generator)
-        for x in xs:  # column by column, as ImageSpliterTh
-            for y in ys:
-                region = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                replay.rewind()
-                patch = self.restore_upsampled(upsampled[region], generator, None, **restore)
-                total[region] += patch.float() * weight
-                weight_sum[region] += weight
-        return total / weight_sum
+        for region in regions:
+            replay.rewind()
+            patch = self.restore_upsampled(upsampled[region], generator, None, **restore)
+            image.add(region, patch, weight)
+        return image.result()
 
     @torch.no_grad()
     def __call__(
