@@ -86,6 +86,8 @@ def test_accepted_values(override, key, value):
         ("optim.betas=[0.9, x]", "optim.betas[1]: expected a number, got 'x'"),
         ("data.hr_dirs=[a, 3]", "data.hr_dirs[1]: expected a string, got 3"),
         ("data=[1]", "data: expected a mapping (section), got [1]"),
+        ("data=[]", "data: expected a mapping (section), got []"),
+        ("model=", "model: expected a mapping (section), got ''"),
         ("model.arch=3", "model.arch: expected a string, got 3"),
         ("data.degradation.type=jpeg", "data.degradation.type: must be one of 'bicubic', 'realesrgan', 'bsrgan'"),
         ("train={max_steps: 3, bogus: 1}", "unknown config key 'train.bogus'; valid keys in train: output_dir,"),

@@ -337,7 +337,8 @@ def _validator(tp: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):  # a section: a mapping, null (the defaults) or an instance
         return Annotated[
-            _section(tp), pydantic.WrapValidator(lambda v, check: v if isinstance(v, tp) else check(v or {}))
+            _section(tp),
+            pydantic.WrapValidator(lambda v, check: v if isinstance(v, tp) else check({} if v is None else v)),
         ]
     if origin in (typing.Union, types.UnionType):
         return typing.Union[tuple(map(_validator, args))]
@@ -363,7 +364,7 @@ def _section(cls: type) -> Any:
 
 
 def _annotation_at(cls: type, loc: tuple) -> Any:
-    """The annotation of the value at pydantic location ``loc``, Optional stripped."""
+    """The annotation of the value at pydantic location ``loc``, Optional stripped (the configs' only unions)."""
     tp = cls
     for part in (*loc, None):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
