@@ -6,7 +6,8 @@ overridden on the command line with ``section.key=value`` (the value is parsed a
 
     python training/train_regression.py --config configs/regression_tiny.yaml train.max_steps=10 model.num_feat=16
 
-Unknown keys, wrong types and invalid values fail early with a message naming the dotted key. Two
+Unknown keys, wrong types and invalid values fail early with a message naming the dotted key (pydantic checks
+keys and types against the dataclasses' annotations and reports all such errors at once). Two
 sections are open-ended: ``model`` (``arch`` plus that architecture's constructor arguments) and
 ``data.degradation`` (``type`` plus that degradation's config fields); their extra keys are checked by
 the code that builds the model or the degradation, still before training starts.
