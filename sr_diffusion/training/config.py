@@ -6,7 +6,8 @@ overridden on the command line with ``section.key=value`` (the value is parsed a
 
     python training/train_regression.py --config configs/regression_tiny.yaml train.max_steps=10 model.num_feat=16
 
-Unknown keys, wrong types and invalid values fail early with a message naming the dotted key. Two
+Unknown keys, wrong types and invalid values fail early with a message naming the dotted key (pydantic checks
+keys and types against the dataclasses' annotations and reports all such errors at once). Two
 sections are open-ended: ``model`` (``arch`` plus that architecture's constructor arguments) and
 ``data.degradation`` (``type`` plus that degradation's config fields); their extra keys are checked by
 the code that builds the model or the degradation, still before training starts.
@@ -20,17 +21,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import inspect
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
-
-from sr_diffusion.utils import is_int, is_number
+from typing_extensions import TypedDict
 
 __all__ = [
     "ConfigError",
@@ -315,111 +317,111 @@ def _check(ok: bool, key: str, message: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # dict <-> dataclass
 # ----------------------------------------------------------------------------------------------------------
+# The dataclasses above are the API. pydantic checks a dict against a mirror of them (a TypedDict per section, its
+# unknown keys refused but in open sections; ints, bools and strings strict; ints taken for floats, lists for
+# tuples) and builds the dataclasses; its errors are reworded to name the dotted key.
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert it (YAML lists → tuples, ints → floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
+def _yaml_float(value: Any) -> Any:
+    try:  # YAML 1.1 (PyYAML) reads "1e-4" as a string
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
         return value
+
+
+_LEAVES = {int: pydantic.StrictInt, bool: pydantic.StrictBool, str: pydantic.StrictStr}
+_LEAVES[float] = Annotated[float, pydantic.Strict(), pydantic.BeforeValidator(_yaml_float)]
+
+
+def _validator(tp: Any) -> Any:
+    """The pydantic type that checks a value for the config annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):  # a section: a mapping, null (the defaults) or an instance
+        return Annotated[
+            _section(tp),
+            pydantic.WrapValidator(lambda v, check: v if isinstance(v, tp) else check({} if v is None else v)),
+        ]
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}; got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
-        return config_from_dict(value, tp, prefix=f"{key}.")
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if not is_int(value):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if not is_number(value):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported config annotation {tp!r}")
+        return typing.Union[tuple(map(_validator, args))]
+    if origin in (list, tuple):
+        return origin[tuple(a if a is Ellipsis else _validator(a) for a in args)] if args else origin
+    return dict if origin is dict else _LEAVES.get(tp, tp)
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+@functools.cache
+def _section(cls: type) -> Any:
+    """A TypedDict mirroring dataclass ``cls``, validated into an instance of ``cls``."""
+    hints, extra_name = typing.get_type_hints(cls), getattr(cls, "_extra_field", None)
+    fields = {f.name: _validator(hints[f.name]) for f in dataclasses.fields(cls) if f.name != extra_name}
+    mirror = TypedDict(cls.__name__, fields, total=False)
+    mirror.__pydantic_config__ = pydantic.ConfigDict(extra="forbid" if extra_name is None else "allow")
+
+    def build(values: dict) -> Any:
+        if extra_name is not None:  # the open section's other keys
+            values = {**{k: values.pop(k) for k in list(values) if k in fields}, extra_name: values}
+        return cls(**values)
+
+    return Annotated[mirror, pydantic.AfterValidator(build)]
 
 
-def config_from_dict(data: dict, cls=None, prefix: str = ""):
+def _annotation_at(cls: type, loc: tuple) -> Any:
+    """The annotation of the value at pydantic location ``loc``, Optional stripped (the configs' only unions)."""
+    tp = cls
+    for part in (*loc, None):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+        if part is not None:
+            fixed = typing.get_origin(tp) is tuple and Ellipsis not in args
+            tp = typing.get_type_hints(tp)[part] if dataclasses.is_dataclass(tp) else args[part if fixed else 0]
+    return tp
+
+
+def _dotted(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+_EXPECTED = {"int_type": "an integer", "bool_type": "true/false", "float_type": "a number", "string_type": "a string"}
+_EXPECTED |= {"list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping"}
+
+
+def _message(error: dict, cls: type) -> str:
+    """One pydantic error in this module's words: the dotted key first, or the unknown key and its section's keys."""
+    loc, kind, value, ctx = error["loc"], error["type"], error["input"], error.get("ctx", {})
+    key = _dotted(loc) or "config"
+    if kind == "extra_forbidden":
+        section, prefix = _annotation_at(cls, loc[:-1]), "".join(f"{p}." for p in loc[:-1])
+        known = [f.name for f in dataclasses.fields(section) if f.name != getattr(section, "_extra_field", None)]
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        return f"unknown config key {key!r}{hint}; valid keys in {prefix[:-1] or 'the top level'}: {', '.join(known)}"
+    if kind == "invalid_key":
+        return f"{'.'.join(map(str, loc))}: keys must be strings"
+    if kind == "literal_error":
+        choices = ", ".join(map(repr, typing.get_args(_annotation_at(cls, loc))))
+        return f"{key}: must be one of {choices}; got {value!r}"
+    if kind in ("missing", "too_long"):  # a fixed-length tuple given too few (an item missing) or too many values
+        loc = loc[:-1] if kind == "missing" else loc
+        return f"{_dotted(loc)}: expected {len(typing.get_args(_annotation_at(cls, loc)))} values, got {len(value)}"
+    if kind == "value_error" and isinstance(ctx["error"], ConfigError):  # raised by a section's __post_init__
+        return str(ctx["error"])
+    if kind in _EXPECTED:
+        section = " (section)" if loc and dataclasses.is_dataclass(_annotation_at(cls, loc)) else ""
+        return f"{key}: expected {_EXPECTED[kind]}{section}, got {value!r}"
+    return f"{key}: {error['msg']}"
+
+
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(_section(cls))
+
+
+def config_from_dict(data: dict, cls=None):
     """Build dataclass ``cls`` (default :class:`ExperimentConfig`) from a nested dict, checking every key."""
     cls = ExperimentConfig if cls is None else cls
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = _fields(cls)
-    extra_name = getattr(cls, "_extra_field", None)
-    known = [name for name in fields if name != extra_name]
-    kwargs: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if not isinstance(name, str):
-            raise ConfigError(f"{key}: keys must be strings")
-        if name in known:
-            kwargs[name] = _convert(value, hints[name], key)
-        elif extra_name is not None:
-            extra[name] = value
-        else:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            section = prefix.rstrip(".") or "the top level"
-            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(known)}")
-    if extra_name is not None:
-        kwargs[extra_name] = extra
-    return cls(**kwargs)
+    try:
+        return _adapter(cls).validate_python(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError("\n".join(_message(e, cls) for e in err.errors())) from None
 
 
 def config_to_dict(config) -> dict:
