@@ -672,6 +672,39 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        *,
+        timesteps: torch.Tensor,
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        step_kwargs: dict[str, Any],
+        state: dict[str, torch.Tensor],
+        callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> torch.Tensor:
+        """The SD methods' denoising loop from ``latents`` (``z_T``); returns ``z_0``.
+
+        At every step of ``timesteps`` (skipped once :attr:`interrupt` is set): ``predict(latents, t)`` (the method's
+        UNet / ControlNet call, guidance and latent tiling) gives the noise prediction, the scheduler steps the whole
+        latent (``step_kwargs``), then the step-end callback sees ``"latents"`` and the tensors of ``state`` by name
+        and may replace them. ``state`` holds the other tensors a callback may replace (e.g. ``"prompt_embeds"``); it
+        is updated in place, so ``predict`` reads them from it and the caller gets the replaced ones back."""
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_pred = predict(latents, t)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+                tensors = self.step_end_callback(
+                    callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, {"latents": latents, **state}
+                )
+                latents = tensors.pop("latents")
+                state.update(tensors)
+                progress_bar.update()
+        return latents
+
     # ------------------------------------------------------------------------------------------------------------------
     # Latent tiling
     # ------------------------------------------------------------------------------------------------------------------

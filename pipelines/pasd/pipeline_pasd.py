@@ -716,22 +716,21 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         #    tiles' noise predictions and steps the whole latent
         tiling = self.latent_tiling(latents.shape[-2:], tile_size, tile_overlap)
         scale = float(controlnet_conditioning_scale)
-        with self.progress_bar(total=self._num_timesteps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                if tiling is None:
-                    noise_pred = self.predict_noise(latents, t, cond_image, prompt_embeds, guidance_scale, scale)
-                else:
-                    noise_pred = self.predict_noise_tiled(
-                        latents, t, cond_image, prompt_embeds, guidance_scale, scale, *tiling
-                    )
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        state = {"prompt_embeds": prompt_embeds}  # a callback may replace it
 
-                state = {"latents": latents, "prompt_embeds": prompt_embeds}
-                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
-                latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                progress_bar.update()
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            args = (latents, t, cond_image, state["prompt_embeds"], guidance_scale, scale)
+            return self.predict_noise(*args) if tiling is None else self.predict_noise_tiled(*args, *tiling)
+
+        latents = self.denoise(
+            latents,
+            timesteps=timesteps,
+            predict=predict,
+            step_kwargs=step_kwargs,
+            state=state,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         # 7. Decode, then crop back, [-1, 1] -> [0, 1], clamp (8-bit round trips with match_original), colour fix
         #    against the condition (the original's order), resize back from the working size, LR consistency, alpha

@@ -713,25 +713,22 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         # 6. Denoising loop (tiled, automatically above 96² latent pixels as the original: every step blends the
         #    tiles' noise predictions and steps the whole latent)
         tiling = self.latent_tiling(shape[-2:], tile_size, tile_overlap)
-        with self.progress_bar(total=self._num_timesteps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                args = (latents, t, condition, prompt_embeds, soft_prompts, guidance_scale)
-                if tiling is None:
-                    noise_pred = self.predict_noise(*args, controlnet_conditioning_scale)
-                else:
-                    noise_pred = self.predict_noise_tiled(*args, controlnet_conditioning_scale, *tiling)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        state = {"prompt_embeds": prompt_embeds, "image_prompt_embeds": soft_prompts}  # a callback may replace them
 
-                state = {"latents": latents, "prompt_embeds": prompt_embeds, "image_prompt_embeds": soft_prompts}
-                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
-                latents, prompt_embeds, soft_prompts = (
-                    state["latents"],
-                    state["prompt_embeds"],
-                    state["image_prompt_embeds"],
-                )
-                progress_bar.update()
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            embeds = (state["prompt_embeds"], state["image_prompt_embeds"])
+            args = (latents, t, condition, *embeds, guidance_scale, controlnet_conditioning_scale)
+            return self.predict_noise(*args) if tiling is None else self.predict_noise_tiled(*args, *tiling)
+
+        latents = self.denoise(
+            latents,
+            timesteps=timesteps,
+            predict=predict,
+            step_kwargs=step_kwargs,
+            state=state,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         # 7. Decode; crop back, [-1, 1] -> [0, 1], clamp (8-bit round trips with match_original), colour fix against
         #    the condition (the original's order), resize back from the working size, LR consistency, alpha

@@ -655,20 +655,21 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         #    step blends the tiles' noise predictions on the latent with Gaussian weights and steps the whole latent
         #    (the original's progressive aggregation sampling), so the tiles cannot drift apart
         tiles = self.canvas_tiles(lr_latents.shape[-2:], tile_size, tile_overlap)
-        with self.progress_bar(total=self._num_timesteps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                if tiles is None:
-                    noise_pred = self.predict_noise(latents, t, lr_latents, prompt_embeds, guidance_scale)
-                else:
-                    noise_pred = self.predict_noise_tiled(latents, t, lr_latents, prompt_embeds, guidance_scale, *tiles)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        state = {"prompt_embeds": prompt_embeds, "lr_latents": lr_latents}  # a callback may replace them
 
-                state = {"latents": latents, "prompt_embeds": prompt_embeds, "lr_latents": lr_latents}
-                state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
-                latents, prompt_embeds, lr_latents = state["latents"], state["prompt_embeds"], state["lr_latents"]
-                progress_bar.update()
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            args = (latents, t, state["lr_latents"], state["prompt_embeds"], guidance_scale)
+            return self.predict_noise(*args) if tiles is None else self.predict_noise_tiled(*args, *tiles)
+
+        latents = self.denoise(
+            latents,
+            timesteps=timesteps,
+            predict=predict,
+            step_kwargs=step_kwargs,
+            state=state,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         # 7. Decode with CFW (tiled: each tile with the encoder features of its own region)
         if vae_tile_size is None:
