@@ -777,15 +777,19 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         t: torch.Tensor,
         condition: torch.Tensor,
         guidance_scale: float,
+        *,
+        repeat_condition: bool = True,
     ) -> torch.Tensor:
         """The (guided) model output for ``z_t`` ``(N, C_z, h, w)`` (or a tile of it): ``model(x, condition)`` on
         ``x = scheduler.scale_model_input(z_t, t)``; with ``guidance_scale`` ``w > 1`` on both halves at once (the text
         embeddings the model uses hold the negative ones first; the condition ``(N, …)`` is repeated for both, as the
-        originals do) and ``eps_u + w (eps_c - eps_u)``."""
+        originals do, unless ``repeat_condition`` is False: StableSR's model computes its time-aware encoder's maps once
+        for both halves) and ``eps_u + w (eps_c - eps_u)``."""
         do_cfg = guidance_scale > 1
         scaled = self.scheduler.scale_model_input(latents, t)
         if do_cfg:
-            scaled, condition = torch.cat([scaled, scaled]), torch.cat([condition, condition])
+            scaled = torch.cat([scaled, scaled])
+            condition = torch.cat([condition, condition]) if repeat_condition else condition
         out = model(scaled, condition)
         if do_cfg:
             uncond, cond = out.chunk(2)

@@ -583,16 +583,12 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         guidance_scale: float,
     ) -> torch.Tensor:
         """The (guided) model output for ``z_t`` (or a tile of it) and the matching ``z_lr``; ``prompt_embeds``
-        holds the negative embeddings first when guiding."""
-        do_cfg = guidance_scale > 1
-        scaled = self.scheduler.scale_model_input(latents, t)
-        if do_cfg:
-            scaled = torch.cat([scaled, scaled])
-        out = stablesr_noise_pred(self.unet, self.time_aware_encoder, self.sft, scaled, t, lr_latents, prompt_embeds)
-        if do_cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
+        holds the negative embeddings first when guiding (the time-aware encoder runs once for both halves)."""
+
+        def model(x: torch.Tensor, z_lr: torch.Tensor) -> torch.Tensor:
+            return stablesr_noise_pred(self.unet, self.time_aware_encoder, self.sft, x, t, z_lr, prompt_embeds)
+
+        return self.guided_noise_pred(model, latents, t, lr_latents, guidance_scale, repeat_condition=False)
 
     def predict_noise_tiled(
         self,
