@@ -81,6 +81,9 @@ class Method:
     training_task: str | type | None = None
     #: the experiment config class of the task (None: the shared ``ExperimentConfig``)
     config: str | type | None = None
+    #: ``(("section.key", value), ...)`` the training config must hold for this entry (the regression architectures
+    #: share one task and pick the network by ``model.arch``)
+    config_requires: tuple[tuple[str, Any], ...] = ()
     #: method-specific ``convert`` flags it accepts (keys of :data:`CONVERT_OPTIONS`)
     cli_options: tuple[str, ...] = ()
     #: ``__call__`` keywords ``fidelity="auto"`` may set
@@ -128,6 +131,18 @@ class Method:
 
     def config_class(self) -> type:
         return resolve(self.config or "sr_diffusion.training.config:ExperimentConfig")
+
+    def check_config(self, config) -> None:
+        """A ``ValueError`` unless ``config`` holds :attr:`config_requires`."""
+        for key, value in self.config_requires:
+            node = config
+            for part in key.split("."):
+                node = node[part] if isinstance(node, dict) else getattr(node, part)
+            if node != value:
+                raise ValueError(
+                    f"method {self.name!r} trains {key}={value}, but the config sets {key}={node!r}: "
+                    f"pass {key}={value} (or --method {node})"
+                )
 
 
 _METHODS: dict[str, Method] = {}
@@ -226,7 +241,8 @@ for _arch in ("edsr", "rrdbnet", "swinir", "srvgg"):
             detect_order=40,
             training_task=f"{_TRAIN}.regression:RegressionTask",
             config=f"{_TRAIN}.config:ExperimentConfig",
-            description=f"regression SR ({_arch}; the training config's model.arch picks the network)",
+            config_requires=(("model.arch", _arch),),
+            description=f"regression SR ({_arch}; a training config with model.arch={_arch})",
         )
     )
 del _arch

@@ -9,6 +9,9 @@
   :class:`~sr_diffusion.pipelines.SRDiffPipeline`.
 * :func:`convert_vq_f4`: the LDM / ResShift VQ autoencoder (``autoencoder_vq_f4.pth``) → ``diffusers.VQModel``.
 
+``sr-diffusion convert`` finds the method of a checkpoint with the detectors registered in
+:mod:`sr_diffusion.registry` (:func:`~sr_diffusion.registry.detect_method`) and calls its registered converter.
+
 Files are read safely (safetensors, or ``torch.load(weights_only=True)``), hyper-parameters are inferred
 from key names and shapes, and loading is strict: anything that does not fit raises a
 :class:`~sr_diffusion.checkpoints.CheckpointError` naming the keys.
