@@ -647,36 +647,19 @@ def check_convert_output(out_dir: Path, sources: list[str], overwrite: bool) -> 
         )
 
 
-def _refused_options_message(refused: list[str], entry, checkpoint: str) -> str:
-    """Which methods each refused ``convert`` flag is for, and what ``entry`` takes instead."""
-    from sr_diffusion.registry import methods
-
-    parts = []
-    for flag in refused:
-        owners = list(dict.fromkeys(m.label for m in methods() if flag in m.cli_options))
-        parts.append(f"{flag} is for {' and '.join(owners) or 'no registered method'} checkpoints")
-    takes = ", ".join(entry.cli_options) or "none of these options"
-    return f"{'; '.join(parts)}; {checkpoint} holds {entry.name}, which takes {takes}"
-
-
 def cmd_convert(args) -> int:
     """Convert with the registered method ``--arch`` names, else the one whose detector recognises the checkpoint
     (:mod:`sr_diffusion.registry`); a method-specific flag the method does not take is refused."""
     from sr_diffusion.checkpoints import CheckpointError
-    from sr_diffusion.registry import CONVERT_OPTIONS, detect_method, method
+    from sr_diffusion.registry import convert_checkpoint
     from sr_diffusion.utils import atomic_directory
 
     out_dir = Path(args.output)
     sources = [s for s in (args.checkpoint, args.vae, args.base) if s]
     check_convert_output(out_dir, sources, args.overwrite)
     try:
-        entry = method(args.arch) if args.arch else detect_method(args.checkpoint)
-        refused = [flag for flag, attr in CONVERT_OPTIONS.items() if getattr(args, attr, None)]
-        refused = [flag for flag in refused if flag not in entry.cli_options]
-        if refused:
-            raise CLIError(_refused_options_message(refused, entry, args.checkpoint))
-        args.arch = entry.name
-        pipe = entry.convert(args)
+        options = {"preset": args.preset, "vae": args.vae, "base": args.base, "norm_groups": args.norm_groups}
+        pipe = convert_checkpoint(args.checkpoint, args.arch, scale=args.scale, **options)
     except (CheckpointError, FileNotFoundError) as err:
         raise CLIError(_one_line(err)) from err
     with atomic_directory(out_dir) as tmp:

@@ -30,6 +30,7 @@ __all__ = [
     "CONVERT_OPTIONS",
     "CheckpointProbe",
     "Method",
+    "convert_checkpoint",
     "detect_method",
     "method",
     "methods",
@@ -222,6 +223,35 @@ def detect_method(checkpoint: str | Path) -> Method:
         else:  # a regression architecture without an entry
             error = CheckpointError(f"{checkpoint}: no registered method recognises this checkpoint")
     raise error
+
+
+def refused_options_message(refused: list[str], entry: Method, checkpoint: str | Path) -> str:
+    """Which methods each refused ``convert`` flag is for, and what ``entry`` takes instead."""
+    parts = []
+    for flag in refused:
+        owners = list(dict.fromkeys(m.label for m in _METHODS.values() if flag in m.cli_options))
+        parts.append(f"{flag} is for {' and '.join(owners) or 'no registered method'} checkpoints")
+    takes = ", ".join(entry.cli_options) or "none of these options"
+    return f"{'; '.join(parts)}; {checkpoint} holds {entry.name}, which takes {takes}"
+
+
+def convert_checkpoint(checkpoint: str | Path, method_name: str | None = None, *, scale: int | None = None, **options):
+    """The pipeline of an original checkpoint (what ``sr-diffusion convert`` saves): the converter of the method
+    ``method_name``, or of the one :func:`detect_method` finds. ``options`` are the method-specific ``convert`` options
+    by attribute name (``preset``, ``vae``, ``base``, ``norm_groups``: :data:`CONVERT_OPTIONS`); one the method does
+    not take is a ``ValueError`` naming the methods it is for."""
+    from types import SimpleNamespace
+
+    attributes = {attr: flag for flag, attr in CONVERT_OPTIONS.items()}
+    unknown = sorted(set(options) - set(attributes))
+    if unknown:
+        raise TypeError(f"unknown convert option(s) {unknown}; known: {sorted(attributes)}")
+    entry = method(method_name) if method_name else detect_method(checkpoint)
+    refused = [attributes[a] for a in attributes if options.get(a) and attributes[a] not in entry.cli_options]
+    if refused:
+        raise ValueError(refused_options_message(refused, entry, checkpoint))
+    values = {attr: options.get(attr) for attr in attributes}
+    return entry.convert(SimpleNamespace(checkpoint=str(checkpoint), arch=entry.name, scale=scale, **values))
 
 
 # ---------------------------------------------------------------------------------------------------

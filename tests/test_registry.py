@@ -190,20 +190,26 @@ def test_entries_are_validated_and_names_unique():
 
 
 def test_toy_method_converts_upscales_and_loads_through_the_public_entry_points(toy, tmp_path, capsys):
+    ckpt = str(tmp_path / "toy.pth")
     original = save_original_toy_checkpoint(tmp_path / "toy.pth")
     # convert: auto-detected (its detector), then also with --arch (the registry gives the choices)
-    assert detect_method(tmp_path / "toy.pth") is toy
-    assert cli_main(["convert", str(tmp_path / "toy.pth"), str(tmp_path / "pipe")]) == 0
+    assert detect_method(ckpt) is toy
+    assert cli_main(["convert", ckpt, str(tmp_path / "pipe")]) == 0
     assert "wrote ToySRPipeline x2" in capsys.readouterr().out
-    assert (
-        cli_main(["convert", str(tmp_path / "toy.pth"), str(tmp_path / "pipe2"), "--arch", "toy", "--scale", "2"]) == 0
-    )
+    assert cli_main(["convert", ckpt, str(tmp_path / "pipe2"), "--arch", "toy", "--scale", "2"]) == 0
     # a flag the entry does not list is refused, naming the methods it is for
-    assert cli_main(["convert", str(tmp_path / "toy.pth"), str(tmp_path / "pipe3"), "--preset", "v3"]) == 2
+    assert cli_main(["convert", ckpt, str(tmp_path / "pipe3"), "--preset", "v3"]) == 2
     err = capsys.readouterr().err
     assert "--preset is for ResShift checkpoints" in err and "holds toy" in err
-    assert cli_main(["convert", str(tmp_path / "toy.pth"), str(tmp_path / "pipe4"), "--scale", "4"]) == 2
+    assert cli_main(["convert", ckpt, str(tmp_path / "pipe4"), "--scale", "4"]) == 2
     assert not (tmp_path / "pipe3").exists() and not (tmp_path / "pipe4").exists()
+
+    # the library form of convert, from the package exports
+    from sr_diffusion.conversion import convert_checkpoint
+
+    assert type(convert_checkpoint(ckpt)) is ToySRPipeline
+    with pytest.raises(ValueError, match="--vae is for ResShift and StableSR checkpoints"):
+        convert_checkpoint(ckpt, "toy", vae="x.pth")
 
     # AutoSRPipeline finds the class through the registry; the weights are the original's, bit for bit
     pipe = AutoSRPipeline.from_pretrained(tmp_path / "pipe")
