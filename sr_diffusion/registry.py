@@ -187,13 +187,21 @@ class CheckpointProbe:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.cache: dict[str, Any] = {}
+        #: why the path could not be read as a state dict (a folder, a missing or corrupt file), once tried
+        self.read_error: Exception | None = None
         self._read: tuple[dict, str] | None = None
 
     def _load(self) -> tuple[dict, str]:
+        if self.read_error is not None:
+            raise self.read_error
         if self._read is None:
             from sr_diffusion.conversion.resshift import read_flat_state_dict
 
-            self._read = read_flat_state_dict(str(self.path))
+            try:
+                self._read = read_flat_state_dict(str(self.path))
+            except Exception as err:
+                self.read_error = err
+                raise
         return self._read
 
     @property
@@ -206,12 +214,20 @@ class CheckpointProbe:
 
 
 def detect_method(checkpoint: str | Path) -> Method:
-    """The first entry (by ``detect_order``) whose detector recognises ``checkpoint``. None recognising it: the
-    regression architectures' :class:`~sr_diffusion.checkpoints.CheckpointError` (what the file lacks)."""
+    """The first entry (by ``detect_order``) whose detector recognises ``checkpoint``. A detector that fails because
+    the path cannot be read as a state dict says no (a folder is for the folder detectors); if none recognises it,
+    that read error is raised, else the regression architectures' :class:`~sr_diffusion.checkpoints.CheckpointError`
+    (what the file lacks)."""
     probe = CheckpointProbe(checkpoint)
     for entry in sorted(_METHODS.values(), key=lambda m: m.detect_order):
-        if entry.detects(probe):
-            return entry
+        try:
+            if entry.detects(probe):
+                return entry
+        except Exception as err:  # a path that is no state dict is another detector's (a folder) or nobody's
+            if err is not probe.read_error:
+                raise
+    if probe.read_error is not None:
+        raise probe.read_error
     from sr_diffusion.checkpoints import CheckpointError, detect_architecture
 
     error = probe.cache.get("regression_error")

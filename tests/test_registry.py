@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from sr_diffusion.checkpoints import CheckpointError
 from sr_diffusion.cli import main as cli_main
 from sr_diffusion.models.edsr import EDSR
 from sr_diffusion.pipelines import PIPELINE_CLASSES, AutoSRPipeline
@@ -238,6 +239,13 @@ def test_toy_method_does_not_disturb_the_detection_of_the_others(toy, tmp_path):
 
     torch.save({"params": RRDBNet(num_feat=8, num_block=1, num_grow_ch=4, scale=4).state_dict()}, tmp_path / "r.pth")
     assert detect_method(tmp_path / "r.pth").name == "rrdbnet"
+    # the toy's detector reads the state dict first (detect_order 5): a released PASD / SeeSR folder is no state dict,
+    # and is still the folder detectors'
+    (tmp_path / "pasd" / "unet").mkdir(parents=True)
+    (tmp_path / "pasd" / "controlnet").mkdir()
+    assert detect_method(tmp_path / "pasd").name == "pasd"
+    with pytest.raises(CheckpointError, match="does not exist"):  # the read error, not a detector's
+        detect_method(tmp_path / "missing.pth")
 
 
 def test_unregistered_toy_folder_is_refused_by_auto_pipeline(tmp_path):
