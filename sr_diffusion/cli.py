@@ -445,13 +445,6 @@ def _is_seesr_folder(folder: Path) -> bool:
         return False
 
 
-def _detect_family(checkpoint: str) -> str:
-    """The name of the registered method whose detector recognises ``checkpoint`` (:func:`detect_method`)."""
-    from sr_diffusion.registry import detect_method
-
-    return detect_method(checkpoint).name
-
-
 # Detectors of the built-in methods (:attr:`sr_diffusion.registry.Method.detector`): ``detector(probe) -> bool``.
 
 
