@@ -9,33 +9,36 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .ldm_sr import LDMSRPipeline
-from .pasd import PASDPipeline
-from .regression import RegressionSRPipeline
-from .resshift import ResShiftPipeline
-from .seesr import SeeSRPipeline
-from .sr3 import SR3Pipeline
-from .srdiff import SRDiffPipeline
-from .stablesr import StableSRPipeline
+from sr_diffusion import registry
 
 __all__ = ["AutoSRPipeline", "PIPELINE_CLASSES"]
 
-#: Every pipeline class of the package, by the ``_class_name`` it writes into ``model_index.json``.
-PIPELINE_CLASSES = {
-    cls.__name__: cls
-    for cls in (
-        LDMSRPipeline,
-        PASDPipeline,
-        RegressionSRPipeline,
-        ResShiftPipeline,
-        SeeSRPipeline,
-        SR3Pipeline,
-        SRDiffPipeline,
-        StableSRPipeline,
-    )
-}
+
+class _RegisteredPipelines(Mapping):
+    """``{_class_name: class}`` of every method in :mod:`sr_diffusion.registry`, read at each use (a method registered
+    later is found); a class is imported when it is looked up."""
+
+    def __getitem__(self, name: str) -> type:
+        return registry.resolve(registry.pipeline_classes()[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.pipeline_classes())
+
+    def __len__(self) -> int:
+        return len(registry.pipeline_classes())
+
+    def __contains__(self, name: object) -> bool:
+        return name in registry.pipeline_classes()
+
+    def __repr__(self) -> str:
+        return f"PIPELINE_CLASSES({', '.join(sorted(self))})"
+
+
+#: Every pipeline class of the registered methods, by the ``_class_name`` it writes into ``model_index.json``.
+PIPELINE_CLASSES: Mapping[str, type] = _RegisteredPipelines()
 
 
 def _import_own_component_modules(model_index: dict) -> None:
@@ -62,7 +65,7 @@ class AutoSRPipeline:
 
     @classmethod
     def pipeline_class(cls, pretrained_model_name_or_path: str | os.PathLike):
-        """The pipeline class a saved folder was written by."""
+        """The pipeline class a saved folder was written by (looked up in :mod:`sr_diffusion.registry`)."""
         folder = Path(pretrained_model_name_or_path)
         index = folder / "model_index.json"
         if not folder.is_dir():

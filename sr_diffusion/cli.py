@@ -445,38 +445,90 @@ def _is_seesr_folder(folder: Path) -> bool:
         return False
 
 
-def _detect_family(checkpoint: str) -> str:
-    """``"resshift"`` for a ResShift denoiser, ``"sr3"`` for an SR3 UNet of the re-implementation (Janspiry), else
-    the regression architecture the file holds."""
-    from sr_diffusion.checkpoints import CheckpointError, detect_architecture
-    from sr_diffusion.conversion.resshift import infer_resshift_unet_config, read_flat_state_dict
+# Detectors of the built-in methods (:attr:`sr_diffusion.registry.Method.detector`): ``detector(probe) -> bool``.
+
+
+def _detect_seesr(probe) -> bool:
+    """A released SeeSR model folder (a PASD-like folder whose UNet has image cross-attention)."""
+    return (probe.path / "unet").is_dir() and (probe.path / "controlnet").is_dir() and _is_seesr_folder(probe.path)
+
+
+def _detect_pasd(probe) -> bool:
+    """A released PASD checkpoint folder (``unet/`` and ``controlnet/``)."""
+    return (probe.path / "unet").is_dir() and (probe.path / "controlnet").is_dir()
+
+
+def _detect_stablesr(probe) -> bool:
+    return any(k.startswith("structcond_stage_model.") for k in probe.state_dict)
+
+
+def _detect_srdiff(probe) -> bool:
     from sr_diffusion.conversion.srdiff import is_srdiff_state_dict
 
-    if (Path(checkpoint) / "unet").is_dir() and (Path(checkpoint) / "controlnet").is_dir():
-        if _is_seesr_folder(Path(checkpoint)):
-            return "seesr"  # a released SeeSR model folder
-        return "pasd"  # a released PASD checkpoint folder
-    state_dict, source = read_flat_state_dict(checkpoint)
-    if any(k.startswith("structcond_stage_model.") for k in state_dict):
-        return "stablesr"
-    if is_srdiff_state_dict(state_dict):
-        return "srdiff"
-    try:
-        return detect_architecture(state_dict)[0]
-    except CheckpointError as regression_error:
-        try:
-            infer_resshift_unet_config(state_dict, source=source)
-        except CheckpointError:
-            pass
-        else:
-            return "resshift"
-        from sr_diffusion.conversion.sr3 import infer_sr3_unet_config, split_sr3_state_dict
+    return is_srdiff_state_dict(probe.state_dict)
 
+
+def _regression_arch(probe) -> str | None:
+    """The regression architecture of the file (``None``: none; the error is kept in ``probe.cache``)."""
+    from sr_diffusion.checkpoints import CheckpointError, detect_architecture
+
+    if "regression_arch" not in probe.cache:
         try:
-            infer_sr3_unet_config(split_sr3_state_dict(state_dict, source)[0], norm_groups=32, source=source)
-        except CheckpointError:
-            raise regression_error from None
-        return "sr3"
+            probe.cache["regression_arch"] = detect_architecture(probe.state_dict)[0]
+        except CheckpointError as err:
+            probe.cache["regression_arch"], probe.cache["regression_error"] = None, err
+    return probe.cache["regression_arch"]
+
+
+def _detect_edsr(probe) -> bool:
+    return _regression_arch(probe) == "edsr"
+
+
+def _detect_rrdbnet(probe) -> bool:
+    return _regression_arch(probe) == "rrdbnet"
+
+
+def _detect_swinir(probe) -> bool:
+    return _regression_arch(probe) == "swinir"
+
+
+def _detect_srvgg(probe) -> bool:
+    return _regression_arch(probe) == "srvgg"
+
+
+def _detect_resshift(probe) -> bool:
+    from sr_diffusion.checkpoints import CheckpointError
+    from sr_diffusion.conversion.resshift import infer_resshift_unet_config
+
+    try:
+        infer_resshift_unet_config(probe.state_dict, source=probe.source)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _detect_sr3(probe) -> bool:
+    from sr_diffusion.checkpoints import CheckpointError
+    from sr_diffusion.conversion.sr3 import infer_sr3_unet_config, split_sr3_state_dict
+
+    try:
+        infer_sr3_unet_config(
+            split_sr3_state_dict(probe.state_dict, probe.source)[0], norm_groups=32, source=probe.source
+        )
+    except CheckpointError:
+        return False
+    return True
+
+
+# Converters of the built-in methods (:attr:`sr_diffusion.registry.Method.converter`): ``converter(args) -> pipeline``.
+# The generic option check of :func:`cmd_convert` has already refused the flags a method does not take.
+
+
+def _regression_pipeline(args):
+    from sr_diffusion.checkpoints import load_regression_model
+    from sr_diffusion.pipelines import RegressionSRPipeline
+
+    return RegressionSRPipeline(model=load_regression_model(args.checkpoint, arch=args.arch, scale=args.scale))
 
 
 def _resshift_pipeline(args):
@@ -501,8 +553,6 @@ def _resshift_pipeline(args):
 def _sr3_pipeline(args):
     from sr_diffusion.conversion.sr3 import convert_sr3_pipeline
 
-    if args.preset or args.vae:
-        raise CLIError(f"--preset and --vae are for ResShift checkpoints; {args.checkpoint} holds sr3")
     config = {"norm_groups": args.norm_groups} if args.norm_groups else None
     return convert_sr3_pipeline(args.checkpoint, config=config, upscale=args.scale)
 
@@ -510,8 +560,6 @@ def _sr3_pipeline(args):
 def _srdiff_pipeline(args):
     from sr_diffusion.conversion.srdiff import convert_srdiff_pipeline
 
-    if args.preset or args.vae or getattr(args, "norm_groups", None):
-        raise CLIError(f"--preset, --vae and --norm-groups are not SRDiff options; {args.checkpoint} holds srdiff")
     pipe = convert_srdiff_pipeline(args.checkpoint)
     if args.scale and args.scale != pipe.upscale:
         raise CLIError(f"{args.checkpoint} is an SRDiff x{pipe.upscale} model, but --scale {args.scale} was requested")
@@ -521,8 +569,6 @@ def _srdiff_pipeline(args):
 def _stablesr_pipeline(args):
     from sr_diffusion.conversion.stablesr import convert_stablesr
 
-    if args.preset or getattr(args, "norm_groups", None):
-        raise CLIError(f"--preset and --norm-groups are not StableSR options; {args.checkpoint} holds stablesr")
     if not args.base:
         raise CLIError(
             "a StableSR checkpoint has no text encoder, tokenizer or configs: pass --base, a diffusers Stable "
@@ -535,8 +581,6 @@ def _stablesr_pipeline(args):
 def _pasd_pipeline(args):
     from sr_diffusion.conversion.pasd import convert_pasd
 
-    if args.preset or args.vae or getattr(args, "norm_groups", None):
-        raise CLIError(f"--preset, --vae and --norm-groups are not PASD options; {args.checkpoint} holds pasd")
     if not args.base:
         raise CLIError(
             "a PASD model folder has no VAE, text encoder or tokenizer: pass --base, a diffusers Stable Diffusion "
@@ -548,8 +592,6 @@ def _pasd_pipeline(args):
 def _seesr_pipeline(args):
     from sr_diffusion.conversion.seesr import convert_seesr
 
-    if args.preset or args.vae or getattr(args, "norm_groups", None):
-        raise CLIError(f"--preset, --vae and --norm-groups are not SeeSR options; {args.checkpoint} holds seesr")
     if not args.base:
         raise CLIError(
             "a SeeSR model folder has no VAE, text encoder or tokenizer: pass --base, a diffusers Stable Diffusion "
@@ -599,31 +641,18 @@ def check_convert_output(out_dir: Path, sources: list[str], overwrite: bool) -> 
 
 
 def cmd_convert(args) -> int:
-    from sr_diffusion.checkpoints import CheckpointError, load_regression_model
-    from sr_diffusion.pipelines import RegressionSRPipeline
+    """Convert with the registered method ``--arch`` names, else the one whose detector recognises the checkpoint
+    (:mod:`sr_diffusion.registry`); a method-specific flag the method does not take is refused."""
+    from sr_diffusion.checkpoints import CheckpointError
+    from sr_diffusion.registry import convert_checkpoint
     from sr_diffusion.utils import atomic_directory
 
     out_dir = Path(args.output)
     sources = [s for s in (args.checkpoint, args.vae, args.base) if s]
     check_convert_output(out_dir, sources, args.overwrite)
     try:
-        family = args.arch or _detect_family(args.checkpoint)
-        if family == "resshift":
-            pipe = _resshift_pipeline(args)
-        elif family == "sr3":
-            pipe = _sr3_pipeline(args)
-        elif family == "srdiff":
-            pipe = _srdiff_pipeline(args)
-        elif family == "stablesr":
-            pipe = _stablesr_pipeline(args)
-        elif family == "pasd":
-            pipe = _pasd_pipeline(args)
-        elif family == "seesr":
-            pipe = _seesr_pipeline(args)
-        elif args.preset or args.vae:
-            raise CLIError(f"--preset and --vae are for ResShift checkpoints; {args.checkpoint} holds {family}")
-        else:
-            pipe = RegressionSRPipeline(model=load_regression_model(args.checkpoint, arch=family, scale=args.scale))
+        options = {"preset": args.preset, "vae": args.vae, "base": args.base, "norm_groups": args.norm_groups}
+        pipe = convert_checkpoint(args.checkpoint, args.arch, scale=args.scale, **options)
     except (CheckpointError, FileNotFoundError) as err:
         raise CLIError(_one_line(err)) from err
     with atomic_directory(out_dir) as tmp:
@@ -705,6 +734,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sr_diffusion.registry import methods
+
     parser = _Parser(prog="sr-diffusion", description="Image super-resolution, the diffusers way.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -801,8 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output pipeline folder")
     p.add_argument(
         "--arch",
-        choices=["edsr", "rrdbnet", "swinir", "srvgg", "resshift", "sr3", "srdiff", "stablesr", "pasd", "seesr"],
-        help="default: auto-detect",
+        choices=[entry.name for entry in methods() if entry.converter is not None],
+        help="the method (sr_diffusion.registry; default: auto-detect)",
     )
     p.add_argument(
         "--scale",

@@ -9,10 +9,16 @@
   :class:`~sr_diffusion.pipelines.SRDiffPipeline`.
 * :func:`convert_vq_f4`: the LDM / ResShift VQ autoencoder (``autoencoder_vq_f4.pth``) → ``diffusers.VQModel``.
 
+* :func:`convert_checkpoint`: any registered method's checkpoint → its pipeline (what ``sr-diffusion convert``
+  saves): the method is found by the detectors registered in :mod:`sr_diffusion.registry`
+  (:func:`detect_method`), or named, and its registered converter is called.
+
 Files are read safely (safetensors, or ``torch.load(weights_only=True)``), hyper-parameters are inferred
 from key names and shapes, and loading is strict: anything that does not fit raises a
 :class:`~sr_diffusion.checkpoints.CheckpointError` naming the keys.
 """
+
+from sr_diffusion.registry import convert_checkpoint, detect_method
 
 from .resshift import convert_resshift_unet, infer_resshift_unet_config
 from .sr3 import convert_sr3_pipeline, convert_sr3_scheduler, convert_sr3_unet, infer_sr3_unet_config
@@ -20,6 +26,8 @@ from .srdiff import convert_srdiff_pipeline, infer_srdiff_config
 from .vq_f4 import convert_vq_f4, infer_vq_f4_config, ldm_vq_to_diffusers
 
 __all__ = [
+    "convert_checkpoint",
+    "detect_method",
     "convert_resshift_unet",
     "convert_sr3_pipeline",
     "convert_sr3_scheduler",

@@ -8,6 +8,9 @@ A method's script is::
 
     config = parse_args(description="...")
     Trainer(config, MyTask()).train()
+
+and any method registered in :mod:`sr_diffusion.registry` (with its task and config class) trains without a script
+of its own: ``python -m sr_diffusion.training --method NAME --config FILE [section.key=value ...]``.
 """
 
 from .checkpointing import CheckpointManager
