@@ -13,6 +13,7 @@ from sr_diffusion.training import RegressionTask, Trainer
 from sr_diffusion.training.config import ConfigError, load_config
 from sr_diffusion.training.losses import PhaseBiasLoss, build_loss, phase_bias
 from sr_diffusion.training.sr3 import SR3Task
+from sr_diffusion.training.trainer import load_initial_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "regression_tiny.yaml"
@@ -98,3 +99,15 @@ def test_init_from_refuses_another_architecture_or_a_non_model_folder(tmp_path, 
     config = load_config(TINY, [*common, f"train.init_from={tmp_path}"])
     with pytest.raises(ConfigError, match="not a saved model folder"):
         Trainer(config, RegressionTask()).train()
+
+
+def test_init_from_switches_nearest_to_bilinear_upsampling(tmp_path):
+    """nearest + conv and bilinear + conv have the same parameters: a fine-tune may switch (and says so), any other
+    difference stays an error."""
+    saved = _save_tiny_edsr(tmp_path / "nearest", upsampler="nearest_conv")
+    model = EDSR(num_feat=8, num_block=1, upscale=4, upsampler="bilinear_conv")
+    assert load_initial_weights(model, tmp_path / "nearest") == ["upsampler: nearest_conv -> bilinear_conv"]
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="another architecture.*upsampler"):
+        load_initial_weights(EDSR(num_feat=8, num_block=1, upscale=4), tmp_path / "nearest")  # pixel shuffle

@@ -78,10 +78,30 @@ def test_nearest_conv_upsampler_shapes_and_flops():
     assert len(NearestConvUpsampler(1, 4)) == 0 and NearestConvUpsampler(3, 4)(torch.zeros(1, 4, 2, 2)).shape[-1] == 6
 
 
+def test_bilinear_stage_is_nearest_then_a_121_blur():
+    """Bilinear x2 (align_corners=False) = nearest x2 followed by the separable [1, 2, 1] / 4 blur with edge
+    replication: the blur that zeroes the x2 grid frequency. Same parameters as nearest + conv, so a nearest + conv
+    state dict loads into a bilinear + conv upsampler."""
+    torch.manual_seed(0)
+    nearest, bilinear = NearestConvUpsampler(4, 6, 5), NearestConvUpsampler(4, 6, 5, mode="bilinear")
+    bilinear.load_state_dict(nearest.state_dict())
+    x = torch.randn(1, 6, 7, 9)
+    up = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    kernel = torch.tensor([1.0, 2.0, 1.0]) / 4
+    blur = (kernel[:, None] * kernel[None, :]).expand(6, 1, 3, 3)
+    blurred = nn.functional.conv2d(nn.functional.pad(up, (1, 1, 1, 1), mode="replicate"), blur, groups=6)
+    torch.testing.assert_close(bilinear[0](x), blurred, atol=1e-6, rtol=0)
+    assert bilinear(x).shape == nearest(x).shape == (1, 5, 28, 36)
+    with torch.no_grad():
+        assert not torch.allclose(bilinear(x), nearest(x))  # same weights, another function
+    with pytest.raises(ValueError, match="mode must be one of"):
+        NearestConvUpsampler(2, 4, mode="bicubic")
+
+
 @pytest.mark.parametrize(
     "kwargs, phase_free",
-    [({}, False), ({"upsampler": "nearest_conv"}, True)],
-    ids=["pixelshuffle", "nearest_conv"],
+    [({}, False), ({"upsampler": "nearest_conv"}, True), ({"upsampler": "bilinear_conv"}, True)],
+    ids=["pixelshuffle", "nearest_conv", "bilinear_conv"],
 )
 def test_edsr_flat_input_to_flat_output(kwargs, phase_free):
     model = randomize_(EDSR(num_feat=8, num_block=1, upscale=4, **kwargs))
@@ -107,8 +127,9 @@ def test_edsr_icnr_is_phase_free_at_initialisation_only():
         ({"upsample_init": "icnr"}, True),  # at initialisation
         ({"upsampler": "nearest_conv", "hr_channels": 8}, True),
         ({"upsampler": "nearest_conv", "hr_channels": 8, "lq_residual": True}, True),
+        ({"upsampler": "bilinear_conv", "hr_channels": 8, "lq_residual": True}, True),
     ],
-    ids=["pixelshuffle", "icnr-init", "nearest_conv", "nearest_conv-residual"],
+    ids=["pixelshuffle", "icnr-init", "nearest_conv", "nearest_conv-residual", "bilinear_conv-residual"],
 )
 def test_unshuffle_unet_flat_inputs_to_flat_output(kwargs, phase_free):
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .outputs import RegressionModelOutput, check_sample, conv_flops
 from .upsamplers import (
+    INTERPOLATION_MODES,
     UPSAMPLERS,
     NearestConvUpsampler,
     icnr_pixelshuffle_upsampler_,
@@ -67,7 +68,8 @@ class EDSR(ModelMixin, ConfigMixin):
         rgb_mean (`tuple[float]`): per-channel mean subtracted in [0, 1] units (DIV2K mean).
         upsampler (`str`): ``"pixelshuffle"`` (the paper's and every released model's: conv to ``r²·C`` +
             ``PixelShuffle``) or ``"nearest_conv"`` (nearest-neighbour ×2 + conv + LeakyReLU per stage, ESRGAN's;
-            every output pixel gets the same kernel, so no sub-pixel mesh): :mod:`~sr_diffusion.models.upsamplers`.
+            every output pixel gets the same kernel, so no sub-pixel mesh) or ``"bilinear_conv"`` (the same with
+            bilinear ×2, which also damps the grid frequencies; same weights): :mod:`~sr_diffusion.models.upsamplers`.
         upsample_init (`str`): ``"default"`` (PyTorch's) or ``"icnr"`` (pixel-shuffle convs start as
             conv + nearest upsampling; :func:`~sr_diffusion.models.upsamplers.icnr_`).
     """
@@ -108,7 +110,7 @@ class EDSR(ModelMixin, ConfigMixin):
             if upsample_init == "icnr":
                 icnr_pixelshuffle_upsampler_(self.upsample)
         else:
-            self.upsample = NearestConvUpsampler(upscale, num_feat)
+            self.upsample = NearestConvUpsampler(upscale, num_feat, mode=INTERPOLATION_MODES[upsampler])
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
 
     @property

@@ -20,6 +20,7 @@ features on the LR grid and upsamples them ESRGAN's way, with every conv at its 
     out = conv_last(NearestConvUpsampler_r(h))            (N, C_out, H, W)   [+ lq if lq_residual]
 
 so every output pixel is computed by the same kernels (``hr_channels`` wide at the full resolution).
+``"bilinear_conv"`` interpolates bilinearly instead (same weights; it also damps the grid frequencies).
 
 It follows the ``ResShiftUNet`` calling convention, ``unet(sample, timestep, lq=..., return_dict=False)``, so
 :class:`~sr_diffusion.pipelines.ResShiftPipeline` and :class:`~sr_diffusion.training.ResShiftTask` take it as they
@@ -37,7 +38,7 @@ from torch import nn
 
 from .outputs import check_sample
 from .resshift_unet import ResShiftUNetOutput
-from .upsamplers import UPSAMPLERS, NearestConvUpsampler, icnr_
+from .upsamplers import INTERPOLATION_MODES, UPSAMPLERS, NearestConvUpsampler, icnr_
 
 __all__ = ["PixelUnshuffleUNet"]
 
@@ -93,8 +94,10 @@ class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"upsample_init must be 'default', or 'icnr' with the pixelshuffle upsampler, got {upsample_init!r}"
             )
-        if lq_residual and (upsampler != "nearest_conv" or lq_channels != out_channels):
-            raise ValueError("lq_residual needs upsampler='nearest_conv' and lq_channels == out_channels")
+        if lq_residual and (upsampler == "pixelshuffle" or lq_channels != out_channels):
+            raise ValueError(
+                "lq_residual needs upsampler='nearest_conv' or 'bilinear_conv' and lq_channels == out_channels"
+            )
         levels = len(block_out_channels)
         r2 = unshuffle_factor**2
         shuffle_out = upsampler == "pixelshuffle"
@@ -115,7 +118,8 @@ class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
                 icnr_(self.unet.conv_out.weight, unshuffle_factor)
                 nn.init.zeros_(self.unet.conv_out.bias)
         else:
-            self.upsample = NearestConvUpsampler(unshuffle_factor, block_out_channels[0], hr_channels)
+            mode = INTERPOLATION_MODES[upsampler]
+            self.upsample = NearestConvUpsampler(unshuffle_factor, block_out_channels[0], hr_channels, mode=mode)
             self.conv_last = nn.Conv2d(hr_channels, out_channels, 3, 1, 1)
 
     @property

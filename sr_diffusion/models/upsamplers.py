@@ -11,6 +11,12 @@ trained network easily leaves a phase-dependent offset: a faint ``r``-periodic m
 * **Nearest-neighbour upsampling + convolution** (Odena et al., "Deconvolution and checkerboard artifacts",
   Distill 2016; ESRGAN / Real-ESRGAN's RRDBNet): upsample the features by repetition and convolve *at the output
   resolution*, so the same kernel is applied at every output pixel (:class:`NearestConvUpsampler`).
+* **Bilinear upsampling + convolution** (``mode="bilinear"``): nearest ×2 followed by the fixed ``[1, 2, 1] / 4``
+  blur is exactly bilinear ×2 (``align_corners=False``), and that blur has a zero at the x2 grid frequency. A
+  trained nearest + conv stack still leaves content-dependent peaks at periods 2 and 4 (the features are 2×2 blocks
+  before the conv, and a 3×3 kernel cannot cancel the block edges for every input); with bilinear features the
+  images of the LR spectrum at the grid frequencies are attenuated before the conv sees them. Its weights have the
+  same names and shapes, so a nearest + conv model fine-tunes into one.
 
 Layouts: :func:`make_pixelshuffle_upsampler` keeps BasicSR's parameter names (``upsample.0``, ``upsample.2``, …);
 :class:`NearestConvUpsampler` is a ``Sequential`` of ``(Upsample, Conv2d, LeakyReLU)`` per x2 stage.
@@ -27,6 +33,7 @@ from .outputs import conv_flops
 
 __all__ = [
     "UPSAMPLERS",
+    "INTERPOLATION_MODES",
     "NearestConvUpsampler",
     "icnr_",
     "make_pixelshuffle_upsampler",
@@ -35,7 +42,9 @@ __all__ = [
 ]
 
 #: ``upsampler`` values accepted by the models that offer a choice.
-UPSAMPLERS = ("pixelshuffle", "nearest_conv")
+UPSAMPLERS = ("pixelshuffle", "nearest_conv", "bilinear_conv")
+#: the interpolation each conv-after-upsampling choice uses before its convs.
+INTERPOLATION_MODES = {"nearest_conv": "nearest", "bilinear_conv": "bilinear"}
 
 
 def upsample_factors(scale: int) -> list[int]:
@@ -98,21 +107,26 @@ class NearestConvUpsampler(nn.Sequential):
 
     ``(N, in_channels, h, w) → (N, out_channels, h·scale, w·scale)``; the first stage maps ``in_channels`` to
     ``out_channels``, the others keep ``out_channels``. Each conv runs at its stage's output resolution.
+    ``mode="bilinear"`` interpolates bilinearly (``align_corners=False``) instead of repeating: the same parameters.
     """
 
-    def __init__(self, scale: int, in_channels: int, out_channels: int | None = None):
+    def __init__(self, scale: int, in_channels: int, out_channels: int | None = None, mode: str = "nearest"):
+        if mode not in INTERPOLATION_MODES.values():
+            raise ValueError(f"mode must be one of {sorted(INTERPOLATION_MODES.values())}, got {mode!r}")
         out_channels = in_channels if out_channels is None else out_channels
         layers: list[nn.Module] = []
         channels = in_channels
         for r in upsample_factors(scale):
             layers += [
-                nn.Upsample(scale_factor=r, mode="nearest"),
+                nn.Upsample(scale_factor=r, mode=mode)
+                if mode == "nearest"
+                else nn.Upsample(scale_factor=r, mode=mode, align_corners=False),
                 nn.Conv2d(channels, out_channels, 3, 1, 1),
                 nn.LeakyReLU(negative_slope=0.2, inplace=True),
             ]
             channels = out_channels
         super().__init__(*layers)
-        self.scale, self.in_channels, self.out_channels = scale, in_channels, out_channels
+        self.scale, self.in_channels, self.out_channels, self.mode = scale, in_channels, out_channels, mode
 
     def flops(self, height: int, width: int) -> int:
         """Convolution FLOPs for an ``height × width`` input."""

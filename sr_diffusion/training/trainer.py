@@ -86,6 +86,7 @@ from typing import Any
 
 import torch
 
+from ..models.upsamplers import INTERPOLATION_MODES
 from .checkpointing import CheckpointManager
 from .config import ExperimentConfig, config_to_dict, save_config
 from .data import (
@@ -262,8 +263,8 @@ class Trainer:
         set_seed(t.seed)
         model = task.build_model(config)
         if t.init_from and t.resume_from_checkpoint is None:
-            load_initial_weights(model, t.init_from)
-            accelerator.print(f"Initialised {type(model).__name__} from {t.init_from}")
+            switched = load_initial_weights(model, t.init_from)
+            accelerator.print(f"Initialised {type(model).__name__} from {t.init_from}", *switched, sep="; ")
         model.train()
         ema = create_ema(model, t.ema_decay, t.ema_update_after_step)
         if ema is not None:
@@ -446,9 +447,15 @@ class Trainer:
         return directory
 
 
-def load_initial_weights(model: torch.nn.Module, folder: str | Path) -> None:
+#: config values that name different functions with the same parameters, so ``train.init_from`` may switch
+#: between them: a nearest + conv upsampler fine-tunes into a bilinear + conv one (same convs).
+INTERCHANGEABLE_CONFIG_VALUES = {"upsampler": frozenset(INTERPOLATION_MODES)}
+
+
+def load_initial_weights(model: torch.nn.Module, folder: str | Path) -> list[str]:
     """Load a saved model folder's weights into ``model`` (``train.init_from``): same class and architecture (every
-    config key but diffusers' bookkeeping must match), every tensor present with its shape."""
+    config key but diffusers' bookkeeping must match, except a switch within :data:`INTERCHANGEABLE_CONFIG_VALUES`),
+    every tensor present with its shape. Returns the switches made, ``"key: saved -> config"``."""
     from sr_diffusion.training.config import ConfigError
 
     folder = Path(folder)
@@ -462,9 +469,12 @@ def load_initial_weights(model: torch.nn.Module, folder: str | Path) -> None:
         and model.config.get(k) != v
         and not (isinstance(v, list) and list(model.config.get(k) or ()) == v)
     }
-    if differ:
-        raise ConfigError(f"train.init_from: {folder} has another architecture (saved, config): {differ}")
+    switched = {k: pair for k, pair in differ.items() if set(pair) <= INTERCHANGEABLE_CONFIG_VALUES.get(k, frozenset())}
+    wrong = {k: pair for k, pair in differ.items() if k not in switched}
+    if wrong:
+        raise ConfigError(f"train.init_from: {folder} has another architecture (saved, config): {wrong}")
     model.load_state_dict(saved.state_dict())
+    return [f"{k}: {old} -> {new}" for k, (old, new) in switched.items()]
 
 
 def _check_process_group(num_processes: int) -> None:
