@@ -247,6 +247,33 @@ def plan_tile(pipe, width: int, height: int, max_memory: float, tile_overlap: in
     return tile, image_bytes + per_tile_pixel * min(tile, height) * min(tile, width)
 
 
+#: Bytes per output pixel of a strip beyond the pipeline's own (its float32 ``output_type="np"`` result, the carried
+#: overlap and the 8-bit conversion), and per output pixel of the assembled 8-bit image (RGB; RGBA takes 4)
+STRIP_BYTES_PER_OUTPUT_PIXEL = 16
+IMAGE_BYTES_PER_OUTPUT_PIXEL = 3
+
+
+def plan_strips(
+    pipe, width: int, height: int, max_memory: float, tile_overlap: int = 32, scale: int | None = None
+) -> tuple[int, int | None, float] | None:
+    """Strips (:mod:`sr_diffusion.strips`) for an image whose whole-output buffers do not fit: ``(strip rows, tile
+    size within a strip, estimated bytes)``, or ``None`` when one strip would be the whole image. The 8-bit output
+    image is held whole; each strip gets half of the rest of ``max_memory`` for its output buffers (at least
+    :data:`MIN_AUTO_TILE` rows, and more than twice ``tile_overlap``), and :func:`plan_tile` picks its tile from the
+    remainder."""
+    scale = int(pipe.upscale if scale is None else scale)
+    per_output_pixel = MEMORY_PER_PIXEL.get(type(pipe).__name__, FALLBACK_MEMORY_PER_PIXEL)[0]
+    out_row = (per_output_pixel + STRIP_BYTES_PER_OUTPUT_PIXEL) * width * scale**2  # bytes per LR row of a strip
+    image_bytes = IMAGE_BYTES_PER_OUTPUT_PIXEL * width * height * scale**2
+    budget = max_memory - image_bytes
+    rows = max(int(budget / 2 / out_row), MIN_AUTO_TILE, 2 * tile_overlap + 1)
+    if rows >= height:
+        return None
+    extra = STRIP_BYTES_PER_OUTPUT_PIXEL * width * rows * scale**2
+    tile, needed = plan_tile(pipe, width, rows, budget - extra, tile_overlap)
+    return rows, tile, image_bytes + extra + needed
+
+
 def output_targets(inputs: list[tuple[Path, Path]], output: Path, args) -> list[Path]:
     """Where each input's result goes. ``output`` is a folder (created as needed; results keep the inputs' relative
     paths, with ``--suffix`` and ``--ext``), or, for a single input image, an image file path: an ``output`` with an
@@ -374,26 +401,35 @@ def cmd_upscale(args) -> int:
         path, target = inputs[index][0], targets[index]
         try:
             image = load_image(path, max_pixels=args.max_pixels and int(args.max_pixels))
+            strips = None
+            overlap = PLANNING_TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
             if args.tile is None:  # automatic: whole if the work fits in --max-memory, else the largest tile that does
-                overlap = PLANNING_TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
                 tile, needed = plan_tile(pipe, image.width, image.height, max_memory, overlap)
+                scale = call_kwargs.get("outscale", pipe.upscale)
+                if needed > max_memory and float(scale).is_integer():  # the output's buffers alone are too large:
+                    strips = plan_strips(pipe, image.width, image.height, max_memory, overlap, int(scale))  # 8 bits
+                    if strips is not None and strips[2] < needed:  # but for one strip at a time
+                        strip, tile, needed = strips
+                    else:
+                        strips = None
                 call_kwargs["tile_size"] = tile
                 if needed > max_memory:
                     print(
                         f"warning: {path}: {image.width}x{image.height} needs about {needed / 2**30:.1f} GiB even in "
-                        f"tiles of {tile} px, over --max-memory {args.max_memory:g} GiB",
+                        f"tiles of {tile} px{f' and strips of {strip} rows' if strips else ''}, over --max-memory "
+                        f"{args.max_memory:g} GiB",
                         file=sys.stderr,
                     )
             # per-tile progress for a large (tiled) image
             tiled = call_kwargs["tile_size"] is not None
-            pipe.set_progress_bar_config(
-                disable=args.quiet or not tiled or not main_process,
-                desc=f"{path.name}, {call_kwargs['tile_size']} px tiles",
-                leave=False,
-            )
+            desc = f"{path.name}, {call_kwargs['tile_size']} px tiles"
+            pipe.set_progress_bar_config(disable=args.quiet or not tiled or not main_process, desc=desc, leave=False)
             if "generator" in call_kwargs:  # every image from the same seed: its result does not depend on the order
                 call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
-            result = pipe(image, **call_kwargs).images[0]
+            if strips is None:
+                result = pipe(image, **call_kwargs).images[0]
+            else:
+                result = _upscale_in_strips(pipe, image, call_kwargs, int(scale), strips[0], overlap, desc, args.quiet)
             save_image(result, target)
             written.append(index)
         except Exception as err:  # one failed file, never the end of the run
@@ -415,6 +451,22 @@ def cmd_upscale(args) -> int:
         if failures and len(inputs) > 1:  # one input: its error line says it all
             print(f"{failures} of {len(inputs)} image(s) failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _upscale_in_strips(pipe, image, call_kwargs: dict, scale: int, strip: int, overlap: int, desc: str, quiet: bool):
+    """``pipe`` on ``image`` in strips of ``strip`` LR rows (:func:`sr_diffusion.strips.upscale_in_strips`), each
+    shown as its own tile progress bar."""
+    from sr_diffusion.strips import upscale_in_strips
+
+    def run(part):
+        return pipe(part, **call_kwargs, output_type="np").images[0]
+
+    def progress(done: int, total: int) -> None:
+        if done < total:
+            pipe.set_progress_bar_config(disable=quiet, desc=f"{desc}, strip {done + 1}/{total}", leave=False)
+
+    pipe.set_progress_bar_config(disable=quiet, desc=f"{desc}, strip 1", leave=False)
+    return upscale_in_strips(run, image, scale=scale, strip=strip, overlap=overlap, progress=progress)
 
 
 #: The most file names a summary line lists
