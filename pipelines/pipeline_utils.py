@@ -120,12 +120,12 @@ class SRSamplingMixin:
     def check_sampling_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         tile_size: int | None,
         tile_overlap: int,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
-        *,
         tiles_share_latents: bool = False,
         latent_shape: tuple[int, ...] | None = None,
     ) -> None:
@@ -203,6 +203,7 @@ class SRSamplingMixin:
     def sample_tiles(
         self,
         sample: Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor],
+        *,
         lr: torch.Tensor,
         latents: torch.Tensor | None,
         tile_size: int | None,
@@ -231,6 +232,7 @@ class SRSamplingMixin:
     def step_end_callback(
         self,
         callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        *,
         step: int,
         timestep: torch.Tensor,
         callback_on_step_end_tensor_inputs: Sequence[str],
@@ -252,13 +254,13 @@ class SRSamplingMixin:
     def finish_output(
         self,
         hr: torch.Tensor,
+        *,
         rgb: torch.Tensor,
         alpha: torch.Tensor | None,
         color_fix: str,
         output_type: str,
         return_dict: bool,
         lr_consistency: bool = False,
-        *,
         clamp_before_color_fix: bool = False,
         color_fix_reference: torch.Tensor | None = None,
         quantize: bool = False,
@@ -328,6 +330,7 @@ class NoiseSchedulerSRMixin(SRSamplingMixin):
     def check_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         num_inference_steps: int,
         strength: float,
         eta: float,
@@ -343,11 +346,19 @@ class NoiseSchedulerSRMixin(SRSamplingMixin):
         self.check_steps_and_eta(num_inference_steps, eta)
         self.check_strength(num_inference_steps, strength)
         self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+        self.check_sampling_inputs(
+            rgb,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
     def upscale_with_strength(
         self,
         image,
+        *,
         num_inference_steps: int,
         strength: float,
         eta: float,
@@ -371,16 +382,16 @@ class NoiseSchedulerSRMixin(SRSamplingMixin):
         pre = self.image_processor.preprocess(image)
         self.check_inputs(
             pre.rgb,
-            num_inference_steps,
-            strength,
-            eta,
-            color_fix,
-            lr_consistency,
-            tile_size,
-            tile_overlap,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            eta=eta,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
         device = self._execution_device
@@ -398,17 +409,32 @@ class NoiseSchedulerSRMixin(SRSamplingMixin):
         def sample(lr_tile: torch.Tensor, start: torch.Tensor | None, progress_bar) -> torch.Tensor:
             return self._sample(
                 lr_tile,
-                start,
-                progress_bar,
-                num_inference_steps,
-                strength,
-                extra_step_kwargs,
-                generator,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
+                latents=start,
+                progress_bar=progress_bar,
+                num_inference_steps=num_inference_steps,
+                strength=strength,
+                extra_step_kwargs=extra_step_kwargs,
+                generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
 
-        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
+        hr = self.sample_tiles(
+            sample,
+            lr=lr,
+            latents=latents,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            steps_per_chain=self._num_timesteps,
+        )
 
         # 5. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
+        return self.finish_output(
+            hr,
+            rgb=rgb,
+            alpha=pre.alpha,
+            color_fix=color_fix,
+            output_type=output_type,
+            return_dict=return_dict,
+            lr_consistency=lr_consistency,
+        )

@@ -469,6 +469,7 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     def resolve_text_prompts(
         self,
         rgb: torch.Tensor,
+        *,
         prompt: Any,
         negative_prompt: Any,
         added_prompt: str | None,
@@ -663,7 +664,13 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         return min(tile, h, w), overlap
 
     def prepare_latents(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
+        self,
+        shape: tuple[int, ...],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator,
+        latents: torch.Tensor | None,
     ) -> torch.Tensor:
         """``z_T``: the given ``latents`` or ``randn`` from ``generator``, times ``init_noise_sigma``."""
         if latents is None:
@@ -698,7 +705,11 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
                 tensors = self.step_end_callback(
-                    callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, {"latents": latents, **state}
+                    callback_on_step_end,
+                    step=i,
+                    timestep=t,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    tensors={"latents": latents, **state},
                 )
                 latents = tensors.pop("latents")
                 state.update(tensors)
@@ -773,11 +784,11 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     def guided_noise_pred(
         self,
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
         latents: torch.Tensor,
         t: torch.Tensor,
         condition: torch.Tensor,
         guidance_scale: float,
-        *,
         repeat_condition: bool = True,
     ) -> torch.Tensor:
         """The (guided) model output for ``z_t`` ``(N, C_z, h, w)`` (or a tile of it): ``model(x, condition)`` on

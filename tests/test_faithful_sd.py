@@ -68,9 +68,9 @@ def spy_condition(pipe, monkeypatch) -> list[torch.Tensor]:
     """The condition image of every (untiled) denoiser call."""
     seen, original = [], pipe.predict_noise
 
-    def spy(latents, t, cond, *args):
-        seen.append(cond.clone())
-        return original(latents, t, cond, *args)
+    def spy(latents, **kwargs):
+        seen.append(kwargs.get("cond_image", kwargs.get("condition")).clone())
+        return original(latents, **kwargs)
 
     monkeypatch.setattr(pipe, "predict_noise", spy)
     return seen
@@ -136,7 +136,15 @@ def test_match_original_rounds_fixes_against_the_upsampled_lr_then_truncates(met
     cond = pipe.upsample_lr(lr)
     hr = (cond * 2 - 1) * 1.3 + 0.1 * torch.randn(cond.shape, generator=g)  # a decode that overshoots [-1, 1]
     got = pipe.finish_output(
-        hr, lr, None, method, "pt", False, clamp_before_color_fix=True, color_fix_reference=cond, quantize=True
+        hr,
+        rgb=lr,
+        alpha=None,
+        color_fix=method,
+        output_type="pt",
+        return_dict=False,
+        clamp_before_color_fix=True,
+        color_fix_reference=cond,
+        quantize=True,
     )[0]
     # the script: diffusers' postprocess (denormalise, clamp, round to uint8), ToTensor, fix against the upsampled LR
     # photo, clamp, ToPILImage (mul(255).byte(): truncation)
@@ -155,13 +163,22 @@ def test_clamp_before_the_fix_is_the_default_for_pasd_and_seesr_and_stablesr_kee
     cond = pipe.upsample_lr(lr)
     hr = (cond * 2 - 1) * 1.5  # overshoots on both sides
     clamp_first = pipe.finish_output(
-        hr, lr, None, "adain", "pt", False, clamp_before_color_fix=True, color_fix_reference=cond
+        hr,
+        rgb=lr,
+        alpha=None,
+        color_fix="adain",
+        output_type="pt",
+        return_dict=False,
+        clamp_before_color_fix=True,
+        color_fix_reference=cond,
     )[0]
     x = (hr + 1) / 2
     stats = lambda v: (v.mean((-2, -1), keepdim=True), v.var((-2, -1), keepdim=True, unbiased=True).add(1e-5).sqrt())  # noqa: E731
     (mc, sc), (mr, sr) = stats(x.clamp(0, 1)), stats(cond)
     torch.testing.assert_close(clamp_first, ((x.clamp(0, 1) - mc) / sc * sr + mr).clamp(0, 1), rtol=1e-5, atol=1e-5)
-    fix_first = pipe.finish_output(hr, lr, None, "adain", "pt", False, color_fix_reference=cond)[0]  # StableSR's
+    fix_first = pipe.finish_output(
+        hr, rgb=lr, alpha=None, color_fix="adain", output_type="pt", return_dict=False, color_fix_reference=cond
+    )[0]  # StableSR's
     (mx, sx) = stats(x)
     torch.testing.assert_close(fix_first, ((x - mx) / sx * sr + mr).clamp(0, 1), rtol=1e-5, atol=1e-5)
     assert (clamp_first - fix_first).abs().max() > 10 * LEVEL
@@ -262,12 +279,18 @@ def test_the_default_tiles_automatically_above_the_threshold(kind):
 
 def test_pasd_process_steps_are_test_pasd_py_sizes():
     # 50 x 70 LR, x4: 200 x 280; short side 200 < 768: torchvision Resize(768) on the PIL image, then floor to 8
-    steps = pasd_process_steps(50, 70, 4, 768)
+    steps = pasd_process_steps(50, width=70, upscale=4, process_size=768)
     resized = transforms.Resize(768, interpolation=transforms.InterpolationMode.BILINEAR)(Image.new("RGB", (280, 200)))
     assert steps == [((200, 280), "bicubic"), ((resized.height, resized.width), "bilinear"), ((768, 1072), "bicubic")]
     # a portrait image, and one already large enough (only the floor to 8 applies)
-    assert pasd_process_steps(71, 50, 4, 768)[1:] == [((1090, 768), "bilinear"), ((1088, 768), "bicubic")]
-    assert pasd_process_steps(201, 250, 4, 768) == [((804, 1000), "bicubic"), ((800, 1000), "bicubic")]
+    assert pasd_process_steps(71, width=50, upscale=4, process_size=768)[1:] == [
+        ((1090, 768), "bilinear"),
+        ((1088, 768), "bicubic"),
+    ]
+    assert pasd_process_steps(201, width=250, upscale=4, process_size=768) == [
+        ((804, 1000), "bicubic"),
+        ((800, 1000), "bicubic"),
+    ]
 
 
 def test_seesr_process_steps_are_test_seesr_py_sizes():
@@ -275,12 +298,15 @@ def test_seesr_process_steps_are_test_seesr_py_sizes():
     w, h = 45, 30
     scale = (512 // 4) / min(w, h)
     small = (int(scale * h), int(scale * w))
-    assert seesr_process_steps(h, w, 4, 512) == [
+    assert seesr_process_steps(h, width=w, upscale=4, process_size=512) == [
         (small, "bicubic"),
         ((small[0] * 4, small[1] * 4), "bicubic"),
         ((small[0] * 4 // 8 * 8, small[1] * 4 // 8 * 8), "bicubic"),
     ]
-    assert seesr_process_steps(130, 131, 4, 512) == [((520, 524), "bicubic"), ((520, 520), "bicubic")]
+    assert seesr_process_steps(130, width=131, upscale=4, process_size=512) == [
+        ((520, 524), "bicubic"),
+        ((520, 520), "bicubic"),
+    ]
 
 
 @pytest.mark.parametrize("kind", ["pasd", "seesr"])
@@ -322,7 +348,15 @@ def test_match_original_uses_the_scripts_process_size_and_pil_resizes_back(monke
     lr = lr8(6, (4, 5))
     hr = torch.rand(1, 3, 48, 60, generator=torch.Generator().manual_seed(1)) * 2 - 1
     got = pipe.finish_output(
-        hr, lr, None, "none", "pt", False, clamp_before_color_fix=True, quantize=True, working_size=(48, 60)
+        hr,
+        rgb=lr,
+        alpha=None,
+        color_fix="none",
+        output_type="pt",
+        return_dict=False,
+        clamp_before_color_fix=True,
+        quantize=True,
+        working_size=(48, 60),
     )[0]
     expected = from_pil(to_pil((hr + 1) / 2).resize((20, 16), Image.BICUBIC))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -360,9 +394,10 @@ def test_seesr_match_original_draws_the_posterior_sample_from_the_global_rng():
     pipe = make("seesr")
     eps = torch.randn(pipe.latent_shape(1, 8, 8), generator=torch.Generator().manual_seed(3))
     cond = pipe.upsample_lr(lr8(0))
-    args = (eps.shape, torch.device("cpu"), torch.Generator().manual_seed(5), eps.clone(), "lr", cond, None)
+    args = dict(device=torch.device("cpu"), generator=torch.Generator().manual_seed(5), latents=eps.clone(),
+                start_point="lr", condition=cond, timesteps=None)  # fmt: skip
     torch.manual_seed(7)
-    start = pipe.prepare_start_latents(*args, global_rng_posterior=True)
+    start = pipe.prepare_start_latents(eps.shape, **args, global_rng_posterior=True)
     # the script: vae.encode(image * 2 - 1).latent_dist.sample() (no generator) after set_seed(seed)
     z = pipe.vae.encode(cond * 2 - 1).latent_dist.sample(generator=torch.Generator().manual_seed(7))
     abar = pipe.scheduler.alphas_cumprod[999]
@@ -464,7 +499,14 @@ def test_pasd_match_original_is_the_scripts_flow_end_to_end():
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             out = pasd_noise_pred(
-                pipe.unet, pipe.controlnet, pipe.pixel_attentions, x, t, embeds, torch.cat([image] * 2), 1.0
+                pipe.unet,
+                controlnet=pipe.controlnet,
+                pixel_attentions=pipe.pixel_attentions,
+                sample=x,
+                timestep=t,
+                encoder_hidden_states=embeds,
+                cond_image=torch.cat([image] * 2),
+                conditioning_scale=1.0,
             )[0]
             uncond, cond = out.chunk(2)
             latents = scheduler.step(uncond + 9.0 * (cond - uncond), t, latents).prev_sample

@@ -163,8 +163,9 @@ def test_match_original_above_vqgantile_size_runs_the_whole_chain_per_patch_and_
     calls = []
     restore = pipe.restore_upsampled
 
-    def record(upsampled, generator, latents, **kwargs):
-        out = restore(upsampled, generator, latents, **kwargs)
+    def record(upsampled, **kwargs):
+        out = restore(upsampled, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("generator", "latents")}
         calls.append((upsampled.clone(), kwargs, out))
         return out
 
@@ -189,9 +190,11 @@ def test_match_original_above_vqgantile_size_runs_the_whole_chain_per_patch_and_
         torch.testing.assert_close(patch, y[..., h : h + 32, w : w + 32], rtol=0, atol=1e-6)
         # every patch from the same random state: the seed's fresh generator gives the same patch result (up to float32
         # rounding: the pipeline convolves a strided view, this a contiguous copy; another draw differs by O(1))
-        again = restore(patch, torch.Generator().manual_seed(0), None, **kwargs)
+        again = restore(patch, generator=torch.Generator().manual_seed(0), latents=None, **kwargs)
         torch.testing.assert_close(out, again, rtol=0, atol=1e-5)
-        assert (out - restore(patch, torch.Generator().manual_seed(1), None, **kwargs)).abs().max() > 1e-3
+        assert (
+            out - restore(patch, generator=torch.Generator().manual_seed(1), latents=None, **kwargs)
+        ).abs().max() > 1e-3
         total[..., h : h + 32, w : w + 32] += out * weight
         weight_sum[..., h : h + 32, w : w + 32] += weight
     torch.testing.assert_close(got, ((total / weight_sum + 1) / 2).clamp(0, 1), rtol=1e-5, atol=1e-5)

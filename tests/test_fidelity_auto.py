@@ -187,13 +187,13 @@ def pasd_knobs(pipe, monkeypatch, **kwargs) -> dict:
     seen = {}
     start, predict = pipe.prepare_start_latents, pipe.predict_noise
 
-    def spy_start(cond, timesteps, start_point, added_noise_level, generator, latents):
-        seen.update(start_point=start_point, added_noise_level=added_noise_level)
-        return start(cond, timesteps, start_point, added_noise_level, generator, latents)
+    def spy_start(cond, **kwargs):
+        seen.update(start_point=kwargs["start_point"], added_noise_level=kwargs["added_noise_level"])
+        return start(cond, **kwargs)
 
-    def spy_predict(latents, t, cond, embeds, guidance_scale, conditioning_scale):
-        seen["controlnet_conditioning_scale"] = conditioning_scale
-        return predict(latents, t, cond, embeds, guidance_scale, conditioning_scale)
+    def spy_predict(latents, **kwargs):
+        seen["controlnet_conditioning_scale"] = kwargs["conditioning_scale"]
+        return predict(latents, **kwargs)
 
     monkeypatch.setattr(pipe, "prepare_start_latents", spy_start)
     monkeypatch.setattr(pipe, "predict_noise", spy_predict)
@@ -256,13 +256,13 @@ def seesr_knobs(pipe, monkeypatch, **kwargs) -> dict:
     seen = {}
     start, predict = pipe.prepare_start_latents, pipe.predict_noise
 
-    def spy_start(shape, device, generator, latents, start_point, condition, timesteps, **kwargs):
-        seen["start_point"] = start_point
-        return start(shape, device, generator, latents, start_point, condition, timesteps, **kwargs)
+    def spy_start(shape, **kwargs):
+        seen["start_point"] = kwargs["start_point"]
+        return start(shape, **kwargs)
 
-    def spy_predict(latents, t, condition, embeds, soft, guidance_scale, conditioning_scale):
-        seen["controlnet_conditioning_scale"] = conditioning_scale
-        return predict(latents, t, condition, embeds, soft, guidance_scale, conditioning_scale)
+    def spy_predict(latents, **kwargs):
+        seen["controlnet_conditioning_scale"] = kwargs["conditioning_scale"]
+        return predict(latents, **kwargs)
 
     monkeypatch.setattr(pipe, "prepare_start_latents", spy_start)
     monkeypatch.setattr(pipe, "predict_noise", spy_predict)

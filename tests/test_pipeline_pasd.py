@@ -51,13 +51,29 @@ class TestPASDPipeline(SRPipelineTesterMixin, SDPipelineTesterMixin):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def start_latents(pipe, cond, timesteps, start_point, added_noise_level):
+    return pipe.prepare_start_latents(
+        cond, timesteps=timesteps, start_point=start_point, added_noise_level=added_noise_level,
+        generator=torch.Generator().manual_seed(3), latents=None,
+    )  # fmt: skip
+
+
 def test_the_denoiser_call_is_the_original_block_order():
     c = tiny_components()
     g = torch.Generator().manual_seed(0)
     sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
     cond, t = torch.rand(2, 3, 32, 32, generator=g), torch.tensor(500)
     with torch.no_grad():
-        got, rgbs = pasd_noise_pred(c["unet"], c["controlnet"], c["pixel_attentions"], sample, t, text, cond, 0.7)
+        got, rgbs = pasd_noise_pred(
+            c["unet"],
+            controlnet=c["controlnet"],
+            pixel_attentions=c["pixel_attentions"],
+            sample=sample,
+            timestep=t,
+            encoder_hidden_states=text,
+            cond_image=cond,
+            conditioning_scale=0.7,
+        )
         down, mid, _ = c["controlnet"](sample, t, text, cond, conditioning_scale=0.7, return_dict=False)
         expected = reference_pasd_unet(c["unet"], c["pixel_attentions"], sample, t, text, down, mid)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -74,7 +90,7 @@ def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise
     pipe.scheduler.set_timesteps(4)
     timesteps = pipe.scheduler.timesteps
     cond = torch.nn.functional.interpolate(lr_image(0), scale_factor=4, mode="bicubic").clamp(0, 1)
-    start = pipe.prepare_start_latents(cond, timesteps, "lr", 900, torch.Generator().manual_seed(3), None)
+    start = start_latents(pipe, cond, timesteps, "lr", 900)
     # by hand, with the same draws in the same order: posterior sample, then the two noises
     g = torch.Generator().manual_seed(3)
     z_lr = pipe.vae.encode(cond * 2 - 1).latent_dist.sample(g) * pipe.vae.config.scaling_factor
@@ -85,9 +101,9 @@ def test_the_start_is_the_lr_latent_noised_to_the_first_step_then_to_added_noise
     z = abar[900].sqrt() * z + (1 - abar[900]).sqrt() * n2.double()
     torch.testing.assert_close(start.double(), z, rtol=1e-5, atol=1e-5)
     # start_point="noise": pure noise (the original's --init_latent_with_noise); another level, another start
-    pure = pipe.prepare_start_latents(cond, timesteps, "noise", None, torch.Generator().manual_seed(3), None)
+    pure = start_latents(pipe, cond, timesteps, "noise", None)
     torch.testing.assert_close(pure, torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(3)))
-    low = pipe.prepare_start_latents(cond, timesteps, "lr", 100, torch.Generator().manual_seed(3), None)
+    low = start_latents(pipe, cond, timesteps, "lr", 100)
     assert (low - start).abs().max() > 1e-2
     # and the pipeline's output follows the start; None is the default level, 900 (no longer pure noise)
     default = run(pipe)
@@ -123,14 +139,16 @@ def test_conditioning_scale_zero_removes_the_controlnet():
 def test_tile_blending_is_exact_for_a_pointwise_denoiser(monkeypatch):
     pipe = make_pipe()
 
-    def pointwise(x, t, cond, emb, g, scale):
+    def pointwise(x, *, t, cond_image, prompt_embeds, guidance_scale, conditioning_scale):
+        cond = cond_image
         assert cond.shape[-2:] == tuple(4 * s for s in x.shape[-2:])  # the condition crop matches the latent tile
         return torch.tanh(x) * 2 + torch.nn.functional.avg_pool2d(cond, 4).mean(1, keepdim=True)
 
     monkeypatch.setattr(pipe, "predict_noise", pointwise)
     latents, cond = torch.randn(1, 4, 12, 20), torch.rand(1, 3, 48, 80)
-    whole = pipe.predict_noise(latents, 5, cond, None, 1.0, 1.0)
-    tiled = pipe.predict_noise_tiled(latents, 5, cond, None, 1.0, 1.0, tile=8, overlap=4)
+    kwargs = dict(t=5, cond_image=cond, prompt_embeds=None, guidance_scale=1.0, conditioning_scale=1.0)
+    whole = pipe.predict_noise(latents, **kwargs)
+    tiled = pipe.predict_noise_tiled(latents, **kwargs, tile=8, overlap=4)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
 
 

@@ -77,13 +77,17 @@ def test_start_point_lr_noises_the_lr_latent_to_step_999():
     condition = F.interpolate(lr_image(0), scale_factor=4, mode="bicubic").clamp(0, 1)
     timesteps = pipe.scheduler.timesteps
     start = pipe.prepare_start_latents(
-        eps.shape, torch.device("cpu"), torch.Generator().manual_seed(5), eps, "lr", condition, timesteps
-    )
+        eps.shape, device=torch.device("cpu"), generator=torch.Generator().manual_seed(5), latents=eps,
+        start_point="lr", condition=condition, timesteps=timesteps,
+    )  # fmt: skip
     posterior = pipe.vae.encode(condition * 2 - 1).latent_dist
     z_lr = posterior.sample(generator=torch.Generator().manual_seed(5)) * pipe.vae.config.scaling_factor
     abar = pipe.scheduler.alphas_cumprod[999]
     torch.testing.assert_close(start, abar.sqrt() * z_lr + (1 - abar).sqrt() * eps, rtol=1e-5, atol=1e-5)
-    noise = pipe.prepare_start_latents(eps.shape, torch.device("cpu"), None, eps, "noise", condition, timesteps)
+    noise = pipe.prepare_start_latents(
+        eps.shape, device=torch.device("cpu"), generator=None, latents=eps, start_point="noise", condition=condition,
+        timesteps=timesteps,
+    )  # fmt: skip
     torch.testing.assert_close(noise, eps, rtol=0, atol=0)
     # end to end: the start point changes the result, each deterministically
     lr_start, noise_start = run(pipe), run(pipe, start_point="noise")
@@ -242,14 +246,16 @@ def test_tile_aggregation_crops_the_condition_with_the_latent(monkeypatch):
     pipe = make_pipe()
     f = pipe.vae_scale_factor
 
-    def pointwise(latents, t, condition, pe, ipe, g, cs):
+    def pointwise(latents, *, t, condition, prompt_embeds, image_prompt_embeds, guidance_scale, conditioning_scale):
         assert condition.shape[-2:] == (latents.shape[-2] * f, latents.shape[-1] * f)
         return torch.tanh(latents) * 2 + F.avg_pool2d(condition, f).mean(1, keepdim=True)
 
     monkeypatch.setattr(pipe, "predict_noise", pointwise)
     latents, condition = torch.randn(1, 4, 20, 28), torch.rand(1, 3, 20 * f, 28 * f)
-    whole = pipe.predict_noise(latents, 5, condition, None, None, 1.0, 1.0)
-    tiled = pipe.predict_noise_tiled(latents, 5, condition, None, None, 1.0, 1.0, tile=8, overlap=4)
+    kwargs = dict(t=5, condition=condition, prompt_embeds=None, image_prompt_embeds=None, guidance_scale=1.0,
+                  conditioning_scale=1.0)  # fmt: skip
+    whole = pipe.predict_noise(latents, **kwargs)
+    tiled = pipe.predict_noise_tiled(latents, **kwargs, tile=8, overlap=4)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
 
 

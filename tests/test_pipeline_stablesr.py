@@ -79,10 +79,11 @@ def test_timesteps_and_variances_are_the_originals_respacing():
 def test_tile_aggregation_is_exact_for_a_pointwise_denoiser(monkeypatch):
     """With a denoiser that looks at each latent pixel alone, the Gaussian-blended tiles give the whole-image result."""
     pipe = make_pipe()
-    monkeypatch.setattr(pipe, "predict_noise", lambda x, t, lr, emb, g: torch.tanh(x) * 2 + lr)
+    monkeypatch.setattr(pipe, "predict_noise", lambda x, **kw: torch.tanh(x) * 2 + kw["lr_latents"])
     latents, lr_latents = torch.randn(2, 4, 20, 28), torch.randn(2, 4, 20, 28)
-    whole = pipe.predict_noise(latents, 5, lr_latents, None, 1.0)
-    tiled = pipe.predict_noise_tiled(latents, 5, lr_latents, None, 1.0, tile=8, overlap=4)
+    kwargs = dict(t=5, lr_latents=lr_latents, prompt_embeds=None, guidance_scale=1.0)
+    whole = pipe.predict_noise(latents, **kwargs)
+    tiled = pipe.predict_noise_tiled(latents, **kwargs, tile=8, overlap=4)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
 
 

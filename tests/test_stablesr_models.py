@@ -142,7 +142,18 @@ def test_encoder_and_sft_learn_to_reduce_the_eps_loss_of_a_frozen_base(photo_ten
 
     def loss_at(t, noise):
         noisy = scheduler.add_noise(z_hr, noise, t)
-        return F.mse_loss(stablesr_noise_pred(unet, encoder, sft, noisy, t, z_lr, text), noise)
+        return F.mse_loss(
+            stablesr_noise_pred(
+                unet,
+                time_aware_encoder=encoder,
+                sft=sft,
+                sample=noisy,
+                timestep=t,
+                lr_latents=z_lr,
+                encoder_hidden_states=text,
+            ),
+            noise,
+        )
 
     g = torch.Generator().manual_seed(1)
     held_t = torch.randint(0, 1000, (len(crops),), generator=g)

@@ -78,7 +78,7 @@ def test_decoder_tiles_use_their_own_regions_features(pipe):
     # that latent tile fused with the CFW features of the same image region (encoded alone)
     image = resize(lr_image(2, size=LR_SIZE) * 2 - 1, size=(64, 64), mode="bicubic").clamp(-1, 1)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    tiled = pipe.decode_latents_tiled(latents, image, 1.0, 32, 0)
+    tiled = pipe.decode_latents_tiled(latents, upsampled_lr=image, fidelity_weight=1.0, tile_size=32, overlap=0)
     swapped = None
     for y in (0, 8):
         for x in (0, 8):

@@ -129,8 +129,24 @@ def test_lora_trains_with_the_add_ons_on_a_frozen_base_and_exports_fused_and_alo
     text, cond = task.empty_prompt(torch.device("cpu")).expand(2, -1, -1), torch.rand(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         hooked = model(unet, z, t, text, cond)[0]
-        loaded = pasd_noise_pred(on_base.unet, model.controlnet, model.pixel_attentions, z, t, text, cond)[0]
-        plain = pasd_noise_pred(unet, model.controlnet, model.pixel_attentions, z, t, text, cond)[0]
+        loaded = pasd_noise_pred(
+            on_base.unet,
+            controlnet=model.controlnet,
+            pixel_attentions=model.pixel_attentions,
+            sample=z,
+            timestep=t,
+            encoder_hidden_states=text,
+            cond_image=cond,
+        )[0]
+        plain = pasd_noise_pred(
+            unet,
+            controlnet=model.controlnet,
+            pixel_attentions=model.pixel_attentions,
+            sample=z,
+            timestep=t,
+            encoder_hidden_states=text,
+            cond_image=cond,
+        )[0]
     torch.testing.assert_close(loaded, hooked, rtol=1e-4, atol=1e-4)
     assert (hooked - plain).abs().max() > 1e-4  # the LoRA matters
 

@@ -125,6 +125,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
     def check_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         num_inference_steps: int,
         eta: float,
         color_fix: str,
@@ -138,7 +139,14 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         self.check_components()
         self.check_steps_and_eta(num_inference_steps, eta)
         self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+        self.check_sampling_inputs(
+            rgb,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -147,6 +155,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
     def prepare_latents(
         self,
         shape: tuple[int, int, int, int],
+        *,
         dtype: torch.dtype,
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -168,6 +177,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
     def _sample(
         self,
         lr_image: torch.Tensor,
+        *,
         latents: torch.Tensor | None,
         progress_bar,
         num_inference_steps: int,
@@ -188,7 +198,9 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
 
         # 5. z_T
         n, _, h, w = lr_image.shape
-        latents = self.prepare_latents((n, self.latent_channels, h, w), dtype, device, generator, latents)
+        latents = self.prepare_latents(
+            (n, self.latent_channels, h, w), dtype=dtype, device=device, generator=generator, latents=latents
+        )
 
         # 6. Denoising loop: eps = unet([z_t, y], t), z_t -> z_{t-1}
         for i, t in enumerate(self.scheduler.timesteps):
@@ -199,7 +211,13 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
             state = {"latents": latents, "lr_image": lr_image}
-            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            state = self.step_end_callback(
+                callback_on_step_end,
+                step=i,
+                timestep=t,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                tensors=state,
+            )
             latents, lr_image = state["latents"], state["lr_image"]
             progress_bar.update()
 
@@ -261,15 +279,15 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         pre = self.image_processor.preprocess(image)
         self.check_inputs(
             pre.rgb,
-            num_inference_steps,
-            eta,
-            color_fix,
-            lr_consistency,
-            tile_size,
-            tile_overlap,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps,
+            eta=eta,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
         self._num_timesteps = num_inference_steps
@@ -286,16 +304,31 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         def sample(lr_tile: torch.Tensor, z_T: torch.Tensor | None, progress_bar) -> torch.Tensor:
             return self._sample(
                 lr_tile,
-                z_T,
-                progress_bar,
-                num_inference_steps,
-                extra_step_kwargs,
-                generator,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
+                latents=z_T,
+                progress_bar=progress_bar,
+                num_inference_steps=num_inference_steps,
+                extra_step_kwargs=extra_step_kwargs,
+                generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
 
-        hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, num_inference_steps)
+        hr = self.sample_tiles(
+            sample,
+            lr=lr,
+            latents=latents,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            steps_per_chain=num_inference_steps,
+        )
 
         # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
+        return self.finish_output(
+            hr,
+            rgb=rgb,
+            alpha=pre.alpha,
+            color_fix=color_fix,
+            output_type=output_type,
+            return_dict=return_dict,
+            lr_consistency=lr_consistency,
+        )

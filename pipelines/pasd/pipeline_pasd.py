@@ -109,7 +109,7 @@ PASD_PROCESS_SIZE = 768
 
 
 def pasd_process_steps(
-    height: int, width: int, upscale: int, process_size: int, multiple: int = 8
+    height: int, *, width: int, upscale: int, process_size: int, multiple: int = 8
 ) -> list[tuple[tuple[int, int], str]]:
     """The resizes ``test_pasd.py`` applies to an 8-bit LR image of ``height`` × ``width`` before sampling, as
     ``[((height, width), PIL resample), ...]``:
@@ -174,6 +174,7 @@ def paca_contexts(pixel_attentions: BlockAttentions, residuals: Sequence[torch.T
 
 def pasd_noise_pred(
     unet: UNet2DConditionModel,
+    *,
     controlnet: torch.nn.Module,
     pixel_attentions: BlockAttentions,
     sample: torch.Tensor,
@@ -348,7 +349,9 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def process_steps(self, height: int, width: int, process_size: int) -> list[tuple[tuple[int, int], str]]:
         """``test_pasd.py``'s resizes for ``process_size`` (:func:`pasd_process_steps`, multiples of the VAE
         factor)."""
-        return pasd_process_steps(height, width, self.upscale, process_size, self.vae_scale_factor)
+        return pasd_process_steps(
+            height, width=width, upscale=self.upscale, process_size=process_size, multiple=self.vae_scale_factor
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks (geometry: upscale, vae_scale_factor, lr_multiple, latent_shape: StableDiffusionSRMixin)
@@ -418,6 +421,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def check_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         prompt: Any,
         num_inference_steps: int,
         guidance_scale: float,
@@ -467,11 +471,11 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self.check_output_options(color_fix, lr_consistency)
         self.check_sampling_inputs(
             rgb,
-            tile_size or None,
-            0 if tile_overlap is None else tile_overlap,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            tile_size=tile_size or None,
+            tile_overlap=0 if tile_overlap is None else tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             tiles_share_latents=True,
             latent_shape=self.working_latent_shape(rgb, self.resolve_process_size(process_size, match_original)),
         )
@@ -483,6 +487,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def prepare_start_latents(
         self,
         cond_image: torch.Tensor,
+        *,
         timesteps: torch.Tensor,
         start_point: str,
         added_noise_level: int | None,
@@ -497,7 +502,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         f = self.vae_scale_factor
         shape = (n, int(self.vae.config.latent_channels), height // f, width // f)
         if latents is not None or start_point == "noise":
-            return self.prepare_latents(shape, torch.float32, device, generator, latents)
+            return self.prepare_latents(shape, dtype=torch.float32, device=device, generator=generator, latents=latents)
         z_lr = self.encode_image(cond_image * 2.0 - 1.0, generator)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = _q_sample(self.scheduler, z_lr, noise, int(timesteps[0]))
@@ -508,6 +513,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def predict_noise(
         self,
         latents: torch.Tensor,
+        *,
         t: torch.Tensor,
         cond_image: torch.Tensor,
         prompt_embeds: torch.Tensor,
@@ -519,14 +525,22 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
 
         def model(scaled: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return pasd_noise_pred(
-                self.unet, self.controlnet, self.pixel_attentions, scaled, t, prompt_embeds, cond, conditioning_scale
+                self.unet,
+                controlnet=self.controlnet,
+                pixel_attentions=self.pixel_attentions,
+                sample=scaled,
+                timestep=t,
+                encoder_hidden_states=prompt_embeds,
+                cond_image=cond,
+                conditioning_scale=conditioning_scale,
             )[0]
 
-        return self.guided_noise_pred(model, latents, t, cond_image, guidance_scale)
+        return self.guided_noise_pred(model, latents=latents, t=t, condition=cond_image, guidance_scale=guidance_scale)
 
     def predict_noise_tiled(
         self,
         latents: torch.Tensor,
+        *,
         t: torch.Tensor,
         cond_image: torch.Tensor,
         prompt_embeds: torch.Tensor,
@@ -539,7 +553,14 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
 
         def predict(region):
             cond = cond_image[self.pixel_region(region)]
-            return self.predict_noise(latents[region], t, cond, prompt_embeds, guidance_scale, conditioning_scale)
+            return self.predict_noise(
+                latents[region],
+                t=t,
+                cond_image=cond,
+                prompt_embeds=prompt_embeds,
+                guidance_scale=guidance_scale,
+                conditioning_scale=conditioning_scale,
+            )
 
         return self.blend_latent_tiles(predict, latents, tile, overlap)
 
@@ -664,23 +685,23 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         added_noise_level = knobs.get("added_noise_level", added_noise_level)
         self.check_inputs(
             pre.rgb,
-            prompt,
-            num_inference_steps,
-            guidance_scale,
-            controlnet_conditioning_scale,
-            added_noise_level,
-            start_point,
-            added_prompt,
-            negative_prompt,
-            color_fix,
-            lr_consistency,
-            process_size,
-            tile_size,
-            tile_overlap,
-            match_original,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            prompt=prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            added_noise_level=added_noise_level,
+            start_point=start_point,
+            added_prompt=added_prompt,
+            negative_prompt=negative_prompt,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            process_size=process_size,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            match_original=match_original,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
         self._vae_tile_size = self.check_vae_tile_size(vae_tile_size)  # encode_image / decode_latents
@@ -690,7 +711,13 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
 
         # 2. Prompts (user's, extracted tags, added prompt; or the original's string) and their embeddings (negative
         #    first when guiding)
-        resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, added_prompt, PASD_NEGATIVE_PROMPT)
+        resolved = self.resolve_text_prompts(
+            rgb,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            added_prompt=added_prompt,
+            default_negative_prompt=PASD_NEGATIVE_PROMPT,
+        )
         prompts = resolved.prompts
         if match_original:
             users = self._prompt_list(prompt, rgb.shape[0], "prompt", allow_none=True)
@@ -709,7 +736,14 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self._num_timesteps = len(timesteps)
 
         # 5. The start: the LR latent noised to t_1, then to added_noise_level (or pure noise, or the given latents)
-        latents = self.prepare_start_latents(cond_image, timesteps, start_point, added_noise_level, generator, latents)
+        latents = self.prepare_start_latents(
+            cond_image,
+            timesteps=timesteps,
+            start_point=start_point,
+            added_noise_level=added_noise_level,
+            generator=generator,
+            latents=latents,
+        )
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta=None)
 
         # 6. Denoising loop; tiled (automatically above 320² latent pixels, as the original), every step blends the
@@ -719,8 +753,11 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         state = {"prompt_embeds": prompt_embeds}  # a callback may replace it
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            args = (latents, t, cond_image, state["prompt_embeds"], guidance_scale, scale)
-            return self.predict_noise(*args) if tiling is None else self.predict_noise_tiled(*args, *tiling)
+            kwargs = dict(t=t, cond_image=cond_image, prompt_embeds=state["prompt_embeds"],
+                          guidance_scale=guidance_scale, conditioning_scale=scale)  # fmt: skip
+            if tiling is None:
+                return self.predict_noise(latents, **kwargs)
+            return self.predict_noise_tiled(latents, **kwargs, tile=tiling[0], overlap=tiling[1])
 
         latents = self.denoise(
             latents,
@@ -737,12 +774,12 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         hr = self.decode_latents(latents)
         return self.finish_output(
             hr,
-            rgb,
-            pre.alpha,
-            color_fix,
-            output_type,
-            return_dict,
-            lr_consistency,
+            rgb=rgb,
+            alpha=pre.alpha,
+            color_fix=color_fix,
+            output_type=output_type,
+            return_dict=return_dict,
+            lr_consistency=lr_consistency,
             clamp_before_color_fix=True,
             color_fix_reference=cond_image,
             quantize=match_original,

@@ -62,7 +62,7 @@ class RegressionSRPipeline(DiffusionPipeline):
         """The model's native scale factor."""
         return int(self.model.upscale)
 
-    def check_inputs(self, rgb: torch.Tensor, outscale, tile_size, tile_overlap, tile_batch_size, tile_blend):
+    def check_inputs(self, rgb: torch.Tensor, *, outscale, tile_size, tile_overlap, tile_batch_size, tile_blend):
         h, w = rgb.shape[-2:]
         if h < 1 or w < 1:
             raise ValueError(f"image has an empty side: {h}x{w}")
@@ -176,7 +176,14 @@ class RegressionSRPipeline(DiffusionPipeline):
         """
         # 1. Check and preprocess inputs
         pre = self.image_processor.preprocess(image)
-        self.check_inputs(pre.rgb, outscale, tile_size, tile_overlap, tile_batch_size, tile_blend)
+        self.check_inputs(
+            pre.rgb,
+            outscale=outscale,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            tile_batch_size=tile_batch_size,
+            tile_blend=tile_blend,
+        )
         device = self._execution_device
         rgb = pre.rgb.to(device)
         h, w = rgb.shape[-2:]

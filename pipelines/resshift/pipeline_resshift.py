@@ -115,6 +115,7 @@ def resshift_lq(unet: ModelMixin, lr: torch.Tensor, sample_size: tuple[int, int]
 
 def resshift_model_output(
     unet: ModelMixin,
+    *,
     scaled_sample: torch.Tensor,
     timestep: torch.Tensor | int,
     lr_latents: torch.Tensor,
@@ -341,6 +342,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
     def check_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         num_inference_steps: int | None,
         timesteps: Sequence[int] | None,
         color_fix: str,
@@ -359,7 +361,14 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         if timesteps is not None:
             self.scheduler.check_timesteps(timesteps)
         self.check_output_options(color_fix, lr_consistency)
-        self.check_sampling_inputs(rgb, tile_size, tile_overlap, generator, latents, callback_on_step_end_tensor_inputs)
+        self.check_sampling_inputs(
+            rgb,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -379,6 +388,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
     def _sample(
         self,
         lr: torch.Tensor,
+        *,
         latents: torch.Tensor | None,
         progress_bar,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -398,11 +408,19 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
             if self.interrupt:
                 continue
             scaled = self.scheduler.scale_model_input(latents, t)
-            model_output = resshift_model_output(self.unet, scaled, t, lr_latents, lq)
+            model_output = resshift_model_output(
+                self.unet, scaled_sample=scaled, timestep=t, lr_latents=lr_latents, lq=lq
+            )
             latents = self.scheduler.step(model_output, t, latents, lr_samples=lr_latents, generator=generator)[0]
 
             state = {"latents": latents, "lr_latents": lr_latents}
-            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            state = self.step_end_callback(
+                callback_on_step_end,
+                step=i,
+                timestep=t,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                tensors=state,
+            )
             latents, lr_latents = state["latents"], state["lr_latents"]
             progress_bar.update()
 
@@ -412,6 +430,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
     def sample_original_tiles(
         self,
         sample: Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor],
+        *,
         lr: torch.Tensor,
         chop_size: int,
         chop_stride: int,
@@ -521,15 +540,15 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         pre = self.image_processor.preprocess(image)
         self.check_inputs(
             pre.rgb,
-            num_inference_steps,
-            timesteps,
-            color_fix,
-            lr_consistency,
-            tile_size,
-            tile_overlap,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
         device = self._execution_device
@@ -547,7 +566,12 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         # 3.-7. Sample (whole image, or tile by tile)
         def sample(lr_tile: torch.Tensor, x_T: torch.Tensor | None, progress_bar) -> torch.Tensor:
             return self._sample(
-                lr_tile, x_T, progress_bar, generator, callback_on_step_end, callback_on_step_end_tensor_inputs
+                lr_tile,
+                latents=x_T,
+                progress_bar=progress_bar,
+                generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
 
         chop = None  # (size, stride) of the reference's tiling
@@ -556,11 +580,28 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         elif tile_size is not None and match_original:
             chop = (tile_size, tile_size - tile_overlap)
         if chop is not None:
-            hr = self.sample_original_tiles(sample, rgb * 2.0 - 1.0, *chop, self._num_timesteps)
+            hr = self.sample_original_tiles(
+                sample, lr=rgb * 2.0 - 1.0, chop_size=chop[0], chop_stride=chop[1], steps_per_chain=self._num_timesteps
+            )
         else:
             # [0, 1] -> [-1, 1], pad (reflect) to the multiple the UNet and the VAE need
             lr, _ = pad_to_multiple(rgb * 2.0 - 1.0, self.lr_multiple)
-            hr = self.sample_tiles(sample, lr, latents, tile_size, tile_overlap, self._num_timesteps)
+            hr = self.sample_tiles(
+                sample,
+                lr=lr,
+                latents=latents,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap,
+                steps_per_chain=self._num_timesteps,
+            )
 
         # 8. Crop back, [-1, 1] -> [0, 1], colour fix against the LR image, LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, color_fix, output_type, return_dict, lr_consistency)
+        return self.finish_output(
+            hr,
+            rgb=rgb,
+            alpha=pre.alpha,
+            color_fix=color_fix,
+            output_type=output_type,
+            return_dict=return_dict,
+            lr_consistency=lr_consistency,
+        )

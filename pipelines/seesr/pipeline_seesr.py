@@ -88,7 +88,7 @@ SEESR_PROCESS_SIZE = 512
 
 
 def seesr_process_steps(
-    height: int, width: int, upscale: int, process_size: int, multiple: int = 8
+    height: int, *, width: int, upscale: int, process_size: int, multiple: int = 8
 ) -> list[tuple[tuple[int, int], str]]:
     """The resizes ``test_seesr.py`` applies to an 8-bit LR image of ``height`` × ``width`` before sampling, as
     ``[((height, width), PIL resample), ...]``, all PIL bicubic (``Image.resize``'s default):
@@ -303,7 +303,9 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def process_steps(self, height: int, width: int, process_size: int) -> list[tuple[tuple[int, int], str]]:
         """``test_seesr.py``'s resizes for ``process_size`` (:func:`seesr_process_steps`, multiples of the VAE
         factor)."""
-        return seesr_process_steps(height, width, self.upscale, process_size, self.vae_scale_factor)
+        return seesr_process_steps(
+            height, width=width, upscale=self.upscale, process_size=process_size, multiple=self.vae_scale_factor
+        )
 
     @property
     def image_prompt_dim(self) -> int:
@@ -361,6 +363,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def check_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         prompt: Any,
         num_inference_steps: int,
         guidance_scale: float,
@@ -393,11 +396,11 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         self.check_output_options(color_fix, lr_consistency)
         self.check_sampling_inputs(
             rgb,
-            tile_size or None,
-            0 if tile_overlap is None else tile_overlap,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            tile_size=tile_size or None,
+            tile_overlap=0 if tile_overlap is None else tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             tiles_share_latents=True,
             latent_shape=self.working_latent_shape(rgb, self.resolve_process_size(process_size, match_original)),
         )
@@ -424,6 +427,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def resolve_prompts(
         self,
         rgb: torch.Tensor,
+        *,
         prompt: Any,
         negative_prompt: Any,
         added_prompt: str | None,
@@ -438,7 +442,13 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         SeeSR's. Soft prompts: ``image_prompt_embeds`` when given (the caller's win), else the extractor's, else
         :func:`~sr_diffusion.models.seesr.null_image_prompt`."""
         n = rgb.shape[0]
-        resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, added_prompt, SEESR_NEGATIVE_PROMPT)
+        resolved = self.resolve_text_prompts(
+            rgb,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            added_prompt=added_prompt,
+            default_negative_prompt=SEESR_NEGATIVE_PROMPT,
+        )
         soft = image_prompt_embeds
         if soft is None and resolved.soft_prompts is not None:
             soft = resolved.soft_prompts
@@ -465,6 +475,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def prepare_start_latents(
         self,
         shape: tuple[int, ...],
+        *,
         device: torch.device,
         generator,
         latents: torch.Tensor | None,
@@ -478,7 +489,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         schedule for schedulers that noise by ``sigmas``). The LR latent is a posterior sample drawn (after ``eps``)
         from ``generator``, or with ``global_rng_posterior`` from torch's global RNG (the original's
         ``latent_dist.sample()``, which takes no generator)."""
-        latents = self.prepare_latents(shape, torch.float32, device, generator, latents)
+        latents = self.prepare_latents(shape, dtype=torch.float32, device=device, generator=generator, latents=latents)
         if start_point == "noise":
             return latents
         lr_latents = self.encode_lr(condition, None if global_rng_posterior else generator)
@@ -491,6 +502,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
     def predict_noise(
         self,
         latents: torch.Tensor,
+        *,
         t: torch.Tensor,
         condition: torch.Tensor,
         prompt_embeds: torch.Tensor,
@@ -515,11 +527,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 conditioning_scale,
             )
 
-        return self.guided_noise_pred(model, latents, t, condition, guidance_scale)
+        return self.guided_noise_pred(model, latents=latents, t=t, condition=condition, guidance_scale=guidance_scale)
 
     def predict_noise_tiled(
         self,
         latents: torch.Tensor,
+        *,
         t: torch.Tensor,
         condition: torch.Tensor,
         prompt_embeds: torch.Tensor,
@@ -534,12 +547,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         def predict(region):
             return self.predict_noise(
                 latents[region],
-                t,
-                condition[self.pixel_region(region)],
-                prompt_embeds,
-                image_prompt_embeds,
-                guidance_scale,
-                conditioning_scale,
+                t=t,
+                condition=condition[self.pixel_region(region)],
+                prompt_embeds=prompt_embeds,
+                image_prompt_embeds=image_prompt_embeds,
+                guidance_scale=guidance_scale,
+                conditioning_scale=conditioning_scale,
             )
 
         return self.blend_latent_tiles(predict, latents, tile, overlap)
@@ -659,23 +672,23 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         controlnet_conditioning_scale = knobs["controlnet_conditioning_scale"]
         self.check_inputs(
             pre.rgb,
-            prompt,
-            num_inference_steps,
-            guidance_scale,
-            controlnet_conditioning_scale,
-            start_point,
-            image_prompt_embeds,
-            negative_prompt,
-            eta,
-            color_fix,
-            lr_consistency,
-            process_size,
-            tile_size,
-            tile_overlap,
-            match_original,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            prompt=prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            start_point=start_point,
+            image_prompt_embeds=image_prompt_embeds,
+            negative_prompt=negative_prompt,
+            eta=eta,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            process_size=process_size,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            match_original=match_original,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
         self._vae_tile_size = self.check_vae_tile_size(vae_tile_size)  # encode_image / decode_latents
@@ -685,7 +698,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
 
         # 2. Prompts: hard prompts (tags) -> text embeddings (negative first when guiding), soft prompts
         prompts, negatives, soft_prompts, tags = self.resolve_prompts(
-            rgb, prompt, negative_prompt, added_prompt, image_prompt_embeds, return_tags=True
+            rgb,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            added_prompt=added_prompt,
+            image_prompt_embeds=image_prompt_embeds,
+            return_tags=True,
         )
         if match_original:
             users = self._prompt_list(prompt, rgb.shape[0], "prompt", allow_none=True)
@@ -706,7 +724,14 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         # 5. z_T: noise, or the LR latent noised to the last training step
         shape = self.working_shape(rgb.shape[0], *condition.shape[-2:])
         latents = self.prepare_start_latents(
-            shape, device, generator, latents, start_point, condition, timesteps, global_rng_posterior=match_original
+            shape,
+            device=device,
+            generator=generator,
+            latents=latents,
+            start_point=start_point,
+            condition=condition,
+            timesteps=timesteps,
+            global_rng_posterior=match_original,
         )
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
@@ -716,9 +741,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         state = {"prompt_embeds": prompt_embeds, "image_prompt_embeds": soft_prompts}  # a callback may replace them
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            embeds = (state["prompt_embeds"], state["image_prompt_embeds"])
-            args = (latents, t, condition, *embeds, guidance_scale, controlnet_conditioning_scale)
-            return self.predict_noise(*args) if tiling is None else self.predict_noise_tiled(*args, *tiling)
+            kwargs = dict(t=t, condition=condition, prompt_embeds=state["prompt_embeds"],
+                          image_prompt_embeds=state["image_prompt_embeds"], guidance_scale=guidance_scale,
+                          conditioning_scale=controlnet_conditioning_scale)  # fmt: skip
+            if tiling is None:
+                return self.predict_noise(latents, **kwargs)
+            return self.predict_noise_tiled(latents, **kwargs, tile=tiling[0], overlap=tiling[1])
 
         latents = self.denoise(
             latents,
@@ -735,12 +763,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         hr = self.decode_latents(latents)
         return self.finish_output(
             hr,
-            rgb,
-            pre.alpha,
-            color_fix,
-            output_type,
-            return_dict,
-            lr_consistency,
+            rgb=rgb,
+            alpha=pre.alpha,
+            color_fix=color_fix,
+            output_type=output_type,
+            return_dict=return_dict,
+            lr_consistency=lr_consistency,
             clamp_before_color_fix=True,
             color_fix_reference=cond_image,
             quantize=match_original,

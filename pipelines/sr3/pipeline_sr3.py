@@ -108,6 +108,7 @@ def sr3_noise_level(alphas_cumprod: torch.Tensor, timestep: torch.Tensor | float
 
 def sr3_model_output(
     unet: ModelMixin,
+    *,
     sample: torch.Tensor,
     upsampled_lr: torch.Tensor,
     noise_level: torch.Tensor,
@@ -231,6 +232,7 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     def prepare_latents(
         self,
         upsampled_lr: torch.Tensor,
+        *,
         timesteps: torch.Tensor,
         strength: float,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -253,6 +255,7 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     def _sample(
         self,
         lr: torch.Tensor,
+        *,
         latents: torch.Tensor | None,
         progress_bar,
         num_inference_steps: int,
@@ -272,7 +275,9 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
 
         # 5. Conditioning x (the upsampled LR image) and the start of the chain
         upsampled_lr = sr3_upsample(lr, self.upscale).to(dtype)
-        latents = self.prepare_latents(upsampled_lr, timesteps, strength, generator, latents)
+        latents = self.prepare_latents(
+            upsampled_lr, timesteps=timesteps, strength=strength, generator=generator, latents=latents
+        )
         alphas_cumprod = self.scheduler.alphas_cumprod
 
         # 6. Denoising loop: eps = f([x, y_t], c · sqrt(alpha_bar_t)), y_t -> y_{t-1}
@@ -281,11 +286,23 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
                 continue
             scaled = self.scheduler.scale_model_input(latents, t)
             gamma = sr3_noise_level(alphas_cumprod, t).to(device)
-            noise_pred = sr3_model_output(self.unet, scaled, upsampled_lr, gamma, self.noise_level_scale)
+            noise_pred = sr3_model_output(
+                self.unet,
+                sample=scaled,
+                upsampled_lr=upsampled_lr,
+                noise_level=gamma,
+                noise_level_scale=self.noise_level_scale,
+            )
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
             state = {"latents": latents, "upsampled_lr": upsampled_lr}
-            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            state = self.step_end_callback(
+                callback_on_step_end,
+                step=i,
+                timestep=t,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                tensors=state,
+            )
             latents, upsampled_lr = state["latents"], state["upsampled_lr"]
             progress_bar.update()
 
@@ -357,17 +374,17 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
             num_inference_steps = num_train if match_original else min(self.default_num_inference_steps, num_train)
         return self.upscale_with_strength(
             image,
-            num_inference_steps,
-            strength,
-            eta,
-            color_fix,
-            lr_consistency,
-            tile_size,
-            tile_overlap,
-            generator,
-            latents,
-            output_type,
-            return_dict,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            eta=eta,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )

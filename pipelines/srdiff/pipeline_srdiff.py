@@ -247,6 +247,7 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     def prepare_latents(
         self,
         shape: tuple[int, ...],
+        *,
         dtype: torch.dtype,
         device: torch.device,
         timesteps: torch.Tensor,
@@ -269,6 +270,7 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     def _sample(
         self,
         lr: torch.Tensor,
+        *,
         latents: torch.Tensor | None,
         progress_bar,
         num_inference_steps: int,
@@ -290,7 +292,15 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         # 5. Condition x_e = D(x_L), up(x_L), and the start of the chain
         cond_features = srdiff_encode(self.rrdb, lr)
         img_lr_up = srdiff_upsample(lr, self.upscale, c.lr_up_gain).to(dtype)
-        latents = self.prepare_latents(img_lr_up.shape, dtype, device, timesteps, strength, generator, latents)
+        latents = self.prepare_latents(
+            img_lr_up.shape,
+            dtype=dtype,
+            device=device,
+            timesteps=timesteps,
+            strength=strength,
+            generator=generator,
+            latents=latents,
+        )
 
         # 6. Denoising loop on the residual: eps = eps_theta(x_t, t, x_e), x_t -> x_{t-1}
         for i, t in enumerate(timesteps):
@@ -301,7 +311,13 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
             state = {"latents": latents, "img_lr_up": img_lr_up}
-            state = self.step_end_callback(callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, state)
+            state = self.step_end_callback(
+                callback_on_step_end,
+                step=i,
+                timestep=t,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                tensors=state,
+            )
             latents, img_lr_up = state["latents"], state["img_lr_up"]
             progress_bar.update()
 
@@ -363,17 +379,17 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         """
         return self.upscale_with_strength(
             image,
-            num_inference_steps,
-            strength,
-            eta,
-            color_fix,
-            lr_consistency,
-            tile_size,
-            tile_overlap,
-            generator,
-            latents,
-            output_type,
-            return_dict,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            eta=eta,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )

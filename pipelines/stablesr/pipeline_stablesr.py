@@ -157,6 +157,7 @@ stablesr_tile_weights = gaussian_tile_weights
 
 def stablesr_noise_pred(
     unet: UNet2DConditionModel,
+    *,
     time_aware_encoder: torch.nn.Module,
     sft: StableSRSFT,
     sample: torch.Tensor,
@@ -357,6 +358,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     def check_inputs(
         self,
         rgb: torch.Tensor,
+        *,
         prompt: Any,
         num_inference_steps: int,
         guidance_scale: float,
@@ -396,8 +398,22 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         if tile_overlap is not None and (not is_int(tile_overlap) or tile_overlap < 0):
             raise ValueError(f"tile_overlap must be an int >= 0 or None (the original's), got {tile_overlap!r}")
         tile, overlap = (None if tile_size == 0 else tile_size), (tile_overlap or 0)  # tile_size 0: never tile
-        self.check_sampling_inputs(rgb, tile, overlap, generator, None, callback_on_step_end_tensor_inputs)
-        self.check_sampling_inputs(rgb, None, overlap, generator, latents, None)
+        self.check_sampling_inputs(
+            rgb,
+            tile_size=tile,
+            tile_overlap=overlap,
+            generator=generator,
+            latents=None,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        self.check_sampling_inputs(
+            rgb,
+            tile_size=None,
+            tile_overlap=overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=None,
+        )
         self.check_vae_tiling(vae_tile_size or None, vae_tile_overlap)
 
     def check_vae_tiling(self, vae_tile_size: int | None, vae_tile_overlap: int) -> None:
@@ -487,6 +503,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     def decode_latents_tiled(
         self,
         latents: torch.Tensor,
+        *,
         upsampled_lr: torch.Tensor,
         fidelity_weight: float,
         tile_size: int,
@@ -560,7 +577,9 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         (its ``..._oldcanvas.py`` and ``..._oldcanvas_tile.py``: ``q_sample_respace(init_latent, 999)``, whatever the
         number of steps). ``eps`` is drawn from ``generator`` after ``z_lr``, as the original draws it."""
         if latents is not None or start_point == "noise":
-            return self.prepare_latents(lr_latents.shape, lr_latents.dtype, lr_latents.device, generator, latents)
+            return self.prepare_latents(
+                lr_latents.shape, dtype=lr_latents.dtype, device=lr_latents.device, generator=generator, latents=latents
+            )
         noise = randn_tensor(lr_latents.shape, generator=generator, device=lr_latents.device, dtype=lr_latents.dtype)
         last = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=lr_latents.device)
         return self.scheduler.add_noise(lr_latents, noise, last)
@@ -577,6 +596,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
     def predict_noise(
         self,
         latents: torch.Tensor,
+        *,
         t: torch.Tensor,
         lr_latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
@@ -586,13 +606,24 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         holds the negative embeddings first when guiding (the time-aware encoder runs once for both halves)."""
 
         def model(x: torch.Tensor, z_lr: torch.Tensor) -> torch.Tensor:
-            return stablesr_noise_pred(self.unet, self.time_aware_encoder, self.sft, x, t, z_lr, prompt_embeds)
+            return stablesr_noise_pred(
+                self.unet,
+                time_aware_encoder=self.time_aware_encoder,
+                sft=self.sft,
+                sample=x,
+                timestep=t,
+                lr_latents=z_lr,
+                encoder_hidden_states=prompt_embeds,
+            )
 
-        return self.guided_noise_pred(model, latents, t, lr_latents, guidance_scale, repeat_condition=False)
+        return self.guided_noise_pred(
+            model, latents=latents, t=t, condition=lr_latents, guidance_scale=guidance_scale, repeat_condition=False
+        )
 
     def predict_noise_tiled(
         self,
         latents: torch.Tensor,
+        *,
         t: torch.Tensor,
         lr_latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
@@ -603,16 +634,22 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         """Progressive patch aggregation: :meth:`predict_noise` on overlapping latent tiles, Gaussian-blended."""
 
         def predict(region):
-            return self.predict_noise(latents[region], t, lr_latents[region], prompt_embeds, guidance_scale)
+            return self.predict_noise(
+                latents[region],
+                t=t,
+                lr_latents=lr_latents[region],
+                prompt_embeds=prompt_embeds,
+                guidance_scale=guidance_scale,
+            )
 
         return self.blend_latent_tiles(predict, latents, tile, overlap)
 
     def restore_upsampled(
         self,
         upsampled: torch.Tensor,
+        *,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
-        *,
         prompt_embeds: torch.Tensor,
         num_inference_steps: int,
         guidance_scale: float,
@@ -654,8 +691,11 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         state = {"prompt_embeds": prompt_embeds, "lr_latents": lr_latents}  # a callback may replace them
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            args = (latents, t, state["lr_latents"], state["prompt_embeds"], guidance_scale)
-            return self.predict_noise(*args) if tiles is None else self.predict_noise_tiled(*args, *tiles)
+            kwargs = dict(t=t, lr_latents=state["lr_latents"], prompt_embeds=state["prompt_embeds"],
+                          guidance_scale=guidance_scale)  # fmt: skip
+            if tiles is None:
+                return self.predict_noise(latents, **kwargs)
+            return self.predict_noise_tiled(latents, **kwargs, tile=tiles[0], overlap=tiles[1])
 
         latents = self.denoise(
             latents,
@@ -671,7 +711,13 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         if vae_tile_size is None:
             hr = self.decode_latents(latents, cfw_features, fidelity_weight)
         else:
-            hr = self.decode_latents_tiled(latents, upsampled, fidelity_weight, vae_tile_size, vae_tile_overlap)
+            hr = self.decode_latents_tiled(
+                latents,
+                upsampled_lr=upsampled,
+                fidelity_weight=fidelity_weight,
+                tile_size=vae_tile_size,
+                overlap=vae_tile_overlap,
+            )
 
         # 8. Colour fix as the original: in [-1, 1], before clamping and cropping, against y (padded, clamped)
         return apply_color_fix(hr, upsampled.to(hr), color_fix)
@@ -699,7 +745,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         replay = RandomStateReplay(generator)
         for region in regions:
             replay.rewind()
-            patch = self.restore_upsampled(upsampled[region], generator, None, **restore)
+            patch = self.restore_upsampled(upsampled[region], generator=generator, latents=None, **restore)
             image.add(region, patch, weight)
         return image.result()
 
@@ -806,21 +852,21 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         fidelity_weight = 0.0 if fidelity_weight is None else fidelity_weight
         self.check_inputs(
             pre.rgb,
-            prompt,
-            num_inference_steps,
-            guidance_scale,
-            negative_prompt,
-            fidelity_weight,
-            color_fix,
-            lr_consistency,
-            tile_size,
-            tile_overlap,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
-            vae_tile_size,
-            vae_tile_overlap,
-            start_point,
+            prompt=prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            fidelity_weight=fidelity_weight,
+            color_fix=color_fix,
+            lr_consistency=lr_consistency,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            vae_tile_size=vae_tile_size,
+            vae_tile_overlap=vae_tile_overlap,
+            start_point=start_point,
         )
         if match_original is not True and match_original is not False:
             raise ValueError(f"match_original must be a bool, got {match_original!r}")
@@ -831,7 +877,9 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         do_cfg = guidance_scale > 1
 
         # 2. Prompts (user's, extracted tags) and their embeddings (negative first when guiding)
-        resolved = self.resolve_text_prompts(rgb, prompt, negative_prompt, None, None)
+        resolved = self.resolve_text_prompts(
+            rgb, prompt=prompt, negative_prompt=negative_prompt, added_prompt=None, default_negative_prompt=None
+        )
         prompt_embeds = self.embed_for_guidance(resolved.prompts, resolved.negative_prompts, device, do_cfg)
 
         # 3.–8. LR image: [0, 1] -> [-1, 1], pad (reflect), bicubic-upsample to the output size y; encode, sample,
@@ -864,6 +912,14 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
             restore["vae_tile_size"] = 0  # a patch is one VAE tile
             hr = self.restore_in_patches(upsampled, generator, patch, vae_tile_overlap, **restore)
         else:
-            hr = self.restore_upsampled(upsampled, generator, latents, **restore)
+            hr = self.restore_upsampled(upsampled, generator=generator, latents=latents, **restore)
         # 9. Crop back, [-1, 1] -> [0, 1], LR consistency, alpha, postprocess
-        return self.finish_output(hr, rgb, pre.alpha, "none", output_type, return_dict, lr_consistency)
+        return self.finish_output(
+            hr,
+            rgb=rgb,
+            alpha=pre.alpha,
+            color_fix="none",
+            output_type=output_type,
+            return_dict=return_dict,
+            lr_consistency=lr_consistency,
+        )

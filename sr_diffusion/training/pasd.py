@@ -113,7 +113,13 @@ class PASDAddOns(ModelMixin, ConfigMixin):
 
         with unet_lora_attached(self.unet_lora, unet):
             return pasd_noise_pred(
-                unet, self.controlnet, self.pixel_attentions, sample, timestep, encoder_hidden_states, cond_image
+                unet,
+                controlnet=self.controlnet,
+                pixel_attentions=self.pixel_attentions,
+                sample=sample,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                cond_image=cond_image,
             )
 
 

@@ -252,7 +252,9 @@ class ResShiftTask(TrainingTask):
         # 2. x_t ~ q(x_t | x_0, y_0); 3. the denoiser's output
         x_t = scheduler.add_noise(x0, noise, t, y0)
         lq = resshift_lq(_unwrap(model), lr, tuple(x0.shape[-2:]))
-        output = resshift_model_output(model, scheduler.scale_model_input(x_t, t), t, y0, lq).float()
+        output = resshift_model_output(
+            model, scaled_sample=scheduler.scale_model_input(x_t, t), timestep=t, lr_latents=y0, lq=lq
+        ).float()
 
         # 4. regression on the target
         target = scheduler.get_training_target(x0, noise, t, y0)

@@ -247,7 +247,9 @@ class SR3Task(TrainingTask):
         y_t = g * y0 + (1.0 - g**2).clamp(min=0).sqrt() * noise
 
         # 4. regress the noise
-        eps = sr3_model_output(model, y_t, x, gamma, self.sr3.noise_level_scale).float()
+        eps = sr3_model_output(
+            model, sample=y_t, upsampled_lr=x, noise_level=gamma, noise_level_scale=self.sr3.noise_level_scale
+        ).float()
         return self.loss_fn(eps, noise)
 
     def _num_inference_steps(self) -> int:

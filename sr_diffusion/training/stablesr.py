@@ -74,7 +74,13 @@ class StableSRAddOns(ModelMixin, ConfigMixin):
 
         with unet_lora_attached(self.unet_lora, unet):
             return stablesr_noise_pred(
-                unet, self.time_aware_encoder, self.sft, sample, timestep, lr_latents, encoder_hidden_states
+                unet,
+                time_aware_encoder=self.time_aware_encoder,
+                sft=self.sft,
+                sample=sample,
+                timestep=timestep,
+                lr_latents=lr_latents,
+                encoder_hidden_states=encoder_hidden_states,
             )
 
 

@@ -309,7 +309,7 @@ class StableSRCFWTask(TrainingTask):
         noise = torch.randn(lr_latents.shape, generator=generator, device=device, dtype=lr_latents.dtype)
         latents = scheduler.add_noise(lr_latents, noise, last)
         for t in pipe.set_timesteps(self.section.num_inference_steps, device):
-            noise_pred = pipe.predict_noise(latents, t, lr_latents, text, 1.0)
+            noise_pred = pipe.predict_noise(latents, t=t, lr_latents=lr_latents, prompt_embeds=text, guidance_scale=1.0)
             latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
         return pipe.unscale_latents(latents)
 
