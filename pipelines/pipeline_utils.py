@@ -2,7 +2,8 @@
 callback and the assembly of the output (colour fix, LR consistency, alpha).
 
 A pipeline using :class:`SRSamplingMixin` samples an HR image in [-1, 1] for an LR image padded to
-``lr_multiple``; it provides ``upscale``, ``lr_multiple``, ``latent_shape(n, h, w)``,
+``lr_multiple`` (the geometry section: ``upscale``, ``vae_scale_factor``, ``latent_channels``,
+``unet_input_multiple``, ``lr_multiple``, ``latent_shape(n, h, w)``; a pipeline overrides what differs); it provides
 ``image_processor`` and ``_callback_tensor_inputs``, and names its starting tensor in
 ``_latents_name`` for error messages ("x_T", "z_T", ...). Pipelines driven by a diffusers noise
 scheduler (DDPM, DDIM, ...) also use :meth:`~SRSamplingMixin.check_noise_scheduler`,
@@ -13,6 +14,7 @@ scheduler (DDPM, DDIM, ...) also use :meth:`~SRSamplingMixin.check_noise_schedul
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,9 +36,51 @@ __all__ = ["NoiseSchedulerSRMixin", "SRSamplingMixin", "quantize_8bit"]
 
 
 class SRSamplingMixin:
-    """Input checks, the sampling frame and output assembly shared by the diffusion SR pipelines."""
+    """Geometry, input checks, the sampling frame and output assembly shared by the diffusion SR pipelines."""
 
     _latents_name = "latents"
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Geometry: an LR image h x w (padded to lr_multiple) -> a chain on (N, C, s·h / f, s·w / f) -> HR s·h x s·w
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def upscale(self) -> int:
+        """The SR factor ``s`` (the pipeline's ``upscale`` config entry)."""
+        return int(self.config.upscale)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``f``: the autoencoder's downsampling factor (1: the chain runs in pixel space)."""
+        return 1
+
+    @property
+    def latent_channels(self) -> int:
+        """``C``: channels of the chain (3 in pixel space)."""
+        return 3
+
+    @property
+    def unet_input_multiple(self) -> int:
+        """The denoiser needs the chain's H and W to be multiples of this: its own ``input_multiple``, else (diffusers
+        UNets) ``2^(levels - 1)``, else 1."""
+        multiple = getattr(self.unet, "input_multiple", None)
+        if multiple is None:
+            levels = getattr(getattr(self.unet, "config", None), "block_out_channels", None)
+            return 2 ** (len(levels) - 1) if levels else 1
+        return int(multiple)
+
+    @property
+    def lr_multiple(self) -> int:
+        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · unet_input_multiple``."""
+        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
+        return hr_multiple // math.gcd(hr_multiple, self.upscale)
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of the chain's start (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before
+        padding to :attr:`lr_multiple`): ``(N, C, s·h / f, s·w / f)``."""
+        m, s, f = self.lr_multiple, self.upscale, self.vae_scale_factor
+        height, width = height + (-height) % m, width + (-width) % m
+        return (batch_size, self.latent_channels, height * s // f, width * s // f)
 
     # ------------------------------------------------------------------------------------------------------------------
     # State of a call (diffusers' properties)

@@ -280,10 +280,8 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
     # Geometry
     # ------------------------------------------------------------------------------------------------------------------
 
-    @property
-    def upscale(self) -> int:
-        """The SR factor ``s``."""
-        return int(self.config.upscale)
+    # (upscale, unet_input_multiple, lr_multiple and latent_shape: SRSamplingMixin's; the UNet and the add-ons that
+    # follow its levels need latent H and W to be multiples of 2^(levels - 1))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -291,22 +289,9 @@ class StableDiffusionSRMixin(StableDiffusionLoraLoaderMixin):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def unet_input_multiple(self) -> int:
-        """The UNet (and the add-ons that follow its levels) need latent H and W to be multiples of this."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · unet_input_multiple``."""
-        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
-        return hr_multiple // math.gcd(hr_multiple, self.upscale)
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of the start latent (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before
-        padding)."""
-        m, s, f = self.lr_multiple, self.upscale, self.vae_scale_factor
-        height, width = height + (-height) % m, width + (-width) % m
-        return (batch_size, int(self.vae.config.latent_channels), height * s // f, width * s // f)
+    def latent_channels(self) -> int:
+        """``C``: the VAE's latent channels (4 for SD)."""
+        return int(self.vae.config.latent_channels)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel, VQModel
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, VQModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -84,17 +84,8 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         """``C``: channels of the latent chain."""
         return int(self.vqvae.config.latent_channels)
 
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image (the latent's size) is padded to a multiple of this: the UNet's total downsampling."""
-        if isinstance(self.unet, UNet2DModel):
-            return 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return int(getattr(self.unet, "input_multiple", 1))
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of ``z_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (before padding)."""
-        m = self.lr_multiple
-        return (batch_size, self.latent_channels, height + (-height) % m, width + (-width) % m)
+    # (unet_input_multiple, lr_multiple and latent_shape: SRSamplingMixin's; with s = f the LR image is padded to the
+    # UNet's total downsampling and z_T has its padded size)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks

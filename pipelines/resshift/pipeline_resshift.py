@@ -38,7 +38,6 @@ consistency, and its tiling for an explicit ``tile_size``. The reference runs un
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -232,11 +231,6 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------------
 
     @property
-    def upscale(self) -> int:
-        """The SR factor ``s``."""
-        return int(self.config.upscale)
-
-    @property
     def vae_scale_factor(self) -> int:
         """``f``: the autoencoder's downsampling factor (1 in pixel space)."""
         if self.vae is None:
@@ -248,25 +242,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         """``C``: channels of the chain (3 in pixel space)."""
         return 3 if self.vae is None else int(self.vae.config.latent_channels)
 
-    @property
-    def unet_input_multiple(self) -> int:
-        """The UNet needs ``x_t``'s H and W to be multiples of this."""
-        if isinstance(self.unet, UNet2DModel):
-            return 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return int(getattr(self.unet, "input_multiple", 1))
-
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of ``f · input_multiple``."""
-        hr_multiple = self.vae_scale_factor * self.unet_input_multiple
-        return hr_multiple // math.gcd(hr_multiple, self.upscale)
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of ``x_T`` (the ``latents`` argument) for an LR image of ``height`` × ``width`` (after padding)."""
-        m = self.lr_multiple
-        height, width = height + (-height) % m, width + (-width) % m
-        f, s = self.vae_scale_factor, self.upscale
-        return (batch_size, self.latent_channels, height * s // f, width * s // f)
+    # (upscale, unet_input_multiple, lr_multiple and latent_shape: SRSamplingMixin's)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Autoencoder

@@ -40,12 +40,11 @@ downsampling, and the output is cropped back, never resized: exactly ``upscale``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -178,32 +177,11 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------------
 
     @property
-    def upscale(self) -> int:
-        """The SR factor ``s``."""
-        return int(self.config.upscale)
-
-    @property
     def noise_level_scale(self) -> float:
         """``c``: the UNet sees ``c · sqrt(alpha_bar)`` as its timestep."""
         return float(self.config.noise_level_scale)
 
-    @property
-    def unet_input_multiple(self) -> int:
-        """The UNet needs ``y_t``'s H and W to be multiples of this."""
-        if isinstance(self.unet, UNet2DModel):
-            return 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return int(getattr(self.unet, "input_multiple", 1))
-
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of the UNet's input multiple."""
-        m = self.unet_input_multiple
-        return m // math.gcd(m, self.upscale)
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of the ``latents`` argument for an LR image of ``height`` × ``width`` (before padding)."""
-        m, s = self.lr_multiple, self.upscale
-        return (batch_size, 3, (height + (-height) % m) * s, (width + (-width) % m) * s)
+    # (upscale, unet_input_multiple, lr_multiple and latent_shape: SRSamplingMixin's, in pixel space)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks

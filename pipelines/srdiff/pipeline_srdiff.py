@@ -31,7 +31,6 @@ downsampling, and the output is cropped back, never resized: exactly ``s`` × th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -202,16 +201,7 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         """The SR factor ``s`` (the UNet's ``sr_scale``)."""
         return int(self.unet.config.sr_scale)
 
-    @property
-    def lr_multiple(self) -> int:
-        """The LR image is padded to a multiple of this: ``s·h`` must be a multiple of the UNet's input multiple."""
-        m = self.unet.input_multiple
-        return m // math.gcd(m, self.upscale)
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Shape of ``latents`` (``x_T``) for an LR image of ``height`` × ``width`` (before padding)."""
-        m, s = self.lr_multiple, self.upscale
-        return (batch_size, 3, (height + (-height) % m) * s, (width + (-width) % m) * s)
+    # (lr_multiple and latent_shape: SRSamplingMixin's, in pixel space)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checks
