@@ -37,6 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sr_diffusion.image_processor import ImageInput, SRImageProcessor, pad_to_multiple
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import SRSamplingMixin
 
 __all__ = ["LDMSRPipeline"]
@@ -216,6 +217,7 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         return self.decode_latents(latents)
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -235,29 +237,24 @@ class LDMSRPipeline(SRSamplingMixin, DiffusionPipeline):
         r"""Upscale ``image`` by :attr:`upscale` (the VQ model's factor ``f``, 4 for the released model).
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` (100 as diffusers).
-            eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
-            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
-                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
-                image when tiling; the alpha channel is unaffected.
+            eta: {eta}
+            color_fix: {color_fix}
+            lr_consistency: {lr_consistency}
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels (in the output). Each tile runs
                 its own chain with noise drawn, in order, from ``generator``.
-            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
-                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            tile_overlap: {tile_overlap}
+            generator: {generator}
             latents: ``z_T`` before scaling by ``init_noise_sigma``, of shape :meth:`latent_shape`; not with
                 ``tile_size``.
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step (of every tile) as
                 ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
                 (``"latents"``: ``z_{t-1}``, ``"lr_image"``: the LR condition in [-1, 1]) replace the pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.

@@ -85,6 +85,7 @@ from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
 from sr_diffusion.prompts.base import PromptExtractor
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin
 
@@ -565,6 +566,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         return self.blend_latent_tiles(predict, latents, tile, overlap)
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -594,8 +596,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             prompt: text for the SD prior, one for all images or one per image. ``None`` (default) or ``"auto"``: the
                 prompt extractor's tags when the pipeline has one, else none. The user's words come first, then the
                 extracted tags, then ``added_prompt`` (:func:`~sr_diffusion.prompts.resolve_prompts`); a user prompt
@@ -626,13 +627,8 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 ``""``: nothing).
             negative_prompt: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one
                 (``""`` included) is used verbatim. Default the original's :data:`PASD_NEGATIVE_PROMPT`.
-            color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"wavelet"``
-                (the original's).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
-                ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
-                to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
-                when tiling; the alpha channel is unaffected. Default False.
+            color_fix: {color_fix} Default ``"wavelet"`` (the original's).
+            lr_consistency: {lr_consistency} Default False.
             process_size: the original's rule for small inputs (:func:`pasd_process_steps`): the ``×upscale`` image
                 (PIL bicubic) whose short side is under ``process_size`` is resized up to it (bilinear), every size is
                 squeezed to a multiple of the VAE factor by resizing, and the output is resized back (PIL bicubic).
@@ -643,11 +639,7 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 latent has more than 320² pixels; ``0``: never; an int (a multiple of :attr:`lr_multiple`): tiles of
                 ``tile_size`` LR pixels (``tile_size · upscale / 8`` latent pixels on SD).
             tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 8 latent pixels.
-            vae_tile_size: the VAE's own tiling (:func:`~sr_diffusion.models.tiled_vae.tiled_vae`: the original's
-                ``_init_tiled_vae``, GroupNorm statistics shared across tiles). ``None`` (default): automatic as the
-                original, encoder tiles of 1024 image pixels for an image above 1088 pixels a side, decoder tiles of
-                224 latent pixels for a latent above 246 a side; ``0``: never; an int: tiles of ``vae_tile_size``
-                image pixels for both; a pair: ``(encoder tile in image pixels, decoder tile in latent pixels)``.
+            vae_tile_size: {vae_tile_size}
             match_original: reproduce ``test_pasd.py`` (yangxy/PASD) where our defaults differ: ``process_size``
                 768 unless given; the prompt built as the script does (:func:`pasd_original_prompt`: the caption,
                 then the user's words, then ``added_prompt`` with no separator) instead of the user's words first with
@@ -655,17 +647,16 @@ class PASDPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 to 8 bits (``ToPILImage``) after it, as the script's PIL round trips. What is the original's by
                 default: PIL-bicubic upsampling of the 8-bit LR image, clamping the decode before the colour fix,
                 automatic tiling, the draws from ``generator`` (posterior sample, then the two noises). Default False.
-            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
-                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            generator: {generator}
             latents: the start ``z_T`` (replaces the noised LR latent or the noise: ``start_point`` and
                 ``added_noise_level`` then have no effect), of shape :meth:`latent_shape` (before scaling by
                 ``init_noise_sigma``).
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
                 callback_kwargs)``; the tensors it returns in its dict (``"latents"``: ``z_{t-1}``,
                 ``"prompt_embeds"``) replace the pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.

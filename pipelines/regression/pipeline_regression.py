@@ -18,6 +18,7 @@ from sr_diffusion.image_processor import ImageInput, SRImageProcessor, crop_to_s
 from sr_diffusion.resize import resize
 from sr_diffusion.tiling import tile_grid, tiled_apply
 
+from ..call_docs import shared_call_docs
 from ..pipeline_output import SRPipelineOutput
 
 __all__ = ["RegressionSRPipeline", "MAX_UNTILED_SIDE", "MIN_CONTEXT"]
@@ -143,6 +144,7 @@ class RegressionSRPipeline(DiffusionPipeline):
         return out[..., top * scale : (top + full_h) * scale, left * scale : (left + full_w) * scale]
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -165,11 +167,12 @@ class RegressionSRPipeline(DiffusionPipeline):
                 resize the model output with MATLAB bicubic (antialiased when shrinking).
             tile_size: process the (padded) input in tiles of this side, blended over
                 ``tile_overlap`` pixels; required for sides over ``MAX_UNTILED_SIDE``.
+            tile_overlap: {tile_overlap}
             tile_batch_size: tiles per forward pass.
             tile_blend: ``"linear"`` or ``"gaussian"`` blending weights.
             self_ensemble: average over the 8 flips/rotations (8× slower, usually +0.1–0.2 dB).
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are round(H·outscale) × round(W·outscale).

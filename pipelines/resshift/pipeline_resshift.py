@@ -53,6 +53,7 @@ from sr_diffusion.schedulers import ResShiftScheduler, resshift_spaced_timesteps
 from sr_diffusion.tiling import TileAccumulator
 from sr_diffusion.utils import is_int
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import SRSamplingMixin
 
 __all__ = [
@@ -434,6 +435,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         return hr_tiles.result()
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -454,8 +456,7 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             num_inference_steps: ``S``, ``1 <= S <= T``; default (None) the pipeline's configured default
                 (``config.num_inference_steps``), else the scheduler's ``T`` trained steps, as the reference (with
                 ``match_original=True`` always ``T``). Fewer steps keep a subset of the trained timesteps
@@ -463,13 +464,9 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                 ``match_original=True`` the reference's ``space_timesteps``, ``"leading"``).
             timesteps: the chain itself instead of ``num_inference_steps``: a strictly decreasing subset of the trained
                 timesteps, e.g. ``[3, 1]`` of 4 (``num_inference_steps=3`` of 4 is ``[3, 2, 0]``).
-            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
-                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
-                image when tiling; the alpha channel is unaffected. None: the pipeline's configured default
-                (``config.lr_consistency``); False with ``match_original=True``.
+            color_fix: {color_fix}
+            lr_consistency: {lr_consistency} None: the pipeline's configured default (``config.lr_consistency``); False
+                with ``match_original=True``.
             tile_size: None (default): automatic, as the reference: an LR image with a side above
                 :func:`original_chop` (512 pixels at ×4, unless ``latents`` is given) is sampled in 512-pixel tiles at a
                 stride of 448 (:func:`original_chop_starts`), each padded on its own and clamped, averaged uniformly
@@ -479,16 +476,15 @@ class ResShiftPipeline(SRSamplingMixin, DiffusionPipeline):
                 (tile_size - tile_overlap)`` instead. Each tile runs its own chain with noise drawn, in order (rows,
                 then columns), from ``generator``.
             tile_overlap: see ``tile_size``.
-            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
-                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            generator: {generator}
             latents: ``x_T`` to start from, of shape :meth:`latent_shape` (e.g. ``y_0`` plus your own noise); not with
                 ``tile_size``.
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step (of every tile) as
                 ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
                 (``"latents"``: ``x_{t-1}``, ``"lr_latents"``: ``y_0``) replace the pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
             match_original: make the reference script's choices where the defaults differ (see the module docstring):
                 all ``T`` steps unless told, its ``"leading"`` respacing for fewer, no LR consistency unless told, and
                 its tiling for an explicit ``tile_size``. Keep ``color_fix="none"``; for its fp16 run, call under

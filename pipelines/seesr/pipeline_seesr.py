@@ -78,6 +78,7 @@ from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.seesr import SEESR_IMAGE_ATTENTIONS, null_image_prompt, seesr_noise_pred
 from sr_diffusion.prompts import SEESR_ADDED_PROMPT, SEESR_NEGATIVE_PROMPT, PromptExtractor
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin
 
@@ -558,6 +559,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         return self.blend_latent_tiles(predict, latents, tile, overlap)
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -588,8 +590,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             prompt: the user's prompt, one for all images or one per image; with a prompt extractor its tags follow
                 it (``None`` / ``"auto"``: the tags alone). ``"auto"`` without an extractor is an error. The user's
                 words are never truncated (a prompt over the tokenizer's limit is an error).
@@ -615,13 +616,8 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
             negative_prompt: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one
                 (``""`` included) is used verbatim. Default SeeSR's ``"dotted, noise, blur, lowres, smooth"``.
             eta: DDIM's η for a DDIM scheduler (ignored by others).
-            color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"adain"`` (the
-                original's ``align_method``).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
-                ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
-                to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
-                when tiling; the alpha channel is unaffected. Default False.
+            color_fix: {color_fix} Default ``"adain"`` (the original's ``align_method``).
+            lr_consistency: {lr_consistency} Default False.
             process_size: the original's rule for small inputs (:func:`seesr_process_steps`): an LR image with a side
                 under ``process_size // upscale`` is resized up (PIL bicubic) so that its short side is that, every
                 size is squeezed to a multiple of the VAE factor by resizing, and the output is resized back (PIL
@@ -634,11 +630,7 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 ``tile_size`` LR pixels (``tile_size · upscale / 8`` latent pixels on SD; 192 is the original's 96 at
                 ×4).
             tile_overlap: the tiles' overlap in LR pixels; ``None`` (default): the original's 4 latent pixels.
-            vae_tile_size: the VAE's own tiling (:func:`~sr_diffusion.models.tiled_vae.tiled_vae`: the original's
-                ``_init_tiled_vae``, GroupNorm statistics shared across tiles). ``None`` (default): automatic as the
-                original, encoder tiles of 1024 image pixels for an image above 1088 pixels a side, decoder tiles of
-                224 latent pixels for a latent above 246 a side; ``0``: never; an int: tiles of ``vae_tile_size``
-                image pixels for both; a pair: ``(encoder tile in image pixels, decoder tile in latent pixels)``.
+            vae_tile_size: {vae_tile_size}
             match_original: reproduce ``test_seesr.py`` (cswry/SeeSR) where our defaults differ: ``process_size``
                 512 unless given; the prompt built as the script does (:func:`seesr_original_prompt`:
                 ``f"{tags}, {prompt},"`` then ``added_prompt``) instead of the user's words first with deduplicated
@@ -652,12 +644,12 @@ class SeeSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipeline):
                 alone with ``generator[i]``). It draws the start's noise, then (unless ``match_original``) the LR
                 latent's posterior sample.
             latents: the noise ``eps`` of shape :meth:`latent_shape` (``z_T`` itself for ``start_point="noise"``).
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
                 callback_kwargs)``; the tensors it returns (``"latents"``, ``"prompt_embeds"``,
                 ``"image_prompt_embeds"``) replace the pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.

@@ -52,6 +52,7 @@ from sr_diffusion.image_processor import ImageInput, SRImageProcessor
 from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.utils import is_int, is_number
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import NoiseSchedulerSRMixin
 
 __all__ = ["SR3_UPSAMPLE_MODES", "SR3Pipeline", "sr3_model_output", "sr3_noise_level", "sr3_upsample"]
@@ -287,6 +288,7 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         return latents.clamp(-1.0, 1.0)
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -308,36 +310,31 @@ class SR3Pipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` ``T``. None (default): 100 (or
                 ``T`` if fewer); with ``match_original=True`` all ``T`` (the paper and the re-implementation sample all
                 of their trained steps with DDPM: 2000 for the released models; DDIM and the like need fewer). A
                 number is always used as given.
             strength: in (0, 1]: run the last ``int(S · strength)`` of the ``S`` steps, starting from the upsampled LR
                 image noised to the first of them (img2img); 1 starts from pure noise, as the paper.
-            eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
-            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
-                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
-                image when tiling; the alpha channel is unaffected.
+            eta: {eta}
+            color_fix: {color_fix}
+            lr_consistency: {lr_consistency}
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own chain
                 with noise drawn, in order, from ``generator``.
-            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
-                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            tile_overlap: {tile_overlap}
+            generator: {generator}
             latents: the starting noise, of shape :meth:`latent_shape`: ``y_T`` before scaling by
                 ``init_noise_sigma`` (``strength = 1``), else the noise added to the upsampled LR image; not with
                 ``tile_size``.
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step (of every tile) as
                 ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
                 (``"latents"``: ``y_{t-1}``, ``"upsampled_lr"``: the condition ``x`` in [-1, 1]) replace the
                 pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
             match_original: reproduce the re-implementation's ``infer.py``: ``num_inference_steps=None`` runs all of the
                 scheduler's trained steps (its only deviating default; the condition is PIL's bicubic on the 8-bit LR
                 image either way). Give the converted DDPM scheduler and leave the output options at their defaults.

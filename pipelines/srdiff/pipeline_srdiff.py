@@ -46,6 +46,7 @@ from sr_diffusion.models.srdiff_unet import SRDiffUNet
 from sr_diffusion.resize import imresize
 from sr_diffusion.utils import is_number
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import NoiseSchedulerSRMixin
 
 __all__ = [
@@ -315,6 +316,7 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         return srdiff_res2img(latents, img_lr_up, c.res_rescale, c.clip_input).clamp(-1.0, 1.0)
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -335,34 +337,29 @@ class SRDiffPipeline(NoiseSchedulerSRMixin, DiffusionPipeline):
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             num_inference_steps: ``1 <= S <=`` the scheduler's ``num_train_timesteps`` (100 by default: the paper
                 samples with all ``T = 100`` steps using DDPM; DDIM and the like need fewer).
             strength: in (0, 1]: run the last ``int(S · strength)`` of the ``S`` steps, starting from ``up(x_L)``
                 (the zero residual) noised to the first of them (img2img); 1 starts from pure noise, as the paper.
-            eta: DDIM's η (0: deterministic DDIM; 1: DDPM-like), passed to schedulers whose ``step`` takes it.
-            color_fix: ``"none"``, ``"adain"`` or ``"wavelet"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`).
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling
-                by ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change,
-                clamped to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole
-                image when tiling; the alpha channel is unaffected.
+            eta: {eta}
+            color_fix: {color_fix}
+            lr_consistency: {lr_consistency}
             tile_size: sample the (padded) LR image in tiles of this side (LR pixels, a multiple of
                 :attr:`lr_multiple`), blended linearly over ``tile_overlap`` LR pixels. Each tile runs its own encoder
                 pass and chain, with noise drawn, in order, from ``generator``.
-            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
-                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            tile_overlap: {tile_overlap}
+            generator: {generator}
             latents: the starting noise, of shape :meth:`latent_shape`: ``x_T`` before scaling by
                 ``init_noise_sigma`` (``strength = 1``), else the noise added to the zero residual; not with
                 ``tile_size``.
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step (of every tile) as
                 ``callback_on_step_end(self, step, timestep, callback_kwargs)``; the tensors it returns in its dict
                 (``"latents"``: the residual ``x_{t-1}``, ``"img_lr_up"``: ``up(x_L)`` in [-1, 1]) replace the
                 pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.

@@ -81,6 +81,7 @@ from sr_diffusion.resize import resize
 from sr_diffusion.tiling import TileAccumulator, tile_regions
 from sr_diffusion.utils import is_int, is_number
 
+from ..call_docs import shared_call_docs
 from ..pipeline_utils import SRSamplingMixin
 from ..sd_base import StableDiffusionSRMixin, gaussian_tile_weights
 
@@ -750,6 +751,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         return image.result()
 
     @torch.no_grad()
+    @shared_call_docs
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -777,8 +779,7 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
         r"""Upscale ``image`` by ``upscale``.
 
         Args:
-            image: PIL image, path, numpy array, (C,H,W)/(N,C,H,W) tensor in [0,1], or a list of them (equal sizes).
-                An alpha channel is carried through, upscaled separately with bicubic interpolation.
+            image: {image}
             prompt: text for the SD prior, one for all images or one per image. ``None`` (default) or ``"auto"``: the
                 prompt extractor's tags when the pipeline has one, else none (``""``, as the original). The user's
                 words come first, then the extracted tags (:func:`~sr_diffusion.prompts.resolve_prompts`); a user
@@ -797,14 +798,10 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 given explicitly always wins. ``None`` (default): each control's default.
             negative_prompt: the unconditional text when ``guidance_scale > 1`` (ignored otherwise); a given one
                 (``""`` included) is used verbatim. Default ``""``.
-            color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``: correct the output's colours towards the LR image
-                (:func:`sr_diffusion.color_fix.color_fix`); changes colours only, not detail. Default ``"adain"`` (the
-                paper's). As the original, the reference is the upsampled LR image ``y`` (padded, clamped to [-1, 1])
-                and the fix is applied to the decoded image before it is clamped and cropped.
-            lr_consistency: replace the output by its projection onto the images whose MATLAB-bicubic downsampling by
-                ``upscale`` is the input (:func:`sr_diffusion.fidelity.project_to_lr`: the minimum-norm change, clamped
-                to [0, 1]), so that the output explains its input exactly; after the colour fix, on the whole image
-                when tiling; the alpha channel is unaffected. Default False.
+            color_fix: {color_fix} Default ``"adain"`` (the paper's). As the original, the reference is the upsampled LR
+                image ``y`` (padded, clamped to [-1, 1]) and the fix is applied to the decoded image before it is
+                clamped and cropped.
+            lr_consistency: {lr_consistency} Default False.
             start_point: where the chain starts: ``"lr"`` (default, the original's scripts for images of any size,
                 ``..._oldcanvas(_tile).py``): the LR latent noised to the last trained step, ``q(z_lr, T - 1)``;
                 ``"noise"``: pure noise (the paper, ``..._old.py``). Ignored when ``latents`` is given.
@@ -827,16 +824,15 @@ class StableSRPipeline(StableDiffusionSRMixin, SRSamplingMixin, DiffusionPipelin
                 (stride 1000) from the same random state and blend the patches with Gaussian weights
                 (:meth:`restore_in_patches`), instead of tiling only the VAE; ``latents`` cannot be given then. Below
                 that size every default already is the original's. Default False.
-            generator: a ``torch.Generator``, or a list with one per image: with a list, image ``i`` is sampled
-                with ``generator[i]`` alone, so a batch gives the images it would give one at a time.
+            generator: {generator}
             latents: ``z_T`` to start from, of shape :meth:`latent_shape` (before scaling by ``init_noise_sigma``); one
                 for the whole latent, tiled or not (as the original: each step is then tiled).
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return an ``SRPipelineOutput`` rather than a tuple.
+            output_type: {output_type}
+            return_dict: {return_dict}
             callback_on_step_end: called after every step as ``callback_on_step_end(self, step, timestep,
                 callback_kwargs)``; the tensors it returns in its dict (``"latents"``: ``z_{t-1}``, ``"prompt_embeds"``,
                 ``"lr_latents"``: ``z_lr``) replace the pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds (default ``["latents"]``).
+            callback_on_step_end_tensor_inputs: {callback_on_step_end_tensor_inputs}
 
         Returns:
             ``SRPipelineOutput(images)`` or ``(images,)``; images are exactly ``upscale`` × the input size.
