@@ -86,6 +86,7 @@ same way in all three (:meth:`~StableDiffusionSRMixin.resolve_text_prompts`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -106,7 +107,7 @@ from sr_diffusion.resize import pil_resize, resize
 from sr_diffusion.tiling import ORIGINALS_GAUSSIAN, TileAccumulator, tile_regions, tile_weights
 from sr_diffusion.utils import is_int, is_number
 
-__all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "gaussian_tile_weights"]
+__all__ = ["SD_BASE_PARTS", "START_POINTS", "StableDiffusionSRMixin", "call_default", "gaussian_tile_weights"]
 
 #: the subfolders of a Stable Diffusion diffusers folder every SD-based SR pipeline reads
 SD_BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
@@ -114,6 +115,18 @@ SD_BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet")
 START_POINTS = ("lr", "noise")
 #: optional components that run on their own (images in, prompts or an estimate out) and keep their own dtype
 _OWN_DTYPE_COMPONENTS = ("prompt_extractor", "degradation_estimator")
+
+
+def call_default(pipeline: type, keyword: str) -> Any:
+    """The value ``pipeline(...)`` uses for ``keyword`` when the caller leaves it out: its ``__call__`` default, or for
+    a fidelity control whose default is ``None``, the method's value from ``pipeline.FIDELITY_DEFAULTS`` (the table
+    above). The training configs take their validation defaults from here, so they cannot drift from the pipelines'."""
+    default = inspect.signature(pipeline.__call__).parameters[keyword].default
+    if default is inspect.Parameter.empty:
+        raise ValueError(f"{pipeline.__name__}.__call__ has no default for {keyword!r}")
+    if default is None:
+        return getattr(pipeline, "FIDELITY_DEFAULTS", {}).get(keyword)
+    return default
 
 
 def gaussian_tile_weights(height: int, width: int, device=None) -> torch.Tensor:

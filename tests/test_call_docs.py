@@ -82,3 +82,37 @@ def test_shared_call_docs_fills_placeholders_and_refuses_unknown_ones():
 
     with pytest.raises(KeyError, match="no shared argument paragraph 'nothing'"):
         shared_call_docs(bad)
+
+
+def test_training_validation_defaults_are_the_pipelines_call_defaults():
+    """The SD training sections take their validation settings from the pipelines (one place for each default)."""
+    from sr_diffusion.pipelines.sd_base import call_default
+    from sr_diffusion.training.pasd import PASDConfig
+    from sr_diffusion.training.seesr import SeeSRConfig
+    from sr_diffusion.training.stablesr import StableSRConfig
+
+    assert call_default(PASDPipeline, "added_noise_level") == 900  # None in the signature: FIDELITY_DEFAULTS
+    assert call_default(StableSRPipeline, "fidelity_weight") == 0.5
+    with pytest.raises(ValueError, match="no default for 'image'"):
+        call_default(PASDPipeline, "image")
+    for section, pipeline in (
+        (PASDConfig(), PASDPipeline),
+        (SeeSRConfig(), SeeSRPipeline),
+        (StableSRConfig(), StableSRPipeline),
+    ):
+        for keyword in (
+            "num_inference_steps",
+            "guidance_scale",
+            "added_noise_level",
+            "start_point",
+            "color_fix",
+            "fidelity_weight",
+        ):
+            if hasattr(section, keyword):
+                default = call_default(pipeline, keyword)
+                assert getattr(section, keyword) == default, (type(section).__name__, keyword)
+    assert (PASDConfig().guidance_scale, SeeSRConfig().num_inference_steps, StableSRConfig().num_inference_steps) == (
+        9.0,
+        50,
+        200,
+    )  # the originals' (fmt: skip)

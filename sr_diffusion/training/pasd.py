@@ -43,6 +43,8 @@ from diffusers.configuration_utils import register_to_config
 
 from sr_diffusion.models.block_attention import BlockAttentions
 from sr_diffusion.models.pasd_controlnet import PASDControlNetModel
+from sr_diffusion.pipelines.pasd.pipeline_pasd import PASDPipeline
+from sr_diffusion.pipelines.sd_base import call_default
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
 from .sd_addons import (
@@ -148,11 +150,11 @@ class PASDConfig(SDAddOnSection):
     for validation (defaults: the original's inference settings; pure noise is ``start_point: noise``)."""
 
     rgb_loss_weight: float = 1.0
-    num_inference_steps: int = 20
-    guidance_scale: float = 9.0
-    added_noise_level: int = 900
-    start_point: Literal["lr", "noise"] = "lr"
-    color_fix: Literal["none", "adain", "wavelet"] = "wavelet"
+    num_inference_steps: int = call_default(PASDPipeline, "num_inference_steps")
+    guidance_scale: float = call_default(PASDPipeline, "guidance_scale")
+    added_noise_level: int = call_default(PASDPipeline, "added_noise_level")
+    start_point: Literal["lr", "noise"] = call_default(PASDPipeline, "start_point")
+    color_fix: Literal["none", "adain", "wavelet"] = call_default(PASDPipeline, "color_fix")
 
 
 @dataclass

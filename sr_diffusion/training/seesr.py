@@ -51,6 +51,8 @@ from sr_diffusion.models.seesr import (
     seesr_image_attentions,
     seesr_noise_pred,
 )
+from sr_diffusion.pipelines.sd_base import call_default
+from sr_diffusion.pipelines.seesr.pipeline_seesr import SeeSRPipeline
 
 from . import rng
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
@@ -167,10 +169,10 @@ class SeeSRConfig(SDAddOnSection):
 
     dape: str | None = None
     null_text_ratio: float = 0.5
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.5
-    start_point: Literal["lr", "noise"] = "lr"
-    color_fix: Literal["none", "adain", "wavelet"] = "adain"
+    num_inference_steps: int = call_default(SeeSRPipeline, "num_inference_steps")
+    guidance_scale: float = call_default(SeeSRPipeline, "guidance_scale")
+    start_point: Literal["lr", "noise"] = call_default(SeeSRPipeline, "start_point")
+    color_fix: Literal["none", "adain", "wavelet"] = call_default(SeeSRPipeline, "color_fix")
 
 
 @dataclass

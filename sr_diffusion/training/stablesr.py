@@ -39,6 +39,8 @@ from diffusers.configuration_utils import register_to_config
 
 from sr_diffusion.models.stablesr_encoder import StableSRTimeAwareEncoder
 from sr_diffusion.models.stablesr_sft import StableSRSFT
+from sr_diffusion.pipelines.sd_base import call_default
+from sr_diffusion.pipelines.stablesr.pipeline_stablesr import StableSRPipeline
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, check_model_kwargs
 from .sd_addons import SDAddOnSection, SDAddOnTask, check_sd_base_folder, make_unet_lora, unet_lora_attached
@@ -101,9 +103,9 @@ class StableSRConfig(SDAddOnSection):
 
     cfw: str | None = None
     sft_hidden_channels: int = 128
-    num_inference_steps: int = 200
-    color_fix: Literal["none", "adain", "wavelet"] = "adain"
-    fidelity_weight: float = 0.5
+    num_inference_steps: int = call_default(StableSRPipeline, "num_inference_steps")
+    color_fix: Literal["none", "adain", "wavelet"] = call_default(StableSRPipeline, "color_fix")
+    fidelity_weight: float = call_default(StableSRPipeline, "fidelity_weight")
 
 
 @dataclass

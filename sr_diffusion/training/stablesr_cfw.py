@@ -54,6 +54,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from sr_diffusion.models.stablesr_cfw import StableSRCFW
+from sr_diffusion.pipelines.sd_base import call_default
+from sr_diffusion.pipelines.stablesr.pipeline_stablesr import StableSRPipeline
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig, check_model_kwargs
 from .losses import build_loss
@@ -113,9 +115,9 @@ class StableSRCFWConfig:
     pipeline: str | None = None
     base: str | None = None
     latents: Literal["generated", "hr"] = "generated"
-    num_inference_steps: int = 200
+    num_inference_steps: int = call_default(StableSRPipeline, "num_inference_steps")
     fidelity_weight: float = 1.0
-    color_fix: Literal["none", "adain", "wavelet"] = "adain"
+    color_fix: Literal["none", "adain", "wavelet"] = call_default(StableSRPipeline, "color_fix")
 
 
 @dataclass
