@@ -115,4 +115,4 @@ def test_training_validation_defaults_are_the_pipelines_call_defaults():
         9.0,
         50,
         200,
-    )  # the originals' (fmt: skip)
+    )  # the originals'
