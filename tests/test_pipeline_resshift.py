@@ -523,7 +523,7 @@ def test_large_images_are_tiled_as_the_reference_by_default(monkeypatch):
     """tile_size=None tiles an LR image with a side above the chop size as the reference does (here with the chop
     size 8 / stride 6 instead of 512 / 448, so that a tiny image shows it): 13 x 7 -> rows at 0 and 5, one column of 7
     (padded to 8 for the UNet and cropped back); tile_size=0 samples it whole; an image of the chop size is whole."""
-    import sr_diffusion.pipelines.resshift.pipeline_resshift as module
+    import sr_diffusion.pipelines.resshift.blocks as module
 
     monkeypatch.setattr(module, "ORIGINAL_CHOP_SIZE", 8)
     monkeypatch.setattr(module, "ORIGINAL_CHOP_STRIDE", 6)
