@@ -104,3 +104,18 @@ def test_the_issue12_sweep_spec_builds_every_model():
     assert built["reg_nc64"].num_feat == 64 and built["reg_nc64"].num_block == 16  # the shipped config
     assert built["gen_ps"].upsampler == "pixelshuffle" and not built["gen_ps"].lq_residual
     assert built["gen_nc"].upsampler == "nearest_conv" and built["gen_nc"].lq_residual
+
+
+def test_the_issue12_bilinear_cpu_spec_builds_and_fine_tunes_from_the_shipped_weights():
+    """The CPU fine-tune runs: bilinear + conv versions of the shipped configs, started from a saved model folder
+    with the same parameters (train.init_from)."""
+    from sr_diffusion.training.trainer import load_initial_weights
+
+    spec = yaml.safe_load((REPO / "configs/sweeps/issue12_bilinear_cpu.yaml").read_text())["runs"]
+    for name, run in spec.items():
+        cls = None if run["script"].endswith("train_regression.py") else ResShiftExperimentConfig
+        config = load_config(REPO / run["config"], run.get("overrides", []), **({"cls": cls} if cls else {}))
+        model = build_regression_model(config) if cls is None else build_resshift_model(config)
+        assert model.config.upsampler == "bilinear_conv", name
+        assert (REPO / config.train.init_from / "config.json").is_file(), name
+        load_initial_weights(model, REPO / config.train.init_from)  # same parameters, whichever upsampler was saved
