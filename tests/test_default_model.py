@@ -68,10 +68,10 @@ def test_shipped_weights_are_small_and_load():
     assert isinstance(generative, ResShiftPipeline) and isinstance(generative.unet, PixelUnshuffleUNet)
     assert generative.upscale == 4 and generative.config.lr_consistency is True
     assert generative.scheduler.config.num_train_timesteps == 4
-    assert generative.unet.config.upsampler == "nearest_conv" and generative.unet.dtype == torch.float32
+    assert generative.unet.config.upsampler == "bilinear_conv" and generative.unet.dtype == torch.float32
     regression = AutoSRPipeline.from_pretrained(default_pipeline_dir("regression"))
     assert isinstance(regression, RegressionSRPipeline) and regression.upscale == 4
-    assert isinstance(regression.model, EDSR) and regression.model.config.upsampler == "nearest_conv"
+    assert isinstance(regression.model, EDSR) and regression.model.config.upsampler == "bilinear_conv"
     assert default_pipeline_dir("regression") == DEFAULT_REGRESSION_DIR
     with pytest.raises(ValueError, match="kind must be"):
         default_pipeline_dir("gan")
